@@ -1,0 +1,440 @@
+"""The pruning space of a network: its channel groups, and three exact ways to apply a candidate.
+
+Groups come from Torch-Pruning's dependency graph (DepGraph): every conv/BN/linear slice that shares a
+channel is pruned together (the residual stream of a ResNet stage, a depthwise conv and its
+producer). One group is one step of the RL agent. A candidate is one keep ratio per group; inside a
+group the channels kept are the most important ones (L1 norm of the group's weights by default),
+ranked once per network.
+
+A candidate can be applied three ways, all computing the same function:
+
+* `masked(keep)`: zero the pruned channels at the output of the last layer that produces them
+  (after BN), on the original model object. Costs about one forward of the full network.
+* `sliced(keep)`: run the original modules with the kept rows/columns of their weights swapped in,
+  so the forward costs what the pruned network costs, without copying or rebuilding anything. This
+  is the search's evaluation path.
+* `prune(keep)`: a deep copy, physically pruned by Torch-Pruning; for the final candidates.
+
+MACs and parameters of a candidate are analytic: each conv/linear layer's MACs are its output
+positions times the number of weights it keeps, recorded once from a forward of the example input.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from .errors import EntropySearchError
+
+Importance = Callable[[tp.dependency.Group], torch.Tensor]
+
+_SLICEABLE = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Channels pruned together, described by the first layer (in forward order) that produces them."""
+
+    index: int
+    name: str
+    """Name of the module that roots the group in the dependency graph."""
+    channels: int
+    layer_type: str
+    """'conv', 'depthwise' (the group holds a depthwise conv) or 'linear'."""
+    in_channels: int
+    out_channels: int
+    kernel: int
+    stride: int
+    feature_size: int
+    """Height of the representative layer's output feature map (1 for linear layers)."""
+    macs: int
+    """MACs of the layers whose output channels are in this group, at full width."""
+    members: tuple[str, ...]
+    """Modules whose output channels belong to the group."""
+
+
+@dataclass
+class _SlicedTensor:
+    """A parameter or buffer whose dims are indexed by groups: (dim, group index, channel -> indices map)."""
+
+    module: nn.Module
+    name: str
+    is_param: bool
+    shape: tuple[int, ...]
+    dims: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
+
+
+@dataclass
+class _ComputeLayer:
+    """A conv or linear layer: its MACs are `positions` times the weights it keeps."""
+
+    weight: _SlicedTensor
+    positions: int
+
+
+def l1_importance() -> Importance:
+    """L1 norm of each channel's weights, summed over the group (Torch-Pruning's GroupMagnitudeImportance)."""
+    return tp.importance.GroupMagnitudeImportance(p=1, group_reduction="mean", normalizer=None)
+
+
+def l2_importance() -> Importance:
+    return tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean", normalizer=None)
+
+
+IMPORTANCES: dict[str, Callable[[], Importance]] = {"l1": l1_importance, "l2": l2_importance}
+
+
+class PruningSpace:
+    """Channel groups of `model` found once from its dependency graph; candidates applied without surgery."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_input: torch.Tensor,
+        *,
+        round_to: int = 1,
+        importance: str | Importance = "l1",
+        ignored_layers: Sequence[nn.Module] | None = None,
+    ) -> None:
+        if round_to < 1:
+            raise EntropySearchError(f"round_to must be >= 1, got {round_to}")
+        self.model = model
+        self.example_input = example_input
+        self.round_to = int(round_to)
+        self._names = {m: n for n, m in model.named_modules()}
+        was_training = model.training
+        model.eval()
+        try:
+            order, outputs = self._trace(example_input)
+            self.classifier = order[-1] if order else None
+            ignored = list(ignored_layers) if ignored_layers is not None else [self.classifier]
+            self._ignored_names = [self._names[m] for m in ignored if m is not None]
+            with torch.enable_grad():
+                graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+            raw = list(graph.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]))
+            self._graph = graph
+            self._build(graph, raw, order, outputs, importance)
+        finally:
+            model.train(was_training)
+        self.base_macs = self.macs([1.0] * len(self.groups))
+        self.base_params = self.params([1.0] * len(self.groups))
+
+    # ------------------------------------------------------------------ construction
+
+    def _trace(self, x: torch.Tensor) -> tuple[list[nn.Module], dict[nn.Module, list[torch.Size]]]:
+        """Forward order of conv/linear layers and the output shapes of every leaf module."""
+        order: list[nn.Module] = []
+        outputs: dict[nn.Module, list[torch.Size]] = {}
+
+        def hook(module, _inputs, output):
+            if isinstance(output, torch.Tensor):
+                outputs.setdefault(module, []).append(output.shape)
+                if isinstance(module, (nn.Conv2d, nn.Linear)):
+                    order.append(module)
+
+        handles = [m.register_forward_hook(hook) for m in self.model.modules() if not list(m.children())]
+        try:
+            with torch.no_grad():
+                self.model(x)
+        except Exception as exc:  # the model's own message says what does not fit
+            raise EntropySearchError(f"example input of shape {tuple(x.shape)} does not fit the model: {exc}") from None
+        finally:
+            for h in handles:
+                h.remove()
+        self._exec_index = {m: i for i, m in enumerate(dict.fromkeys(outputs))}
+        return order, outputs
+
+    def _build(self, graph, raw_groups, order, outputs, importance) -> None:
+        imp = IMPORTANCES[importance]() if isinstance(importance, str) and importance in IMPORTANCES else importance
+        if isinstance(imp, str) or not callable(imp):
+            raise EntropySearchError(f"unknown importance {importance!r}; known: {', '.join(IMPORTANCES)}")
+        tensors: dict[tuple[int, str], _SlicedTensor] = {}
+
+        def sliced(module: nn.Module, name: str) -> _SlicedTensor | None:
+            t = module._parameters.get(name) if name in module._parameters else module._buffers.get(name)
+            if t is None or t.ndim == 0:
+                return None
+            key = (id(module), name)
+            if key not in tensors:
+                tensors[key] = _SlicedTensor(module, name, name in module._parameters, tuple(t.shape))
+            return tensors[key]
+
+        found = []
+        for group in raw_groups:
+            root_dep = group.items[0].dep
+            root, root_fn = root_dep.target.module, root_dep.handler
+            channels = self._channels_of(graph, root, root_fn)
+            full = graph.get_pruning_group(root, root_fn, idxs=list(range(channels)))
+            producers, consumers = [], []
+            for dep, idxs in full.items:
+                module = dep.target.module
+                if not isinstance(module, nn.Module) or module not in self._names:
+                    continue  # an operation of the graph (add, relu, reshape), nothing to slice
+                if not isinstance(module, _SLICEABLE):
+                    if any(True for _ in module.parameters(recurse=False)):
+                        raise EntropySearchError(
+                            f"layer {self._names[module]} ({type(module).__name__}) shares pruned channels "
+                            "but is not supported (conv, linear and batch norm are)"
+                        )
+                    continue
+                idx = torch.as_tensor([int(i) for i in idxs], dtype=torch.long)
+                if idx.numel() % channels:
+                    raise EntropySearchError(f"cannot map channels of {self._names[module]} to its group")
+                imap = idx.view(channels, -1)
+                if graph.is_out_channel_pruning_fn(dep.handler):
+                    producers.append((module, imap))
+                else:
+                    consumers.append((module, imap))
+            first = min((m for m, _ in producers), key=lambda m: self._exec_index.get(m, 1 << 30), default=None)
+            found.append((self._exec_index.get(first, 1 << 30), group, root, root_fn, channels, producers, consumers))
+
+        found.sort(key=lambda f: f[0])
+        self.groups: list[ChannelGroup] = []
+        self._order: list[torch.Tensor] = []
+        self._roots: list[tuple[str, bool]] = []
+        self._mask_modules: list[list[nn.Module]] = []
+        self._depthwise: dict[nn.Module, int] = {}
+        for g, (_, _group, root, root_fn, channels, producers, consumers) in enumerate(found):
+            for module, imap in producers:
+                for name in ("weight", "bias", "running_mean", "running_var"):
+                    t = sliced(module, name)
+                    if t is not None:
+                        t.dims.append((0, g, imap))
+                if isinstance(module, nn.Conv2d) and module.groups > 1:
+                    if module.groups != module.in_channels or module.groups != module.out_channels:
+                        raise EntropySearchError(f"grouped conv {self._names[module]} is not supported (depthwise is)")
+                    self._depthwise[module] = g
+            for module, imap in consumers:
+                if isinstance(module, nn.Conv2d) and module.groups > 1:
+                    continue  # a depthwise conv's input channels are its output channels
+                if isinstance(module, (nn.Conv2d, nn.Linear)):
+                    sliced(module, "weight").dims.append((1, g, imap))
+            full = graph.get_pruning_group(root, root_fn, idxs=list(range(channels)))
+            scores = imp(full)
+            if scores is None or scores.numel() != channels:
+                raise EntropySearchError(f"importance gave no score for the {channels} channels of group {g}")
+            self._order.append(torch.argsort(scores.detach().float().cpu(), descending=True, stable=True))
+            self._roots.append((self._names[root], graph.is_out_channel_pruning_fn(root_fn)))
+            self._mask_modules.append(self._mask_points(graph, [m for m, _ in producers]))
+            self.groups.append(self._describe(g, root, channels, producers, outputs))
+
+        self._tensors = list(tensors.values())
+        by_module = {(id(t.module), t.name): t for t in self._tensors}
+        self._layers: list[_ComputeLayer] = []
+        for module in dict.fromkeys(order):
+            weight = by_module.get((id(module), "weight")) or _SlicedTensor(module, "weight", True, tuple(module.weight.shape))
+            positions = sum(math.prod(s) // s[1 if isinstance(module, nn.Conv2d) else -1] for s in outputs[module])
+            self._layers.append(_ComputeLayer(weight, positions))
+        counted = {(id(t.module), t.name) for t in self._tensors if t.is_param}
+        self._fixed_params = sum(
+            p.numel() for m in self.model.modules() for n, p in m.named_parameters(recurse=False)
+            if (id(m), n) not in counted
+        )
+        for group in self.groups:
+            object.__setattr__(group, "macs", self._group_macs(group.index))
+
+    @staticmethod
+    def _channels_of(graph, module: nn.Module, fn) -> int:
+        pruner = graph.get_pruner_of_module(module)
+        if graph.is_out_channel_pruning_fn(fn):
+            return pruner.get_out_channels(module)
+        return pruner.get_in_channels(module)
+
+    def _mask_points(self, graph, producers: list[nn.Module]) -> list[nn.Module]:
+        """Where pruned channels are zeroed: BN outputs, and conv/linear outputs not normalised by a BN."""
+        members = set(producers)
+        points = []
+        for module in producers:
+            if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+                nexts = graph.module2node[module].outputs
+                if len(nexts) == 1 and isinstance(nexts[0].module, nn.modules.batchnorm._BatchNorm) and nexts[0].module in members:
+                    continue
+            points.append(module)
+        return points
+
+    def _describe(self, g: int, root, channels: int, producers, outputs) -> ChannelGroup:
+        computing = [m for m, _ in producers if isinstance(m, (nn.Conv2d, nn.Linear))]
+        rep = min(computing, key=lambda m: self._exec_index.get(m, 1 << 30)) if computing else root
+        if isinstance(rep, nn.Conv2d):
+            shape = outputs[rep][0]
+            kind = "depthwise" if any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in computing) else "conv"
+            cin, cout, kernel, stride, size = rep.in_channels, rep.out_channels, rep.kernel_size[0], rep.stride[0], shape[-2]
+        else:
+            kind, kernel, stride, size = "linear", 1, 1, 1
+            cin, cout = getattr(rep, "in_features", channels), getattr(rep, "out_features", channels)
+        members = tuple(self._names[m] for m, _ in producers)
+        return ChannelGroup(g, self._names[root], channels, kind, cin, cout, kernel, stride, size, 0, members)
+
+    def _group_macs(self, g: int) -> int:
+        return sum(layer.positions * math.prod(layer.weight.shape) for layer in self._layers
+                   if any(d == 0 and gi == g for d, gi, _ in layer.weight.dims))
+
+    # ------------------------------------------------------------------ candidates
+
+    def check_keep(self, keep: Sequence[float]) -> list[float]:
+        """Validate a candidate: one finite ratio in (0, 1] per group."""
+        try:
+            values = [float(k) for k in keep]
+        except (TypeError, ValueError):
+            raise EntropySearchError(f"keep ratios must be numbers, got {keep!r}") from None
+        if len(values) != len(self.groups):
+            raise EntropySearchError(f"expected {len(self.groups)} keep ratios (one per channel group), got {len(values)}")
+        for i, k in enumerate(values):
+            if not (0.0 < k <= 1.0) or math.isnan(k):
+                raise EntropySearchError(f"keep ratio of group {i} must be in (0, 1], got {k}")
+        return values
+
+    def kept_channels(self, keep: Sequence[float]) -> list[int]:
+        """Channels kept per group: keep x channels rounded to the nearest multiple of `round_to`, at least one."""
+        return [self._round(k, g.channels) for k, g in zip(self.check_keep(keep), self.groups)]
+
+    def _round(self, keep: float, channels: int) -> int:
+        m = self.round_to
+        kept = int(math.floor(keep * channels / m + 0.5)) * m
+        return min(max(kept, min(m, channels), 1), channels)
+
+    def counts_to_keep(self, counts: Sequence[int]) -> list[float]:
+        """Keep ratios that round to exactly these channel counts."""
+        return [c / g.channels for c, g in zip(counts, self.groups)]
+
+    def kept_indices(self, keep: Sequence[float]) -> list[torch.Tensor]:
+        """Indices of the channels kept in each group (the most important ones), ascending."""
+        return [self._order[g][:k].sort().values for g, k in enumerate(self.kept_channels(keep))]
+
+    def macs(self, keep: Sequence[float]) -> int:
+        """MACs of the candidate on `example_input`, equal to a counter's on the pruned model."""
+        return self.macs_of_counts(self.kept_channels(keep))
+
+    def macs_of_counts(self, counts: Sequence[int]) -> int:
+        """MACs from channel counts per group (no rounding, no validation: the inner loop of budget clipping)."""
+        return sum(layer.positions * self._kept_numel(layer.weight, counts) for layer in self._layers)
+
+    def params(self, keep: Sequence[float]) -> int:
+        """Parameters of the pruned model, equal to `count_params(space.prune(keep))`."""
+        counts = self.kept_channels(keep)
+        return self._fixed_params + sum(self._kept_numel(t, counts) for t in self._tensors if t.is_param)
+
+    @staticmethod
+    def _kept_numel(t: _SlicedTensor, counts: Sequence[int]) -> int:
+        shape = list(t.shape)
+        for dim, g, imap in t.dims:
+            shape[dim] = counts[g] * imap.shape[1]
+        return math.prod(shape)
+
+    # ------------------------------------------------------------------ applying a candidate
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """An input batch must have the example input's channels and size."""
+        expected = tuple(self.example_input.shape[1:])
+        if x.ndim != self.example_input.ndim or tuple(x.shape[1:]) != expected:
+            raise EntropySearchError(f"input of shape {tuple(x.shape)} does not match the model's input [N, {', '.join(map(str, expected))}]")
+
+    @contextmanager
+    def masked(self, keep: Sequence[float]) -> Iterator[nn.Module]:
+        """Within the block, `self.model` computes what `self.prune(keep)` computes (pruned channels zeroed)."""
+        indices = self.kept_indices(keep)
+        handles = []
+        for g, kept in enumerate(indices):
+            if kept.numel() == self.groups[g].channels:
+                continue
+            for module in self._mask_modules[g]:
+                handles.append(module.register_forward_hook(_mask_hook(kept, self.groups[g].channels)))
+        try:
+            yield self.model
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextmanager
+    def sliced(self, keep: Sequence[float]) -> Iterator[nn.Module]:
+        """Within the block, `self.model` runs with only the kept channels' weights: the pruned network's
+        function at the pruned network's cost, with no copy and no graph rebuild. Inference only."""
+        indices = self.kept_indices(keep)
+        saved = []
+        device_idx: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+        def index(g: int, imap: torch.Tensor, device: torch.device) -> torch.Tensor:
+            key = (id(imap), device)
+            if key not in device_idx:
+                device_idx[key] = imap[indices[g]].reshape(-1).to(device)
+            return device_idx[key]
+
+        try:
+            with torch.no_grad():
+                for t in self._tensors:
+                    store = t.module._parameters if t.is_param else t.module._buffers
+                    original = store[t.name]
+                    value = original
+                    for dim, g, imap in t.dims:
+                        if indices[g].numel() * imap.shape[1] != value.shape[dim]:
+                            value = value.index_select(dim, index(g, imap, value.device))
+                    saved.append((store, t.name, original))
+                    store[t.name] = value
+                for module, g in self._depthwise.items():
+                    saved.append((module.__dict__, "groups", module.groups))
+                    module.groups = int(indices[g].numel())
+            yield self.model
+        finally:
+            for store, name, original in reversed(saved):
+                store[name] = original
+
+    def prune(self, keep: Sequence[float]) -> nn.Module:
+        """A physically pruned deep copy (Torch-Pruning removes the channels); the original is untouched."""
+        indices = self.kept_indices(keep)
+        model = copy.deepcopy(self.model)
+        modules = dict(model.named_modules())
+        was_training = model.training
+        model.eval()
+        with torch.enable_grad():
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=self.example_input, verbose=False)
+        for g, kept in enumerate(indices):
+            channels = self.groups[g].channels
+            if kept.numel() == channels:
+                continue
+            drop = sorted(set(range(channels)) - set(kept.tolist()))
+            name, is_out = self._roots[g]
+            root = modules[name]
+            pruner = graph.get_pruner_of_module(root)
+            fn = pruner.prune_out_channels if is_out else pruner.prune_in_channels
+            graph.get_pruning_group(root, fn, idxs=drop).prune()
+        model.train(was_training)
+        return model
+
+    def kept_by_module(self, keep: Sequence[float]) -> dict[str, torch.Tensor]:
+        """Kept channel indices of every module that produces a group's channels (for measuring only kept maps)."""
+        out = {}
+        for g, kept in enumerate(self.kept_indices(keep)):
+            for name in self.groups[g].members:
+                out[name] = kept
+        return out
+
+    def describe(self) -> str:
+        lines = [f"{len(self.groups)} channel groups, {self.base_macs / 1e6:.2f}M MACs, {self.base_params / 1e6:.3f}M params"]
+        for g in self.groups:
+            lines.append(f"  [{g.index:2d}] {g.name:<28} {g.layer_type:<9} {g.channels:5d} ch  {100 * g.macs / self.base_macs:5.1f}% MACs")
+        return "\n".join(lines)
+
+
+def _mask_hook(kept: torch.Tensor, channels: int):
+    cache: dict[tuple, torch.Tensor] = {}
+
+    def hook(_module, _inputs, output: torch.Tensor) -> torch.Tensor:
+        key = (output.device, output.dtype, output.ndim)
+        mask = cache.get(key)
+        if mask is None:
+            mask = torch.zeros(channels, dtype=output.dtype, device=output.device)
+            mask[kept.to(output.device)] = 1
+            mask = mask.view(1, channels, *([1] * (output.ndim - 2))) if output.ndim > 2 else mask
+            cache[key] = mask
+        if output.requires_grad:
+            return output * mask
+        return output.mul_(mask)
+
+    return hook

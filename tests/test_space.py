@@ -1,0 +1,173 @@
+"""Exactness of the pruning space on every model: masked == sliced == pruned, analytic == counted MACs."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from entropy_search import PruningSpace, count_macs, count_params, create_model, list_models
+from entropy_search.errors import EntropySearchError
+from entropy_search.models import model_spec
+
+TORCHVISION = ["tv:resnet18", "tv:resnet50", "tv:mobilenet_v2", "tv:vgg11_bn"]
+# torchvision models are checked at 64x64 (exactness does not depend on the size; 224 is slow on 2 cores)
+TV_SIZE = 64
+
+
+def _example(name: str, batch: int = 1) -> torch.Tensor:
+    spec = model_spec(name)
+    size = TV_SIZE if name.startswith("tv:") else spec.image_size
+    return torch.randn(batch, spec.in_channels, size, size)
+
+
+def _randomise_bn(model: nn.Module, seed: int) -> None:
+    """Non-trivial BN statistics, so a mask placed before a BN shift would show."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+@pytest.fixture(scope="module", params=list_models() + TORCHVISION)
+def case(request):
+    name = request.param
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    _randomise_bn(model, 0)
+    x = _example(name)
+    return name, model, PruningSpace(model, x), x
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_masked_sliced_and_pruned_agree(case, seed):
+    name, model, space, x = case
+    rng = random.Random(seed)
+    keep = [rng.uniform(0.1, 1.0) for _ in space.groups]
+    batch = _example(name, batch=3)
+    with torch.no_grad():
+        before = model(batch)
+        pruned = space.prune(keep).eval()
+        expected = pruned(batch)
+        with space.masked(keep):
+            masked = model(batch)
+        with space.sliced(keep):
+            sliced = model(batch)
+        after = model(batch)
+    assert _rel(masked, expected) < 1e-4
+    assert _rel(sliced, expected) < 1e-4
+    assert torch.equal(before, after), "the original model must be untouched"
+    assert expected.shape == before.shape, "the classifier output is never pruned"
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_analytic_macs_and_params_equal_the_counter(case, seed):
+    name, model, space, x = case
+    rng = random.Random(100 + seed)
+    keep = [rng.uniform(0.1, 1.0) for _ in space.groups]
+    pruned = space.prune(keep)
+    assert space.macs(keep) == count_macs(pruned, x)
+    assert space.params(keep) == count_params(pruned)
+    assert space.base_macs == count_macs(model, x)
+    assert space.base_params == count_params(model)
+
+
+def test_pruned_model_is_physically_smaller(case):
+    name, model, space, x = case
+    keep = [0.5] * len(space.groups)
+    pruned = space.prune(keep)
+    assert count_params(pruned) < count_params(model)
+    assert count_macs(pruned, x) < 0.6 * count_macs(model, x)
+    first = next(m for m in pruned.modules() if isinstance(m, nn.Conv2d))
+    assert first.in_channels == x.shape[1], "the input is never pruned"
+
+
+@pytest.mark.parametrize(
+    "name, size, published",
+    [("resnet20", 32, 40.8e6), ("resnet56", 32, 125.75e6), ("vgg16_bn", 32, 313.7e6),
+     ("tv:resnet18", 224, 1.82e9), ("tv:resnet50", 224, 4.09e9), ("tv:mobilenet_v2", 224, 300e6)],
+)
+def test_count_macs_matches_published_figures(name, size, published):
+    model = create_model(name)
+    macs = count_macs(model, torch.randn(1, 3, size, size))
+    assert abs(macs - published) / published < 0.01
+
+
+def test_group_structure():
+    resnet56 = PruningSpace(create_model("resnet56").eval(), torch.randn(1, 3, 32, 32))
+    assert len(resnet56.groups) == 30
+    stages = [g for g in resnet56.groups if len([m for m in g.members if m.endswith("bn2")]) > 1]
+    assert len(stages) == 3, "each stage's residual stream is one coupled group"
+    mobilenet = PruningSpace(create_model("mobilenet_v2").eval(), torch.randn(1, 3, 32, 32))
+    assert any(g.layer_type == "depthwise" for g in mobilenet.groups), "depthwise convs are tied to their producer"
+    assert all("fc" not in g.members for g in resnet56.groups)
+    assert [g.index for g in resnet56.groups] == list(range(30))
+    assert sum(g.macs for g in resnet56.groups) <= resnet56.base_macs
+
+
+def test_kept_channels_rounding():
+    model = create_model("resnet20").eval()
+    space = PruningSpace(model, torch.randn(1, 3, 32, 32), round_to=8)
+    counts = space.kept_channels([0.5] * len(space.groups))
+    assert all(c % 8 == 0 and c >= 8 for c in counts)
+    assert space.kept_channels([1e-6] * len(space.groups)) == [8] * len(space.groups)
+    exact = PruningSpace(model, torch.randn(1, 3, 32, 32))
+    assert exact.kept_channels([1.0] * 12) == [g.channels for g in exact.groups]
+    assert exact.kept_channels(exact.counts_to_keep([3] * 12)) == [3] * 12
+    assert exact.macs([0.5] * 12) == exact.macs_of_counts(exact.kept_channels([0.5] * 12))
+
+
+def test_most_important_channels_are_kept():
+    model = create_model("digits_cnn").eval()
+    space = PruningSpace(model, torch.randn(1, 1, 8, 8))
+    g = next(g for g in space.groups if g.members == ("head.0", "head.1"))
+    conv = model.head[0]
+    with torch.no_grad():
+        conv.weight.mul_(0.01)
+        conv.weight[[3, 7]] *= 1e4
+    space = PruningSpace(model, torch.randn(1, 1, 8, 8))
+    keep = [1.0] * len(space.groups)
+    keep[g.index] = 2 / g.channels
+    assert space.kept_indices(keep)[g.index].tolist() == [3, 7]
+
+
+@pytest.mark.parametrize(
+    "keep, message",
+    [([0.5] * 3, "expected 4 keep ratios"), ([0.5, 0.5, 0.0, 0.5], "must be in (0, 1]"),
+     ([0.5, 1.5, 0.5, 0.5], "must be in (0, 1]"), ([0.5, float("nan"), 0.5, 0.5], "must be in (0, 1]")],
+)
+def test_bad_keep_ratios_are_clear_errors(keep, message):
+    space = PruningSpace(create_model("digits_cnn").eval(), torch.randn(1, 1, 8, 8))
+    with pytest.raises(EntropySearchError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        space.macs(keep)
+
+
+def test_wrong_input_shape_is_a_clear_error():
+    with pytest.raises(EntropySearchError, match="does not fit the model"):
+        PruningSpace(create_model("digits_cnn").eval(), torch.randn(1, 3, 8, 8))
+    space = PruningSpace(create_model("digits_cnn").eval(), torch.randn(1, 1, 8, 8))
+    with pytest.raises(EntropySearchError, match="does not match"):
+        space.check_input(torch.randn(2, 1, 28, 28))
+
+
+def test_unknown_model_is_a_clear_error():
+    with pytest.raises(EntropySearchError, match="unknown model"):
+        create_model("resnet57")
+    with pytest.raises(EntropySearchError, match="torchvision"):
+        create_model("tv:not_a_model")
+    with pytest.raises(EntropySearchError, match="cannot import"):
+        create_model("no_such_package.module:factory")
+
+
+def test_user_model_by_import_path():
+    model = create_model("entropy_search.models:digits_cnn", num_classes=3, width=8)
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 3)
