@@ -1,0 +1,32 @@
+# Set-up is idempotent: the first target that needs the environment creates it.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: quickstart test test-fast lint bench
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -e '.[dev]'
+	touch $@
+
+## the main job on the offline default (digits, CPU)
+quickstart: $(BIN)/.installed
+	$(BIN)/entropy-search train --out runs/quickstart/baseline.pt
+	$(BIN)/entropy-search prune runs/quickstart/baseline.pt --flops-target 0.5 --epochs 5
+
+## every test that can run on this machine (slow and cluster tests included; GPU tests skip without CUDA)
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -m "not gpu or gpu"
+
+## the fast default suite, for development
+test-fast: $(BIN)/.installed
+	$(BIN)/python -m pytest -m "not slow and not cluster"
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+
+bench: $(BIN)/.installed
+	$(BIN)/python bench/bench_candidates.py
+	$(BIN)/python bench/bench_entropy.py

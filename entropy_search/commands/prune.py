@@ -1,0 +1,134 @@
+"""`entropy-search prune`: apply a keep-ratio policy (or a uniform ratio) to a checkpoint, physically
+remove the channels, fine-tune, and report MACs, parameters and accuracy before and after."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import ConfigError, EntropySearchError
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "prune",
+        help="prune a checkpoint with a policy or a uniform ratio, fine-tune, report",
+        description="Prune a checkpoint physically (Torch-Pruning removes the channels), fine-tune it and "
+        "report MACs/params and test accuracy before and after. Give exactly one of --flops-target "
+        "(uniform ratio meeting the target; the default, 0.5), --keep (one ratio for every group) or "
+        "--policy (a JSON file: a list of keep ratios, or a search result with 'best_policy').",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("checkpoint", help="a checkpoint written by `entropy-search train`")
+    how = parser.add_mutually_exclusive_group()
+    how.add_argument("--flops-target", type=float, default=None,
+                     help="fraction of the baseline's MACs to keep, met by one ratio for all groups (default 0.5)")
+    how.add_argument("--keep", type=float, default=None, help="keep ratio in (0, 1] for every channel group")
+    how.add_argument("--policy", default=None, help="JSON file with one keep ratio per channel group")
+    parser.add_argument("--min-keep", type=float, default=0.1, help="smallest keep ratio for --flops-target")
+    parser.add_argument("--round-to", type=int, default=1, help="round kept channel counts to this multiple")
+    parser.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs (0: none)")
+    parser.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
+    parser.add_argument("--data", default=None, help="data set (default: the checkpoint's)")
+    parser.add_argument("--data-root", default=None, help="where data sets live")
+    parser.add_argument("--out", default=None, help="pruned checkpoint to write (default: <checkpoint>_pruned.pt)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for fine-tuning")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<n>")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def read_policy(path: str | Path) -> list[float]:
+    """Keep ratios from a JSON list, {"keep": [...]}, or a search result's {"best_policy": {"keep": [...]}}."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EntropySearchError(f"policy file {path} not found") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise EntropySearchError(f"policy file {path} is not valid JSON: {exc}") from None
+    if isinstance(data, dict):
+        data = data.get("best_policy", data)
+        data = data.get("keep", data) if isinstance(data, dict) else data
+    if not isinstance(data, list):
+        raise EntropySearchError(f"policy file {path} holds no list of keep ratios")
+    return data
+
+
+def run(args: argparse.Namespace) -> int:
+
+    from ..baselines import uniform_counts
+    from ..checkpoint import build_model, load_checkpoint, save_checkpoint
+    from ..data import load_data
+    from ..envs.pruning_env import Budget
+    from ..flops import count_macs, count_params
+    from ..space import PruningSpace
+    from ..train import evaluate, fine_tune
+    from ..utils import resolve_device, seed_everything
+
+    if args.epochs < 0:
+        raise ConfigError(f"--epochs must be >= 0, got {args.epochs}")
+    ckpt = load_checkpoint(args.checkpoint)
+    if ckpt.keep is not None:
+        raise EntropySearchError(f"checkpoint {ckpt.path} is already pruned; prune its baseline instead")
+    splits = load_data(args.data or ckpt.data, args.data_root)
+    if (splits.in_channels, splits.num_classes) != (ckpt.in_channels, ckpt.num_classes):
+        raise EntropySearchError(
+            f"data set {splits.name} ({splits.in_channels} channels, {splits.num_classes} classes) does not fit "
+            f"checkpoint {ckpt.path} ({ckpt.in_channels} channels, {ckpt.num_classes} classes)"
+        )
+    device = resolve_device(args.device)
+    model = build_model(ckpt)
+    example = ckpt.example_input()
+    space = PruningSpace(model, example, round_to=args.round_to)
+
+    if args.policy is not None:
+        keep, how = space.check_keep(read_policy(args.policy)), f"policy {args.policy}"
+    elif args.keep is not None:
+        keep, how = space.check_keep([args.keep] * len(space.groups)), f"uniform keep {args.keep:g}"
+    else:
+        target = 0.5 if args.flops_target is None else args.flops_target
+        if not 0 < target <= 1:
+            raise ConfigError(f"--flops-target must be in (0, 1], got {target}")
+        budget = Budget(space, target, args.min_keep)
+        budget.check()
+        ratio, counts = uniform_counts(budget)
+        keep, how = space.counts_to_keep(counts), f"uniform keep {ratio:.3f} for MACs <= {target:g} x baseline"
+
+    seed_everything(args.seed)
+    pruned = space.prune(keep)
+    rows = {
+        "MACs": (space.base_macs, count_macs(pruned, example)),
+        "params": (count_params(model), count_params(pruned)),
+    }
+    acc_base = evaluate(model, splits.test, device=device)
+    acc_pruned = evaluate(pruned, splits.test, device=device)
+    acc_tuned = acc_pruned
+    if args.epochs:
+        fine_tune(pruned, splits.train, epochs=args.epochs, lr=args.lr, device=device, seed=args.seed,
+                  progress=not args.no_progress)
+        acc_tuned = evaluate(pruned, splits.test, device=device)
+    pruned = pruned.cpu().eval()
+
+    out = Path(args.out) if args.out else ckpt.path.with_name(ckpt.path.stem + "_pruned.pt")
+    metrics = {
+        "macs": rows["MACs"][1], "params": rows["params"][1], "baseline_macs": rows["MACs"][0],
+        "baseline_params": rows["params"][0], "test_accuracy_baseline": acc_base,
+        "test_accuracy_pruned": acc_pruned, "test_accuracy_finetuned": acc_tuned,
+    }
+    config = {**ckpt.config, "round_to": args.round_to, "prune": {"how": how, "epochs": args.epochs, "lr": args.lr}}
+    save_checkpoint(out, pruned, model_name=ckpt.model_name, model_kwargs=ckpt.model_kwargs,
+                    num_classes=ckpt.num_classes, in_channels=ckpt.in_channels, image_size=ckpt.image_size,
+                    data=ckpt.data, config=config, metrics=metrics, keep=keep)
+
+    print(f"\n{ckpt.model_name} on {splits.name}: {how}, {len(space.groups)} channel groups, "
+          f"kept channels {space.kept_channels(keep)}")
+    print(f"{'':24}{'baseline':>14}{'pruned':>14}{'ratio':>9}")
+    for label, (before, after) in rows.items():
+        print(f"{label:24}{before:>14,}{after:>14,}{after / before:>9.3f}")
+    print(f"{'test top-1':24}{acc_base:>14.4f}{acc_pruned:>14.4f}   (before fine-tuning)")
+    print(f"{'test top-1 fine-tuned':24}{'':>14}{acc_tuned:>14.4f}   ({args.epochs} epochs)")
+    print(f"pruned checkpoint: {out}")
+    return 0

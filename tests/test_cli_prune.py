@@ -1,0 +1,75 @@
+"""`entropy-search prune` end to end on the digits CNN, and its bad-input messages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from entropy_search.checkpoint import build_model, load_checkpoint, save_checkpoint
+from entropy_search.cli import main
+from entropy_search.flops import count_macs
+from entropy_search.models import create_model
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    """An (untrained) digits CNN checkpoint: prune's arithmetic does not depend on training."""
+    path = tmp_path_factory.mktemp("ckpt") / "baseline.pt"
+    torch.manual_seed(0)
+    model = create_model("digits_cnn")
+    save_checkpoint(path, model, model_name="digits_cnn", model_kwargs={}, num_classes=10, in_channels=1,
+                    image_size=8, data="digits", config={}, metrics={})
+    return path
+
+
+def test_prune_to_flops_target_fine_tunes_and_saves(baseline, tmp_path, capsys):
+    out = tmp_path / "pruned.pt"
+    code = main(["prune", str(baseline), "--flops-target", "0.5", "--epochs", "1", "--out", str(out), "--no-progress"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "MACs" in text and "fine-tuned" in text
+    ckpt = load_checkpoint(out)
+    pruned = build_model(ckpt)
+    full = count_macs(create_model("digits_cnn"), ckpt.example_input())
+    assert count_macs(pruned, ckpt.example_input()) == ckpt.metrics["macs"] <= 0.5 * full
+    assert set(ckpt.metrics) >= {"test_accuracy_baseline", "test_accuracy_pruned", "test_accuracy_finetuned"}
+
+
+def test_prune_with_policy_file(baseline, tmp_path):
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"best_policy": {"keep": [0.5, 0.25, 1.0, 0.75]}}))
+    out = tmp_path / "p.pt"
+    assert main(["prune", str(baseline), "--policy", str(policy), "--epochs", "0", "--out", str(out)]) == 0
+    assert load_checkpoint(out).keep == [0.5, 0.25, 1.0, 0.75]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [(["--keep", "1.5"], "must be in (0, 1]"),
+     (["--keep", "0"], "must be in (0, 1]"),
+     (["--flops-target", "0.001"], "cannot be met"),
+     (["--policy", "missing.json"], "not found")],
+)
+def test_bad_input_exits_2_with_one_line(baseline, tmp_path, capsys, extra, message):
+    assert main(["prune", str(baseline), "--epochs", "0", "--out", str(tmp_path / "x.pt"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.pt").exists(), "nothing half-written is left behind"
+
+
+def test_wrong_number_of_ratios(baseline, tmp_path, capsys):
+    policy = tmp_path / "policy.json"
+    policy.write_text("[0.5, 0.5]")
+    assert main(["prune", str(baseline), "--policy", str(policy), "--epochs", "0"]) == 2
+    assert "expected 4 keep ratios" in capsys.readouterr().err
+
+
+def test_missing_and_corrupt_checkpoint(tmp_path, capsys):
+    assert main(["prune", str(tmp_path / "nope.pt")]) == 2
+    assert "not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["prune", str(bad)]) == 2
+    assert "corrupt" in capsys.readouterr().err
