@@ -49,7 +49,8 @@ def case(request):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_masked_sliced_and_pruned_agree(case, seed):
+def test_masked_sliced_pruned_agree_and_macs_match_the_counter(case, seed):
+    """On every model: masked == sliced == physically pruned outputs, analytic == counted MACs/params."""
     name, model, space, x = case
     rng = random.Random(seed)
     keep = [rng.uniform(0.1, 1.0) for _ in space.groups]
@@ -67,18 +68,11 @@ def test_masked_sliced_and_pruned_agree(case, seed):
     assert _rel(sliced, expected) < 1e-4
     assert torch.equal(before, after), "the original model must be untouched"
     assert expected.shape == before.shape, "the classifier output is never pruned"
-
-
-@pytest.mark.parametrize("seed", [0, 1])
-def test_analytic_macs_and_params_equal_the_counter(case, seed):
-    name, model, space, x = case
-    rng = random.Random(100 + seed)
-    keep = [rng.uniform(0.1, 1.0) for _ in space.groups]
-    pruned = space.prune(keep)
     assert space.macs(keep) == count_macs(pruned, x)
     assert space.params(keep) == count_params(pruned)
-    assert space.base_macs == count_macs(model, x)
-    assert space.base_params == count_params(model)
+    if seed == 0:
+        assert space.base_macs == count_macs(model, x)
+        assert space.base_params == count_params(model)
 
 
 def test_pruned_model_is_physically_smaller(case):
