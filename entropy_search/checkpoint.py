@@ -1,0 +1,214 @@
+"""Checkpoints: a model's weights with everything needed to rebuild it (name, kwargs, input shape,
+data set, config, metrics, keep ratios of a pruned model, environment), written atomically.
+
+Files are read with `torch.load(weights_only=True)`, so a checkpoint holds only tensors and plain
+Python values and loading one never runs code from it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, EntropySearchError
+from .models import create_model
+from .utils import environment_info
+
+FORMAT = "entropy-search-checkpoint"
+FORMAT_VERSION = 1
+
+PruneFn = Callable[[nn.Module, torch.Tensor, Sequence[float]], nn.Module]
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint; `keep` holds one keep ratio per channel group when the model was pruned."""
+
+    path: Path
+    model_name: str
+    model_kwargs: dict
+    num_classes: int
+    in_channels: int
+    image_size: int
+    data: str
+    config: dict
+    metrics: dict
+    state_dict: dict[str, torch.Tensor]
+    keep: list[float] | None = None
+    environment: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def example_input(self, batch: int = 1) -> torch.Tensor:
+        """A zero input of the shape the model was trained on."""
+        return torch.zeros(batch, self.in_channels, self.image_size, self.image_size)
+
+
+_REQUIRED = ("model_name", "model_kwargs", "num_classes", "in_channels", "image_size", "data", "config", "metrics",
+             "state_dict")
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    *,
+    model_name: str,
+    model_kwargs: Mapping | None = None,
+    num_classes: int,
+    in_channels: int,
+    image_size: int,
+    data: str,
+    config: Mapping | None = None,
+    metrics: Mapping | None = None,
+    keep: Sequence[float] | None = None,
+) -> Path:
+    """Write `model`'s weights and metadata to `path` atomically (temporary file, then rename)."""
+    path = Path(path)
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_name": str(model_name),
+        "model_kwargs": _plain(dict(model_kwargs or {})),
+        "num_classes": int(num_classes),
+        "in_channels": int(in_channels),
+        "image_size": int(image_size),
+        "data": str(data),
+        "config": _plain(dict(config or {})),
+        "metrics": _plain(dict(metrics or {})),
+        "keep": None if keep is None else [float(k) for k in keep],
+        "environment": _plain(environment_info()),
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+    }
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise CheckpointError(f"cannot write checkpoint {path}: {exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write checkpoint {path}: {exc}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read a checkpoint written by `save_checkpoint`; CheckpointError if missing, corrupt or foreign."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found" + (" (it is a directory)" if path.is_dir() else ""))
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch file ({reason[:200]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is not an entropy-search checkpoint (no model name or config in it); "
+            "a plain state_dict can be loaded into `create_model(...)` and saved with save_checkpoint"
+        )
+    missing = [key for key in _REQUIRED if key not in payload]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+    if payload.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format version {payload['format_version']}, newer than this entropy-search "
+            f"reads ({FORMAT_VERSION}); upgrade entropy-search"
+        )
+    return Checkpoint(
+        path=path,
+        model_name=payload["model_name"],
+        model_kwargs=dict(payload["model_kwargs"]),
+        num_classes=int(payload["num_classes"]),
+        in_channels=int(payload["in_channels"]),
+        image_size=int(payload["image_size"]),
+        data=payload["data"],
+        config=dict(payload["config"]),
+        metrics=dict(payload["metrics"]),
+        state_dict=payload["state_dict"],
+        keep=payload.get("keep"),
+        environment=dict(payload.get("environment") or {}),
+        format_version=int(payload.get("format_version", FORMAT_VERSION)),
+    )
+
+
+def build_model(ckpt: Checkpoint, prune_fn: PruneFn | None = None) -> nn.Module:
+    """Recreate the checkpoint's model (pruned with `prune_fn` when `ckpt.keep` is set), load its
+    weights, and return it in eval mode on the CPU.
+
+    `prune_fn(model, example_input, keep)` defaults to `PruningSpace(model, example_input,
+    round_to=ckpt.config.get('round_to', 1)).prune(keep)`.
+    """
+    try:
+        model = create_model(ckpt.model_name, num_classes=ckpt.num_classes, in_channels=ckpt.in_channels,
+                             **ckpt.model_kwargs)
+    except EntropySearchError as exc:
+        raise CheckpointError(f"checkpoint {ckpt.path}: cannot build its model: {exc}") from None
+    except TypeError as exc:
+        raise CheckpointError(
+            f"checkpoint {ckpt.path}: model {ckpt.model_name!r} does not take {ckpt.model_kwargs}: {exc}"
+        ) from None
+    if ckpt.keep is not None:
+        prune = prune_fn or _default_prune_fn(ckpt)
+        try:
+            model = prune(model, ckpt.example_input(), list(ckpt.keep))
+        except EntropySearchError as exc:
+            raise CheckpointError(f"checkpoint {ckpt.path}: cannot prune its model to keep={ckpt.keep}: {exc}") from None
+    try:
+        model.load_state_dict(ckpt.state_dict, strict=True)
+    except (RuntimeError, KeyError, ValueError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = "; ".join(lines[1:3] or lines[:1])[:300]
+        raise CheckpointError(
+            f"checkpoint {ckpt.path}: its weights do not fit model {ckpt.model_name!r}"
+            f"{' pruned to keep=' + str(ckpt.keep) if ckpt.keep is not None else ''} ({detail})"
+        ) from None
+    return model.eval()
+
+
+def _default_prune_fn(ckpt: Checkpoint) -> PruneFn:
+    """`PruningSpace(...).prune(keep)` from `entropy_search.space`, when that module is installed."""
+    try:
+        from .space import PruningSpace
+    except ImportError:
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} holds a pruned model (keep={ckpt.keep}); pass prune_fn to build_model"
+        ) from None
+    round_to = int(ckpt.config.get("round_to", 1))
+
+    def prune(model: nn.Module, example_input: torch.Tensor, keep: Sequence[float]) -> nn.Module:
+        return PruningSpace(model, example_input, round_to=round_to).prune(keep)
+
+    return prune
+
+
+def _plain(value):
+    """Convert config/metrics values to what `torch.load(weights_only=True)` reads back (JSON-like)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if value is None:
+        return None
+    for kind in (bool, int, float, str):  # exact types: subclasses (TorchVersion, numpy.float64) do not load
+        if isinstance(value, kind):
+            return kind(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        try:
+            return _plain(value.item())
+        except (TypeError, ValueError):
+            pass
+    return str(value)
