@@ -1,0 +1,99 @@
+"""What the RL agent must beat, under the same FLOPs budget and the same number of candidate evaluations.
+
+* `uniform_candidate`: one keep ratio for every group, the largest that meets the target (one candidate).
+* `random_search`: random actions in [-1, 1] with AMC's action clipping (the environment's `Budget`), as
+  many distinct candidates as the agent evaluated; the best by reward wins.
+
+Both work on channel counts through `entropy_search.envs.Budget`, so they obey the same rounding and
+the same budget arithmetic as the environment. Pure PyTorch/NumPy: no Ray.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from entropy_search.envs.pruning_env import Budget
+
+Evaluate = Callable[[Sequence[int]], dict]
+
+
+def uniform_counts(budget: Budget, iterations: int = 60) -> tuple[float, list[int]]:
+    """The largest single keep ratio r in [min_keep, 1] whose rounded counts meet the target, and those counts."""
+
+    def counts_at(r: float) -> list[int]:
+        return [budget.count_of(g, r) for g in range(budget.n)]
+
+    if budget.macs(counts_at(1.0)) <= budget.target_macs:
+        return 1.0, counts_at(1.0)
+    lo, hi = budget.min_keep, 1.0  # lo feasible (checked by the caller), hi not
+    best = counts_at(lo)
+    if budget.macs(best) > budget.target_macs:
+        # rounding can make the uniform floor miss a target the per-group minimum meets
+        return lo, list(budget.min_counts)
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        counts = counts_at(mid)
+        if budget.macs(counts) <= budget.target_macs:
+            lo, best = mid, counts
+        else:
+            hi = mid
+    return lo, best
+
+
+def random_counts(budget: Budget, rng: np.random.Generator) -> list[int]:
+    """One random candidate: uniform actions in [-1, 1], clipped group by group as the environment does."""
+    counts: list[int] = []
+    for g in range(budget.n):
+        keep = budget.keep_of_action(float(rng.uniform(-1.0, 1.0)))
+        counts.append(budget.clip(g, counts, budget.count_of(g, keep)))
+    return counts
+
+
+def uniform_baseline(budget: Budget, evaluate: Evaluate) -> dict:
+    """Evaluate the uniform candidate; returns its record with `uniform_keep` (the common ratio)."""
+    t0 = time.perf_counter()
+    ratio, counts = uniform_counts(budget)
+    record = dict(evaluate(counts))
+    record["uniform_keep"] = ratio
+    return {"best": record, "evaluations": 1, "seconds": time.perf_counter() - t0}
+
+
+def random_search(
+    budget: Budget,
+    evaluate: Evaluate,
+    num_candidates: int,
+    *,
+    seed: int = 0,
+    max_draws_factor: int = 20,
+    on_candidate: Callable[[dict], None] | None = None,
+) -> dict:
+    """Random search with AMC clipping: `num_candidates` distinct candidates (fewer when the space is
+    smaller than that), the best by reward. Returns {best, evaluations, rewards, seconds}."""
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    seen: set[tuple[int, ...]] = set()
+    best: dict | None = None
+    rewards: list[float] = []
+    draws = 0
+    while len(seen) < num_candidates and draws < max_draws_factor * max(num_candidates, 1):
+        draws += 1
+        counts = tuple(random_counts(budget, rng))
+        if counts in seen:
+            continue
+        seen.add(counts)
+        record = dict(evaluate(counts))
+        rewards.append(float(record["reward"]))
+        if on_candidate is not None:
+            on_candidate(record)
+        if best is None or record["reward"] > best["reward"]:
+            best = record
+    return {
+        "best": best,
+        "evaluations": len(seen),
+        "reward_mean": float(np.mean(rewards)) if rewards else None,
+        "reward_max": float(np.max(rewards)) if rewards else None,
+        "seconds": time.perf_counter() - t0,
+    }

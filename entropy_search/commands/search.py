@@ -1,0 +1,140 @@
+"""`entropy-search search CONFIG.yaml`: one RL pruning search (no Tune), end to end.
+
+Trains (or loads) the baseline, runs the agent over Ray env runners until the stop rule, runs the
+uniform and random baselines under the same budget, prunes/fine-tunes/tests the best candidates and
+writes `<output.dir>/result.json` (and `candidates.jsonl`, `config.yaml`, `checkpoints/`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+from pathlib import Path
+
+from ..errors import ConfigError
+
+#: What `--smoke` overrides: a tiny run (seconds of search) that exercises every stage.
+SMOKE_OVERRIDES = {
+    "model.train_epochs": 3,
+    "data.eval_batch": 128,
+    "agent.episodes_per_iteration": 4,
+    "agent.num_epochs": 2,
+    "agent.learning_starts_episodes": 2,
+    "agent.train_batch_size": 16,
+    "stop.iterations": 2,
+    "stop.candidates": None,
+    "stop.wall_seconds": None,
+    "search.top_k": 1,
+    "baselines.random_candidates": 4,
+    "finetune.epochs": 1,
+    "output.checkpoint_every": 1,
+    "output.export_onnx": False,
+}
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "search",
+        help="run one RL pruning search from a YAML config",
+        description="Search per-group keep ratios with an RL agent (PPO or SAC, RLlib) over Ray workers, under a "
+        "FLOPs budget, rewarded by spatial entropy or accuracy; then compare with uniform and random pruning, "
+        "fine-tune the best candidates and write <output.dir>/result.json.",
+    )
+    parser.add_argument("config", help="YAML config (see examples/digits_search.yaml; every key is optional)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted search from its last checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="start over in an output dir that holds a previous search")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a tiny run (2 iterations, 1 fine-tune epoch) into <output.dir>/smoke, for tests")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set search.flops_target=0.3 (repeatable)")
+    parser.add_argument("--output", default=None, help="output dir (overrides output.dir)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--print-schema", action="store_true", help="print every config key with its default and exit")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`KEY=VALUE` strings to {dotted key: value}; VALUE is read as YAML (numbers, lists, null...)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            try:
+                out[key.strip()] = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                out[key.strip()] = raw
+    return out
+
+
+def smoke_config(config):
+    """The tiny variant of a config (`--smoke`)."""
+    from ..config import load_config
+
+    overrides = dict(SMOKE_OVERRIDES)
+    overrides["output.dir"] = str(Path(config.output.dir) / "smoke")
+    if config.model.checkpoint is None:
+        overrides["model.checkpoint"] = str(Path(config.output.dir) / "smoke" / "baseline.pt")
+    overrides["resources.num_env_runners"] = min(config.resources.num_env_runners, 2)
+    return load_config(config.to_dict(), overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import load_config, schema_reference
+
+    if args.print_schema:
+        print(schema_reference())
+        return 0
+    overrides = parse_overrides(args.overrides)
+    if args.output:
+        overrides["output.dir"] = args.output
+    config = load_config(args.config, overrides)
+    overwrite = args.overwrite
+    if args.smoke:
+        config = smoke_config(config)
+        overwrite = overwrite or not args.resume
+
+    from ..search import run_search
+
+    result = run_search(config, resume=args.resume, overwrite=overwrite, progress=not args.no_progress)
+    print(summary(result))
+    return 0
+
+
+def summary(result: dict) -> str:
+    """A few lines for the terminal: the best candidate against the baselines, and the cost."""
+    cfg, base, best, cost = result["config"], result["base"], result.get("best") or {}, result["cost"]
+    target = cfg["search"]["flops_target"]
+
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.2f}%"
+
+    lines = [
+        f"search: {cfg['model']['name']} on {cfg['data']['name']}, reward {cfg['search']['reward']}, "
+        f"agent {cfg['agent']['algorithm']}, FLOPs target {target:g} ({1 / target:.2f}x)",
+        f"baseline: {base['macs'] / 1e6:.3f}M MACs, {base['params'] / 1e6:.4f}M params, test {pct(base['test_accuracy'])}",
+        f"{'':10} {'reward':>10} {'MACs':>7} {'held-out':>9} {'test FT':>8}",
+    ]
+    for name, row in result.get("comparison", {}).items():
+        reward = "-" if row.get("reward") is None else f"{row['reward']:.4f}"
+        macs = "-" if row.get("macs_ratio") is None else f"{row['macs_ratio']:.3f}"
+        lines.append(f"{name:10} {reward:>10} {macs:>7} {pct(row.get('heldout_accuracy')):>9} "
+                     f"{pct(row.get('test_accuracy_after_finetune')):>8}")
+    if best:
+        policy = ", ".join(f"{k}={v:.2f}" for k, v in (result.get("best_policy") or {}).items())
+        lines.append(f"best policy: {policy}")
+        lines.append(f"best: test {pct(best['test_accuracy_before_finetune'])} before fine-tune, "
+                     f"{pct(best['test_accuracy_after_finetune'])} after")
+    lines.append(
+        f"cost: {cost['candidates']} candidates ({cost['evaluations']} evaluated, {cost['cache_hits']} cached) in "
+        f"{cost['search_seconds']:.1f} s = {cost['candidates_per_second']:.2f} candidates/s "
+        f"with {cost['num_env_runners']} env runners"
+    )
+    lines.append(f"result: {Path(cfg['output']['dir']) / 'result.json'}")
+    return "\n".join(lines)

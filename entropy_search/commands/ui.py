@@ -1,0 +1,133 @@
+"""`entropy-search ui`: the MLflow UI for the configured store, on 127.0.0.1, until Ctrl-C.
+
+Starts `mlflow server` on the local store (``--tracking-uri``, else MLFLOW_TRACKING_URI, else
+./mlflow.db), waits until its /health answers, prints its address, and stops it (its whole process
+group) on Ctrl-C or SIGTERM. When the configured store is already a tracking server (http...), it
+prints that address instead: the server is the UI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from ..errors import EntropySearchError
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "ui",
+        help="start the MLflow UI for the configured store on 127.0.0.1 and print its address",
+        description="Serve the MLflow UI (mlflow server) for the tracking store the sweeps use: --tracking-uri, "
+        "else MLFLOW_TRACKING_URI, else ./mlflow.db. Listens on 127.0.0.1 only unless --host says otherwise; "
+        "Ctrl-C stops it.",
+    )
+    parser.add_argument("--tracking-uri", default=None, help="store to serve (sqlite:///..., a folder, ...)")
+    parser.add_argument("--config", default=None, help="take the store from this sweep YAML's mlflow.tracking_uri")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=5000, help="port (0: any free port)")
+    parser.add_argument("--workers", type=int, default=1, help="server worker processes")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server to answer")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, timeout: float, proc: subprocess.Popen | None = None) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.3)
+    return False
+
+
+def server_command(uri: str, host: str, port: int, workers: int) -> list[str]:
+    """`mlflow server` for a local store, its artifacts served from next to the database."""
+    from ..tracking import local_store_dir
+
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+           "--workers", str(workers)]
+    store = local_store_dir(uri)
+    if store is not None:  # runs logged to this store keep their own artifact folders; new ones go here
+        cmd += ["--artifacts-destination", str(store / "mlartifacts")]
+    return cmd
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..tracking import is_local_store, resolve_tracking_uri
+
+    uri = args.tracking_uri
+    if uri is None and args.config:
+        from ..sweep import load_sweep_config
+
+        uri = load_sweep_config(args.config).mlflow.tracking_uri
+    uri = resolve_tracking_uri(uri)
+    if not is_local_store(uri):
+        print(f"the configured store is a tracking server: open {uri} (it serves the UI)", flush=True)
+        return 0
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        if not db.exists():
+            print(f"note: {db} does not exist yet; the UI will show an empty store until a sweep logs to it", flush=True)
+    port = args.port or free_port(args.host)
+    cmd = server_command(uri, args.host, port, args.workers)
+    env = dict(os.environ)
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    url = f"http://{args.host}:{port}"
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        if not wait_healthy(url, args.timeout, proc):
+            raise EntropySearchError(f"the MLflow server did not answer at {url} within {args.timeout:g} s "
+                                     f"(exit status {proc.poll()}); is port {port} free?")
+        print(f"MLflow UI: {url}  (store: {uri}; Ctrl-C stops it)", flush=True)
+        while proc.poll() is None:
+            time.sleep(0.5)
+        return proc.returncode or 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop the server and everything it started (its own process group)."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=5)

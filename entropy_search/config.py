@@ -1,0 +1,512 @@
+"""Validated configuration of one search (`entropy-search search CONFIG.yaml`).
+
+A YAML file only overrides the defaults below; every section and key is optional. Unknown keys, wrong
+types and out-of-range values raise `ConfigError` naming the key, e.g.
+``search.flops_target: must be in (0, 1], got 1.5``.
+
+The same object configures the Tune sweep (`entropy_search.sweep`), which varies keys by their dotted
+names (``search.reward``, ``agent.lr``, ``seed``...) through `load_config(..., overrides=...)`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+# ---------------------------------------------------------------- constrained scalar types
+
+
+def _unit_open_closed(v: float) -> float:
+    if not 0.0 < v <= 1.0:
+        raise ValueError("must be in (0, 1]")
+    return v
+
+
+def _unit_closed(v: float) -> float:
+    if not 0.0 <= v <= 1.0:
+        raise ValueError("must be in [0, 1]")
+    return v
+
+
+def _positive(v):
+    if not v > 0:
+        raise ValueError("must be > 0")
+    return v
+
+
+def _non_negative(v):
+    if not v >= 0:
+        raise ValueError("must be >= 0")
+    return v
+
+
+UnitFraction = Annotated[float, AfterValidator(_unit_open_closed)]
+Probability = Annotated[float, AfterValidator(_unit_closed)]
+PositiveFloat = Annotated[float, AfterValidator(_positive)]
+NonNegativeFloat = Annotated[float, AfterValidator(_non_negative)]
+PositiveInt = Annotated[int, AfterValidator(_positive)]
+NonNegativeInt = Annotated[int, AfterValidator(_non_negative)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+
+# ---------------------------------------------------------------- sections
+
+
+class ModelConfig(_Section):
+    """The network to prune and its trained baseline."""
+
+    name: str = "digits_cnn"
+    """Model registry name (`digits_cnn`, `resnet20`, `resnet56`, `vgg16_bn`, `mobilenet_v2`), `tv:<torchvision name>` or `package.module:factory`."""
+
+    checkpoint: str | None = None
+    """Baseline checkpoint written by `entropy-search train`. Default: `<output.dir>/baseline.pt`."""
+
+    train_if_missing: bool = True
+    """When the checkpoint file does not exist, train a baseline first (on the train split) and save it there; otherwise a missing checkpoint is an error."""
+
+    train_epochs: PositiveInt = 30
+    """Epochs of baseline training when the checkpoint has to be trained first."""
+
+
+class DataConfig(_Section):
+    """The data set: unlabeled images for the entropy reward, a held-out split for accuracy, a test split for the result."""
+
+    name: str = "digits"
+    """Data set name understood by `entropy_search.data.load_data` (`digits` ships offline; `fashion_mnist`, `cifar10`, `cifar100`, `imagefolder`)."""
+
+    root: str | None = None
+    """Where the data set lives on disk (not needed for `digits`)."""
+
+    eval_batch: PositiveInt = 512
+    """Fixed batch of held-out images (a split of the training set, never the test set) on which every candidate is measured: spatial entropy (labels unused) and held-out accuracy."""
+
+
+class EntropyConfig(_Section):
+    """How the spatial entropy of a candidate's activations is estimated (DESIGN.md, "Spatial entropy")."""
+
+    method: Literal["cooccurrence", "histogram", "mass"] = "cooccurrence"
+    """Estimator: grey-level co-occurrence matrix of each map (the paper's), plain histogram entropy, or entropy of the activation mass as a spatial distribution."""
+
+    bins: Annotated[int, Field(ge=2, le=1024)] = 16
+    """Quantisation levels G of a min-max normalised map."""
+
+    layers: Literal["bn", "bn_relu", "last_stage"] | list[str] = "bn_relu"
+    """Measured layers: every conv output after BN (`bn`) or after BN and ReLU (`bn_relu`), only the last stage (`last_stage`), or a list of module names."""
+
+    sample: UnitFraction = 1.0
+    """Fraction of the maps of each layer measured (the same maps for every candidate); 1.0 = all, exact."""
+
+
+class SearchSettings(_Section):
+    """The pruning problem: reward, FLOPs budget, action range and rounding."""
+
+    reward: Literal["entropy", "accuracy", "accuracy_flops"] = "entropy"
+    """`entropy`: minus the spatial entropy of the kept channels (label-free, the paper's); `accuracy`: held-out top-1 (AMC R_err); `accuracy_flops`: -error*log(FLOPs) (AMC R_FLOPs)."""
+
+    entropy: EntropyConfig = Field(default_factory=EntropyConfig)
+    """Settings of the spatial-entropy estimator (used for every candidate, whatever the reward)."""
+
+    flops_target: UnitFraction = 0.5
+    """Budget: every candidate has at most `flops_target` x the baseline's MACs (0.5 = 2x reduction). Met by construction (AMC action clipping)."""
+
+    flops_floor: Probability = 0.9
+    """Candidates also use the budget: their MACs are at least `flops_floor` x the target where the rounding allows (two-sided clipping), so rewards compare networks of about the same cost (a label-free reward could otherwise favour pruning far past the target). 0 = AMC's one-sided clipping."""
+
+    min_keep: UnitFraction = 0.1
+    """Smallest keep ratio of a group; the action is mapped to a keep ratio in [min_keep, 1]."""
+
+    round_to: PositiveInt = 1
+    """Kept channel counts are rounded to a multiple of this (8 suits GPUs, 1 tiny networks)."""
+
+    top_k: PositiveInt = 3
+    """Best candidates (by reward) kept, pruned for real, fine-tuned and tested at the end."""
+
+    device: str = "auto"
+    """Device of the candidate evaluations (`auto`: the GPU share an env runner was given, else the CPU; `cpu`; `cuda`)."""
+
+    eval_mode: Literal["sliced", "masked", "pruned"] = "sliced"
+    """How a candidate is evaluated without surgery: kept weights sliced into the original modules (pruned network's cost), masked outputs (full cost), or a physical prune per candidate (slow; for checking)."""
+
+    cache: bool = True
+    """Answer a candidate already evaluated (same kept channels) from a cache instead of evaluating it again."""
+
+    simulate_eval_seconds: NonNegativeFloat = 0.0
+    """Benchmarks only: replace the evaluation by a sleep of this many seconds and a synthetic reward."""
+
+
+class AgentConfig(_Section):
+    """The RL agent (RLlib, new API stack). Defaults suit 20-100 step episodes with one terminal reward."""
+
+    algorithm: Literal["ppo", "sac"] = "ppo"
+    """PPO (default) or SAC."""
+
+    gamma: Probability = 1.0
+    """Discount factor; 1.0 because the only reward comes at the end of the episode."""
+
+    lr: PositiveFloat = 3e-4
+    """PPO learning rate (SAC uses actor_lr / critic_lr / alpha_lr)."""
+
+    episodes_per_iteration: PositiveInt = 16
+    """Candidates (episodes) sampled per training iteration; the train batch is this times the number of groups (env steps)."""
+
+    num_minibatches: PositiveInt = 1
+    """PPO: minibatches per epoch over the train batch (batches of a few hundred steps need no splitting)."""
+
+    num_epochs: PositiveInt = 8
+    """PPO: passes (epochs) over each train batch."""
+
+    clip_param: PositiveFloat = 0.2
+    """PPO: clipping of the probability ratio."""
+
+    gae_lambda: Probability = 0.95
+    """PPO: GAE lambda."""
+
+    entropy_coeff: NonNegativeFloat = 0.0
+    """PPO: coefficient of the policy-entropy bonus (exploration)."""
+
+    vf_loss_coeff: NonNegativeFloat = 1.0
+    """PPO: weight of the value-function loss."""
+
+    hidden_sizes: list[PositiveInt] = Field(default_factory=lambda: [64, 64])
+    """Hidden layer sizes of the policy and value (or Q) networks."""
+
+    activation: Literal["tanh", "relu"] = "tanh"
+    """Activation of the hidden layers."""
+
+    actor_lr: PositiveFloat = 3e-4
+    """SAC: actor learning rate."""
+
+    critic_lr: PositiveFloat = 3e-4
+    """SAC: critic learning rate."""
+
+    alpha_lr: PositiveFloat = 3e-4
+    """SAC: entropy-temperature learning rate."""
+
+    tau: UnitFraction = 0.005
+    """SAC: soft target-network update coefficient."""
+
+    initial_alpha: PositiveFloat = 0.2
+    """SAC: initial entropy temperature."""
+
+    replay_capacity: PositiveInt = 100_000
+    """SAC: replay buffer capacity (env steps)."""
+
+    learning_starts_episodes: NonNegativeInt = 8
+    """SAC: episodes sampled before the first update."""
+
+    train_batch_size: PositiveInt = 256
+    """SAC: transitions per gradient update."""
+
+    training_intensity: PositiveFloat | None = None
+    """SAC: replayed over sampled transitions ratio (RLlib's training_intensity); default: RLlib's."""
+
+
+class ResourcesConfig(_Section):
+    """Ray workers and their share of CPUs and GPUs."""
+
+    num_env_runners: NonNegativeInt = 2
+    """Ray workers, each holding the network, the evaluation batches and an environment; candidates are evaluated where they live. 0 = in the driver."""
+
+    num_envs_per_env_runner: PositiveInt = 4
+    """Environments per env runner, stepped together (one batched agent inference for all); they share the worker's network and cache, and evaluate their candidates one after another. More amortises RLlib's per-step overhead (about a millisecond) on long episodes."""
+
+    num_cpus_per_env_runner: NonNegativeFloat = 1.0
+    """CPUs reserved per env runner."""
+
+    num_gpus_per_env_runner: NonNegativeFloat = 0.0
+    """GPUs per env runner; fractions share one GPU between workers (e.g. 0.25 = four workers per GPU)."""
+
+    num_gpus_per_learner: NonNegativeFloat = 0.0
+    """GPU of the learner (the agent's own networks are tiny: 0 is fine)."""
+
+    driver_threads: PositiveInt | None = None
+    """torch threads of the driver for the baselines, fine-tuning and tests after the search (None: torch's default; 1 on a machine shared with busy Ray workers)."""
+
+    num_cpus: PositiveInt | None = None
+    """CPUs of a local Ray instance started by the search (default: all). Ignored when Ray is already running or `address` is set."""
+
+    address: str | None = None
+    """Ray cluster to join (`auto`, `ray://...`); default: `RAY_ADDRESS` if set, else a local instance."""
+
+    torch_threads: PositiveInt | None = 1
+    """torch threads of each env runner and of the driver's learner during the search (1 avoids oversubscribing the cores); None leaves torch's default."""
+
+
+class StopConfig(_Section):
+    """When the search stops: the first of the rules that are set."""
+
+    iterations: PositiveInt | None = 20
+    """Training iterations of the agent."""
+
+    candidates: PositiveInt | None = None
+    """Candidates (episodes) evaluated."""
+
+    wall_seconds: PositiveFloat | None = None
+    """Wall time of the search (checked after each iteration)."""
+
+    @model_validator(mode="after")
+    def _one_rule(self):
+        if self.iterations is None and self.candidates is None and self.wall_seconds is None:
+            raise ValueError("set at least one of iterations, candidates, wall_seconds")
+        return self
+
+
+class BaselinesConfig(_Section):
+    """What the agent must beat, under the same FLOPs budget."""
+
+    enabled: bool = True
+    """Run the uniform and random-search baselines after the search."""
+
+    random_candidates: PositiveInt | None = None
+    """Distinct candidates of the random search; default: as many as the agent evaluated."""
+
+    finetune: bool = True
+    """Fine-tune and test the baselines' best candidates like the agent's (for a fair comparison)."""
+
+
+class FinetuneConfig(_Section):
+    """Fine-tuning of the top-k candidates once physically pruned."""
+
+    epochs: NonNegativeInt = 5
+    """Epochs of fine-tuning on the train split (0 = none)."""
+
+    lr: PositiveFloat = 0.01
+    """Learning rate of the fine-tuning (SGD, cosine schedule)."""
+
+    batch_size: PositiveInt = 128
+    """Batch size of the fine-tuning."""
+
+
+class OutputConfig(_Section):
+    """Where results and checkpoints go."""
+
+    dir: str = "runs/search"
+    """Output folder: result.json, candidates.jsonl, config.yaml, checkpoints/ and the pruned models."""
+
+    checkpoint_every: PositiveInt = 5
+    """Checkpoint the agent, the candidate cache and the top-k every this many iterations (and at the end)."""
+
+    export_onnx: bool = True
+    """Also export the best pruned model to ONNX."""
+
+
+class SearchConfig(_Section):
+    """One RL pruning search."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    """The network to prune and its baseline checkpoint."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    """The data set and evaluation batches."""
+
+    search: SearchSettings = Field(default_factory=SearchSettings)
+    """Reward, FLOPs budget, action range, rounding, top-k."""
+
+    agent: AgentConfig = Field(default_factory=AgentConfig)
+    """The RL agent and its hyper-parameters."""
+
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    """Ray workers, CPUs and GPUs."""
+
+    stop: StopConfig = Field(default_factory=StopConfig)
+    """Stop rule of the search."""
+
+    baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
+    """Uniform and random-search baselines under the same budget and number of candidate evaluations."""
+
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    """Fine-tuning of the best candidates."""
+
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    """Output folder and checkpointing."""
+
+    seed: NonNegativeInt = 0
+    """Seed of everything (data split, agent, random baseline)."""
+
+    # ------------------------------------------------------------ helpers
+
+    def checkpoint_path(self) -> Path:
+        """The baseline checkpoint: `model.checkpoint`, or `<output.dir>/baseline.pt`."""
+        return Path(self.model.checkpoint) if self.model.checkpoint else Path(self.output.dir) / "baseline.pt"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON/YAML-serialisable dict (the resolved config saved with every result)."""
+        return self.model_dump(mode="json")
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the resolved config as YAML (or JSON when the path ends with .json)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".json":
+            path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        else:
+            path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def env_config(self) -> dict[str, Any]:
+        """The plain dict the pruning environment is built from (inside each Ray worker)."""
+        return {
+            "model": self.model.name,
+            "checkpoint": str(self.checkpoint_path()),
+            "data": self.data.name,
+            "data_root": self.data.root,
+            "eval_batch": self.data.eval_batch,
+            "eval_mode": self.search.eval_mode,
+            "reward": self.search.reward,
+            "entropy": self.search.entropy.model_dump(mode="json"),
+            "flops_target": self.search.flops_target,
+            "flops_floor": self.search.flops_floor,
+            "min_keep": self.search.min_keep,
+            "round_to": self.search.round_to,
+            "device": self.search.device,
+            "cache": self.search.cache,
+            "simulate_eval_seconds": self.search.simulate_eval_seconds,
+            "torch_threads": self.resources.torch_threads,
+            "seed": self.seed,
+        }
+
+
+# ---------------------------------------------------------------- loading
+
+
+_PATH_KEYS = (("model", "checkpoint"), ("data", "root"), ("output", "dir"))
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _nest(overrides: dict[str, Any]) -> dict[str, Any]:
+    """`{"search.flops_target": 0.3}` -> `{"search": {"flops_target": 0.3}}` (nested dicts pass through)."""
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        parts = str(key).split(".")
+        node = nested
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{key}: cannot set a sub-key of a non-section value")
+            node = child
+        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+            node[parts[-1]] = _deep_merge(node[parts[-1]], value)
+        else:
+            node[parts[-1]] = value
+    return nested
+
+
+def _format_error(err: dict, root: type[BaseModel]) -> str:
+    loc = ".".join(str(p) for p in err["loc"]) or "<config>"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        known = _known_keys(root, err["loc"][:-1])
+        hint = f" (known keys: {', '.join(known)})" if known else ""
+        return f"{loc}: unknown key{hint}"
+    msg = err["msg"]
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix):]
+    if kind == "missing":
+        return f"{loc}: required"
+    value = err.get("input")
+    if isinstance(value, dict):
+        return f"{loc}: {msg}"
+    return f"{loc}: {msg}, got {value!r}"
+
+
+def _known_keys(root: type[BaseModel], loc: tuple) -> list[str]:
+    model: Any = root
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = field.annotation
+    fields = getattr(model, "model_fields", None)
+    return sorted(fields) if fields else []
+
+
+def config_from_dict(data: dict[str, Any] | None) -> SearchConfig:
+    """Validate a (nested) dict into a SearchConfig, raising ConfigError naming the key on any problem."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"<config>: expected a mapping of sections, got {type(data).__name__}")
+    try:
+        return SearchConfig.model_validate(data)
+    except ValidationError as exc:
+        errors = [_format_error(e, SearchConfig) for e in exc.errors()]
+        raise ConfigError("; ".join(errors)) from None
+
+
+def load_config(
+    path_or_dict: str | os.PathLike | dict[str, Any] | SearchConfig | None = None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    resolve_paths: bool = True,
+) -> SearchConfig:
+    """Load a search config from a YAML file (or a dict), apply `overrides` and validate.
+
+    `overrides` maps dotted keys (``"search.flops_target"``) or nested dicts to values; they win over
+    the file. Relative paths (model.checkpoint, data.root, output.dir) are made absolute against the
+    current directory when `resolve_paths`, so Ray workers and Tune trials (other working
+    directories) find the same files.
+    """
+    if isinstance(path_or_dict, SearchConfig):
+        data = path_or_dict.to_dict()
+    elif isinstance(path_or_dict, dict):
+        data = copy.deepcopy(path_or_dict)
+    elif path_or_dict is None:
+        data = {}
+    else:
+        path = Path(path_or_dict)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    if overrides:
+        data = _deep_merge(data, _nest(overrides))
+    config = config_from_dict(data)
+    if resolve_paths:
+        for section, key in _PATH_KEYS:
+            sub = getattr(config, section)
+            value = getattr(sub, key)
+            if value:
+                setattr(sub, key, str(Path(value).expanduser().resolve()))
+    return config
+
+
+def schema_reference() -> str:
+    """The YAML schema with defaults and descriptions (for docs and `--help`)."""
+    lines: list[str] = []
+
+    def walk(model: type[BaseModel], indent: int) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            pad = "  " * indent
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                lines.append(f"{pad}{name}:  # {field.description or ''}")
+                walk(ann, indent + 1)
+            else:
+                default = field.get_default(call_default_factory=True)
+                lines.append(f"{pad}{name}: {json.dumps(default)}  # {field.description or ''}")
+
+    walk(SearchConfig, 0)
+    return "\n".join(lines)

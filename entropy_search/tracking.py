@@ -1,0 +1,761 @@
+"""MLflow tracking of sweeps: one parent run per sweep, one child run per Tune trial.
+
+The only module (besides the CLI commands) that imports MLflow. What is recorded:
+
+* parent run (tag ``entropy_search.role=sweep``): the sweep's settings as params, the environment as
+  tags, and at the end the cross-trial summary table (``summary.csv``, ``summary.md``,
+  ``summary.json``) and the FLOPs-versus-accuracy comparison plot (``comparison.png``);
+* child run per trial (tags ``mlflow.parentRunId`` and ``entropy_search.trial_name``): params = the
+  trial's fully resolved search config flattened to dotted keys; tags = git commit, package, Ray,
+  torch and MLflow versions, hardware; metrics per training iteration (step = iteration: reward
+  mean/max, the best candidate's FLOPs and parameter ratios, entropy and held-out accuracy,
+  candidates evaluated, candidates per second...); final metrics (test accuracy before/after
+  fine-tuning of the best candidate and of the uniform/random baselines, cost); artifacts: the table
+  of every evaluated candidate (``candidates.csv``), the best policy (``best_policy.json``), the
+  FLOPs-versus-accuracy scatter (``scatter.png``), ``result.json``/``config.yaml``, the ONNX export
+  when present, and the pruned, fine-tuned model (``mlflow.pytorch``, with input example and
+  signature).
+
+Runs are found again by tags, never created twice: a resumed sweep reuses its parent run (tag
+``entropy_search.sweep_dir``) and a restarted trial its child run (tag ``entropy_search.trial_name``).
+
+The tracking URI is, in this order: the explicit one (sweep config, ``--tracking-uri``),
+``MLFLOW_TRACKING_URI``, MLflow's default ``sqlite:///mlflow.db`` in the current directory. Local
+stores are made absolute (Tune trials run in other working directories) and their experiments keep
+their artifacts next to the database (``<db dir>/mlruns/<experiment>``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import platform
+import re
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import EntropySearchError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+ROLE_TAG = "entropy_search.role"
+SWEEP_TAG = "entropy_search.sweep"
+SWEEP_DIR_TAG = "entropy_search.sweep_dir"
+TRIAL_ID_TAG = "entropy_search.trial_id"
+TRIAL_NAME_TAG = "entropy_search.trial_name"
+AXES_TAG = "entropy_search.axes"
+STATUS_NOTE_TAG = "entropy_search.status_note"
+PARENT_TAG = "mlflow.parentRunId"
+
+#: MLflow limits: params per batch and characters per param value.
+_PARAMS_PER_BATCH = 100
+_METRICS_PER_BATCH = 1000
+_MAX_PARAM_CHARS = 6000
+
+#: Columns of the candidate table, first (the rest follow in the order they appear).
+CANDIDATE_COLUMNS = ("id", "iteration", "reward", "macs_ratio", "params_ratio", "macs", "params", "entropy", "accuracy",
+                     "cache_hit", "eval_seconds", "kept_channels", "keep")
+
+
+# ---------------------------------------------------------------- store and client
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """The tracking URI to use, absolute for local stores (see the module docstring)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        if not path.startswith("/"):
+            path = str(Path(path).expanduser().resolve())
+        return "sqlite:///" + path
+    if uri.startswith("file:"):
+        path = uri[len("file:"):].lstrip("/")
+        return "file:///" + path if uri.startswith("file:///") else "file://" + str(Path(path).resolve())
+    if "://" not in uri and not re.match(r"^[a-z][a-z0-9+.-]*:", uri):
+        return str(Path(uri).expanduser().resolve())  # a plain folder: MLflow's file store
+    return uri
+
+
+def is_local_store(uri: str) -> bool:
+    """True for stores on this machine's disk (sqlite, file), False for servers and databases."""
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+def local_store_dir(uri: str) -> Path | None:
+    """The folder of a local store (the sqlite file's folder, or the file store itself)."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):]).parent
+    if uri.startswith("file://"):
+        return Path(uri[len("file://"):])
+    if "://" not in uri and not uri.startswith("sqlite:"):
+        return Path(uri)
+    return None
+
+
+def client(uri: str | None = None):
+    """An MlflowClient on the resolved tracking URI."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=resolve_tracking_uri(uri))
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "experiment"
+
+
+def get_or_create_experiment(mlclient, name: str, tracking_uri: str) -> str:
+    """The id of experiment `name`, created (or restored from the bin) when needed."""
+    from mlflow.entities import ViewType
+
+    found = mlclient.get_experiment_by_name(name)
+    if found is not None:
+        if found.lifecycle_stage == "deleted":
+            mlclient.restore_experiment(found.experiment_id)
+        return found.experiment_id
+    location = None
+    store = local_store_dir(tracking_uri) if tracking_uri.startswith("sqlite:") else None
+    if store is not None:
+        location = (store / "mlruns" / _slug(name)).resolve().as_uri()
+    try:
+        return mlclient.create_experiment(name, artifact_location=location)
+    except Exception:  # created meanwhile by another process
+        found = mlclient.search_experiments(view_type=ViewType.ALL, filter_string=f"name = '{_quote(name)}'")
+        if found:
+            return found[0].experiment_id
+        raise
+
+
+def _quote(value: str) -> str:
+    return str(value).replace("'", "\\'")
+
+
+# ---------------------------------------------------------------- params, tags, metrics
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested dict -> {dotted key: string}; lists become JSON (``agent.hidden_sizes = [64, 64]``)."""
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, name + "."))
+        elif isinstance(value, (list, tuple, Mapping)):
+            out[name] = json.dumps(value, default=str)
+        elif value is None:
+            out[name] = "None"
+        else:
+            out[name] = str(value)
+    return out
+
+
+def hardware() -> dict[str, str]:
+    """CPU model and count, GPU model and count of this machine (where the calling process runs)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"hardware.cpu": cpu, "hardware.cpu_count": str(os.cpu_count()), "hardware.node": platform.node()}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            info["hardware.gpu"] = torch.cuda.get_device_name(0)
+            info["hardware.gpu_count"] = str(torch.cuda.device_count())
+        else:
+            info["hardware.gpu"] = "none"
+    except Exception:  # noqa: BLE001 - hardware tags are informative only
+        pass
+    info["hardware"] = f"{cpu} x{os.cpu_count()}; GPU: {info.get('hardware.gpu', 'none')}"
+    return info
+
+
+def environment_tags() -> dict[str, str]:
+    """Git commit, package/Ray/torch/MLflow versions and hardware, as run tags."""
+    from .utils import environment_info
+
+    info = environment_info()
+    commit = os.environ.get("ENTROPY_SEARCH_GIT_COMMIT") or info.get("git_commit", "unknown")
+    tags = {f"env.{k}": str(v) for k, v in info.items()}
+    tags["env.git_commit"] = commit
+    tags["mlflow.source.git.commit"] = commit
+    tags["env.package_version"] = str(info.get("entropy_search_version"))
+    try:
+        import ray
+
+        tags["env.ray"] = ray.__version__
+    except ImportError:
+        pass
+    import mlflow
+
+    tags["env.mlflow"] = mlflow.__version__
+    tags.update(hardware())
+    return tags
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The finite numbers of a metrics dict (NaN/None/strings dropped)."""
+    return {str(k): float(v) for k, v in metrics.items() if _finite(v)}
+
+
+def log_metrics(mlclient, run_id: str, metrics: Mapping[str, Any], step: int = 0) -> None:
+    """Log the finite numbers of `metrics` at `step` in batches."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, v, now, int(step)) for k, v in numeric(metrics).items()]
+    for i in range(0, len(items), _METRICS_PER_BATCH):
+        mlclient.log_batch(run_id, metrics=items[i:i + _METRICS_PER_BATCH], synchronous=True)
+
+
+def log_params(mlclient, run_id: str, params: Mapping[str, str]) -> None:
+    """Log params in batches, skipping those the run already holds (a resumed run keeps its params)."""
+    from mlflow.entities import Param
+
+    have = mlclient.get_run(run_id).data.params
+    items = [Param(k, str(v)[:_MAX_PARAM_CHARS]) for k, v in params.items() if k not in have]
+    for i in range(0, len(items), _PARAMS_PER_BATCH):
+        mlclient.log_batch(run_id, params=items[i:i + _PARAMS_PER_BATCH], synchronous=True)
+
+
+def set_tags(mlclient, run_id: str, tags: Mapping[str, Any]) -> None:
+    from mlflow.entities import RunTag
+
+    items = [RunTag(k, str(v)[:_MAX_PARAM_CHARS]) for k, v in tags.items()]
+    for i in range(0, len(items), _PARAMS_PER_BATCH):
+        mlclient.log_batch(run_id, tags=items[i:i + _PARAMS_PER_BATCH], synchronous=True)
+
+
+def set_status(mlclient, run_id: str, status: str, note: str | None = None) -> None:
+    """RUNNING, FINISHED, FAILED or KILLED, with an optional note (tag ``entropy_search.status_note``)."""
+    if note:
+        set_tags(mlclient, run_id, {STATUS_NOTE_TAG: note})
+    if status == "RUNNING":
+        mlclient.update_run(run_id, status="RUNNING")
+    else:
+        mlclient.set_terminated(run_id, status=status)
+
+
+# ---------------------------------------------------------------- finding runs
+
+
+def _search(mlclient, experiment_ids: Sequence[str], filter_string: str, order_by=None) -> list:
+    from mlflow.entities import ViewType
+
+    runs, token = [], None
+    while True:
+        page = mlclient.search_runs(list(experiment_ids), filter_string=filter_string, run_view_type=ViewType.ACTIVE_ONLY,
+                                    max_results=1000, order_by=order_by, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def find_sweep_run(mlclient, *, sweep_dir: str | None = None, name: str | None = None,
+                   experiment_ids: Sequence[str] | None = None):
+    """The latest parent run of a sweep, by its folder (exact) or its name; None if there is none."""
+    if experiment_ids is None:
+        experiment_ids = [e.experiment_id for e in mlclient.search_experiments()]
+    if not experiment_ids:
+        return None
+    clauses = [f"tags.`{ROLE_TAG}` = 'sweep'"]
+    if sweep_dir is not None:
+        clauses.append(f"tags.`{SWEEP_DIR_TAG}` = '{_quote(sweep_dir)}'")
+    if name is not None:
+        clauses.append(f"tags.`{SWEEP_TAG}` = '{_quote(name)}'")
+    runs = _search(mlclient, experiment_ids, " and ".join(clauses), order_by=["attributes.start_time DESC"])
+    return runs[0] if runs else None
+
+
+def trial_runs(mlclient, experiment_id: str, parent_run_id: str) -> list:
+    """Every child run of a sweep's parent run, oldest first."""
+    flt = f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{ROLE_TAG}` = 'trial'"
+    return _search(mlclient, [experiment_id], flt, order_by=["attributes.start_time ASC"])
+
+
+def find_trial_run(mlclient, experiment_id: str, parent_run_id: str, trial_name: str):
+    """The child run of a trial, by the trial's name (stable across Tune restores and restarts, unlike its id)."""
+    flt = (f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{TRIAL_NAME_TAG}` = '{_quote(trial_name)}'")
+    runs = _search(mlclient, [experiment_id], flt, order_by=["attributes.start_time ASC"])
+    return runs[0] if runs else None
+
+
+# ---------------------------------------------------------------- the sweep's parent run
+
+
+def open_sweep_run(mlclient, experiment_id: str, *, name: str, sweep_dir: str, params: Mapping[str, str],
+                   tags: Mapping[str, str], resume: bool) -> tuple[str, bool]:
+    """The parent run of a sweep: reused when resuming (found by its folder), else created.
+
+    Returns (run_id, reused)."""
+    run = find_sweep_run(mlclient, sweep_dir=sweep_dir, experiment_ids=[experiment_id]) if resume else None
+    if run is not None:
+        set_status(mlclient, run.info.run_id, "RUNNING")
+        return run.info.run_id, True
+    all_tags = {ROLE_TAG: "sweep", SWEEP_TAG: name, SWEEP_DIR_TAG: sweep_dir, **tags}
+    run = mlclient.create_run(experiment_id, tags=all_tags, run_name=name)
+    log_params(mlclient, run.info.run_id, params)
+    return run.info.run_id, False
+
+
+def close_unfinished_trials(mlclient, experiment_id: str, parent_run_id: str, status: str, note: str) -> list[str]:
+    """Runs of trials still marked RUNNING (their process died, or the sweep was stopped) get `status`."""
+    closed = []
+    for run in trial_runs(mlclient, experiment_id, parent_run_id):
+        if run.info.status in ("RUNNING", "SCHEDULED"):
+            set_status(mlclient, run.info.run_id, status, note)
+            closed.append(run.info.run_id)
+    return closed
+
+
+# ---------------------------------------------------------------- one trial's child run
+
+
+class TrialRun:
+    """The child run of one Tune trial, used inside the trial's process (a Ray worker).
+
+    `open()` finds the run of this trial (tag ``entropy_search.trial_name`` under the parent: Tune
+    keeps a trial's name, not always its id, across restores and restarts) or creates it, so a
+    restarted trial never makes a second run."""
+
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, *, trial_id: str, trial_name: str,
+                 sweep_name: str, tags: Mapping[str, str] | None = None) -> None:
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.trial_id = trial_id
+        self.trial_name = trial_name
+        self.sweep_name = sweep_name
+        self.tags = dict(tags or {})
+        self.client = client(self.tracking_uri)
+        self.run_id: str | None = None
+        self.previous_status: str | None = None
+
+    def open(self, config: Mapping[str, Any], axes: Mapping[str, Any]) -> str:
+        """Find or create the run, log the resolved config as params and set it RUNNING; returns the run id."""
+        run = find_trial_run(self.client, self.experiment_id, self.parent_run_id, self.trial_name)
+        tags = {**self.tags, **hardware(), ROLE_TAG: "trial", PARENT_TAG: self.parent_run_id,
+                TRIAL_ID_TAG: self.trial_id, TRIAL_NAME_TAG: self.trial_name, SWEEP_TAG: self.sweep_name,
+                AXES_TAG: json.dumps(dict(axes), default=str)}
+        if run is None:
+            run = self.client.create_run(self.experiment_id, tags=tags, run_name=self.trial_name)
+            self.previous_status = None
+        else:
+            self.previous_status = run.info.status
+            if self.previous_status != "FINISHED":
+                set_tags(self.client, run.info.run_id, {**tags, "entropy_search.restarts": str(
+                    int(run.data.tags.get("entropy_search.restarts", "0")) + 1)})
+        self.run_id = run.info.run_id
+        log_params(self.client, self.run_id, flatten(config))
+        if self.previous_status != "FINISHED":
+            set_status(self.client, self.run_id, "RUNNING")
+        return self.run_id
+
+    def log_iteration(self, metrics: Mapping[str, Any]) -> None:
+        log_metrics(self.client, self.run_id, metrics, step=int(metrics.get("iteration", 0)))
+
+    def log_result(self, result: Mapping[str, Any], out_dir: str | os.PathLike, *, log_model: bool = True,
+                   registered_model_name: str | None = None) -> dict[str, float]:
+        """Final metrics and artifacts of a finished search; returns the final metrics."""
+        out = Path(out_dir)
+        step = int((result.get("cost") or {}).get("iterations") or 0)
+        final = final_metrics(result)
+        log_metrics(self.client, self.run_id, final, step=step)
+        art = out / "mlflow"
+        art.mkdir(parents=True, exist_ok=True)
+        records = read_candidates(out / "candidates.jsonl")
+        write_candidate_table(records, art / "candidates.csv")
+        (art / "best_policy.json").write_text(json.dumps(best_policy(result), indent=2) + "\n")
+        from .plots import candidate_scatter
+
+        candidate_scatter(records, result, art / "scatter.png")
+        for path in (art / "candidates.csv", art / "best_policy.json", art / "scatter.png"):
+            self.client.log_artifact(self.run_id, str(path))
+        for name in ("result.json", "config.yaml"):
+            if (out / name).exists():
+                self.client.log_artifact(self.run_id, str(out / name), "search")
+        files = result.get("files") or {}
+        if files.get("onnx") and Path(files["onnx"]).exists():
+            self.client.log_artifact(self.run_id, files["onnx"], "onnx")
+        if log_model and files.get("pytorch") and Path(files["pytorch"]).exists():
+            self.log_model(result, files["pytorch"], registered_model_name=registered_model_name)
+        return final
+
+    def log_model(self, result: Mapping[str, Any], path: str, *, registered_model_name: str | None = None) -> None:
+        """The pruned, fine-tuned model with `mlflow.pytorch`, an input example and its signature."""
+        import mlflow
+        import mlflow.pytorch
+        import torch
+        from mlflow.models import infer_signature
+
+        model = torch.load(path, map_location="cpu", weights_only=False).eval()
+        example = input_example(result)
+        with torch.no_grad():
+            output = model(torch.from_numpy(example)).numpy()
+        signature = infer_signature(example, output)
+        best = result.get("best") or {}
+        with _fluent_store(self.tracking_uri), mlflow.start_run(run_id=self.run_id, log_system_metrics=False):
+            info = mlflow.pytorch.log_model(
+                model, name="pruned_model", input_example=example, signature=signature,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
+                registered_model_name=registered_model_name,
+                params={"macs_ratio": best.get("macs_ratio"), "kept_channels": json.dumps(best.get("kept_channels"))},
+            )
+            test_acc = best.get("test_accuracy_after_finetune")
+            if _finite(test_acc):
+                mlflow.log_metric("model_test_accuracy", float(test_acc), model_id=getattr(info, "model_id", None))
+        # leaving the context set the run FINISHED; the caller sets the final status itself
+
+    def finish(self, status: str = "FINISHED", note: str | None = None) -> None:
+        if self.run_id is not None:
+            set_status(self.client, self.run_id, status, note)
+
+
+@contextlib.contextmanager
+def _fluent_store(uri: str):
+    """Point MLflow's fluent API (needed by `mlflow.pytorch.log_model`) at `uri`, and back afterwards
+    (`mlflow.set_tracking_uri` also sets MLFLOW_TRACKING_URI, which would leak to later runs)."""
+    import mlflow
+    import mlflow.tracking._tracking_service.utils as service
+
+    before = getattr(service, "_tracking_uri", None)
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+
+
+def input_example(result: Mapping[str, Any]):
+    """Two real test images of the searched data set (normalised like the model saw them), or zeros."""
+    import numpy as np
+
+    cfg = result.get("config") or {}
+    try:
+        from .checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(cfg["model"]["checkpoint"])
+        shape = (ckpt.in_channels, ckpt.image_size, ckpt.image_size)
+    except Exception:  # noqa: BLE001
+        ckpt, shape = None, None
+    try:
+        from .data import load_data
+
+        splits = load_data(cfg["data"]["name"], cfg["data"].get("root"), seed=int(cfg.get("seed", 0)))
+        x = np.stack([splits.test[i][0].numpy() for i in range(2)]).astype(np.float32)
+        if shape is None or tuple(x.shape[1:]) == shape:
+            return x
+    except Exception:  # noqa: BLE001 - an example of the right shape is enough
+        pass
+    if shape is None:
+        raise EntropySearchError("cannot build an input example: the baseline checkpoint is unreadable")
+    return np.zeros((2, *shape), dtype=np.float32)
+
+
+# ---------------------------------------------------------------- what a finished search logs
+
+
+def read_candidates(path: str | os.PathLike) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+    return out
+
+
+def write_candidate_table(records: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
+    """Every evaluated candidate, one row each (lists as JSON), as CSV."""
+    path = Path(path)
+    columns = [c for c in CANDIDATE_COLUMNS if any(c in r for r in records)]
+    for r in records:
+        for k in r:
+            if k not in columns:
+                columns.append(k)
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns or ["id"])
+        writer.writeheader()
+        for r in records:
+            writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()})
+    return path
+
+
+def read_candidate_table(path: str | os.PathLike) -> list[dict]:
+    """Rows of a candidate table (numbers parsed, lists decoded)."""
+    rows = []
+    with open(path, newline="") as fh:
+        for row in csv.DictReader(fh):
+            rows.append({k: _parse_cell(v) for k, v in row.items()})
+    return rows
+
+
+def _parse_cell(value: str):
+    if value == "":
+        return None
+    if value[:1] in "[{":
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    if value in ("True", "False"):
+        return value == "True"
+    return value
+
+
+def best_policy(result: Mapping[str, Any]) -> dict:
+    """The best candidate's policy (keep ratio per channel group) with its numbers."""
+    best = result.get("best") or {}
+    keys = ("reward", "macs", "params", "macs_ratio", "params_ratio", "entropy", "heldout_accuracy",
+            "test_accuracy_before_finetune", "test_accuracy_after_finetune", "kept_channels")
+    return {"policy": result.get("best_policy"), **{k: best.get(k) for k in keys},
+            "flops_target": (result.get("config") or {}).get("search", {}).get("flops_target"),
+            "groups": [g.get("name") for g in result.get("groups") or []]}
+
+
+def final_metrics(result: Mapping[str, Any]) -> dict[str, float]:
+    """The numbers of a finished search, flat: best candidate, baselines, baseline model, cost."""
+    best = result.get("best") or {}
+    base = result.get("base") or {}
+    cost = result.get("cost") or {}
+    m: dict[str, Any] = {
+        "reward": best.get("reward"),
+        "macs_ratio": best.get("macs_ratio"),
+        "params_ratio": best.get("params_ratio"),
+        "macs": best.get("macs"),
+        "params": best.get("params"),
+        "entropy": best.get("entropy"),
+        "heldout_accuracy": best.get("heldout_accuracy"),
+        "test_accuracy_before_finetune": best.get("test_accuracy_before_finetune"),
+        "test_accuracy": best.get("test_accuracy_after_finetune"),
+        "base_macs": base.get("macs"),
+        "base_params": base.get("params"),
+        "base_test_accuracy": base.get("test_accuracy"),
+        "base_heldout_accuracy": base.get("heldout_accuracy"),
+        "base_entropy": base.get("entropy"),
+    }
+    for name, res in (result.get("baselines") or {}).items():
+        rec, fin = res.get("best") or {}, res.get("final") or {}
+        m[f"{name}_reward"] = rec.get("reward")
+        m[f"{name}_macs_ratio"] = rec.get("macs_ratio")
+        m[f"{name}_params_ratio"] = rec.get("params_ratio")
+        m[f"{name}_entropy"] = rec.get("entropy")
+        m[f"{name}_heldout_accuracy"] = rec.get("accuracy")
+        m[f"{name}_test_accuracy"] = fin.get("test_accuracy_after_finetune")
+        m[f"{name}_evaluations"] = res.get("evaluations")
+    for key in ("iterations", "candidates", "evaluations", "cache_hits", "search_seconds", "candidates_per_second",
+                "evaluations_per_second", "baselines_seconds", "finetune_seconds", "total_seconds"):
+        m[f"cost_{key}"] = cost.get(key)
+    return numeric(m)
+
+
+# ---------------------------------------------------------------- the cross-trial summary
+
+#: (column title, row key, format) of the printed summary table, after the axes.
+SUMMARY_COLUMNS = (
+    ("status", "status", "s"),
+    ("MACs", "macs_ratio", ".3f"),
+    ("params", "params_ratio", ".3f"),
+    ("best reward", "reward", ".4f"),
+    ("held-out", "heldout_accuracy", "%"),
+    ("test", "test_accuracy_before_finetune", "%"),
+    ("test FT", "test_accuracy", "%"),
+    ("uniform FT", "uniform_test_accuracy", "%"),
+    ("random FT", "random_test_accuracy", "%"),
+    ("cand", "cost_candidates", ".0f"),
+    ("cand/s", "cost_candidates_per_second", ".1f"),
+    ("min", "cost_total_seconds", "min"),
+)
+
+
+def sweep_rows(mlclient, experiment_id: str, parent_run_id: str) -> list[dict]:
+    """One row per trial from MLflow: trial name, status, axis values, final metrics (last values)."""
+    rows = []
+    for run in trial_runs(mlclient, experiment_id, parent_run_id):
+        tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+        try:
+            axes = json.loads(tags.get(AXES_TAG, "{}"))
+        except json.JSONDecodeError:
+            axes = {}
+        row: dict[str, Any] = {
+            "trial": tags.get(TRIAL_NAME_TAG, run.info.run_name),
+            "trial_id": tags.get(TRIAL_ID_TAG),
+            "run_id": run.info.run_id,
+            "status": run.info.status,
+            "axes": axes,
+            "reward_kind": params.get("search.reward"),
+            "flops_target": _float(params.get("search.flops_target")),
+            "model": params.get("model.name"),
+            "seed": params.get("seed"),
+        }
+        row.update(metrics)
+        if "macs_ratio" not in metrics and "best_macs_ratio" in metrics:
+            row["search_macs_ratio"] = metrics["best_macs_ratio"]
+        rows.append(row)
+    return sorted(rows, key=lambda r: str(r["trial"]))
+
+
+def _float(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _fmt(value, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if fmt == "s":
+        return str(value)
+    if fmt == "%":
+        return f"{100 * float(value):.2f}%"
+    if fmt == "min":
+        return f"{float(value) / 60:.1f}"
+    return format(float(value), fmt)
+
+
+def axis_names(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+    names: list[str] = []
+    for row in rows:
+        for k in row.get("axes") or {}:
+            if k not in names:
+                names.append(k)
+    return names
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], *, markdown: bool = False) -> str:
+    """The summary table: one line per trial, axis values first, then the results."""
+    axes = axis_names(rows)
+    headers = ["trial"] + [a.split(".")[-1] for a in axes] + [c[0] for c in SUMMARY_COLUMNS]
+    body = []
+    for row in rows:
+        cells = [str(row.get("trial"))]
+        cells += [str((row.get("axes") or {}).get(a, "-")) for a in axes]
+        cells += [_fmt(row.get(key), fmt) for _, key, fmt in SUMMARY_COLUMNS]
+        body.append(cells)
+    return _render(headers, body, markdown)
+
+
+def aggregate_rows(rows: Sequence[Mapping[str, Any]], over: str = "seed") -> list[dict]:
+    """Mean and standard deviation over the `over` axis (seeds) of the finished trials' results."""
+    import numpy as np
+
+    axes = [a for a in axis_names(rows) if a != over and a.split(".")[-1] != over]
+    groups: dict[tuple, list] = {}
+    for row in rows:
+        if row.get("status") != "FINISHED":
+            continue
+        key = tuple(str((row.get("axes") or {}).get(a, "-")) for a in axes)
+        groups.setdefault(key, []).append(row)
+    out = []
+    for key, members in groups.items():
+        agg: dict[str, Any] = {"axes": dict(zip(axes, key)), "n": len(members)}
+        for _, col, fmt in SUMMARY_COLUMNS:
+            if fmt == "s":
+                continue
+            vals = [float(m[col]) for m in members if _finite(m.get(col))]
+            if vals:
+                agg[col] = float(np.mean(vals))
+                agg[col + "_std"] = float(np.std(vals))
+        out.append(agg)
+    return out
+
+
+def format_aggregate(agg: Sequence[Mapping[str, Any]], *, markdown: bool = False) -> str:
+    axes = axis_names(agg)
+    cols = [c for c in SUMMARY_COLUMNS if c[1] in ("macs_ratio", "heldout_accuracy", "test_accuracy",
+                                                    "uniform_test_accuracy", "random_test_accuracy")]
+    headers = [a.split(".")[-1] for a in axes] + ["n"] + [c[0] for c in cols]
+    body = []
+    for row in agg:
+        cells = [str(row["axes"].get(a, "-")) for a in axes] + [str(row["n"])]
+        for _, key, fmt in cols:
+            mean, std = row.get(key), row.get(key + "_std")
+            if mean is None:
+                cells.append("-")
+            elif fmt == "%":
+                cells.append(f"{100 * mean:.2f}±{100 * std:.2f}")
+            else:
+                cells.append(f"{mean:{fmt}}±{std:{fmt}}")
+        body.append(cells)
+    return _render(headers, body, markdown)
+
+
+def _render(headers: list[str], body: list[list[str]], markdown: bool) -> str:
+    if markdown:
+        lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in body]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths)))]
+    for r in body:
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    return "\n".join(lines)
+
+
+def write_summary(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, *, title: str = "") -> dict[str, Path]:
+    """summary.csv / summary.md / summary.json and comparison.png in `out_dir`; returns their paths."""
+    from .plots import sweep_comparison
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out / "summary.csv", "md": out / "summary.md", "json": out / "summary.json",
+             "png": out / "comparison.png"}
+    axes = axis_names(rows)
+    cols = ["trial", "status", *axes] + [k for _, k, _ in SUMMARY_COLUMNS if k != "status"] + ["run_id"]
+    with open(paths["csv"], "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(cols)
+        for row in rows:
+            writer.writerow([(row.get("axes") or {}).get(c, row.get(c)) if c in axes else row.get(c) for c in cols])
+    md = [f"# {title}" if title else "# sweep summary", "", format_table(rows, markdown=True)]
+    agg = aggregate_rows(rows)
+    if agg and any(a["n"] > 1 for a in agg):
+        md += ["", "## mean ± std over seeds", "", format_aggregate(agg, markdown=True)]
+    paths["md"].write_text("\n".join(md) + "\n")
+    paths["json"].write_text(json.dumps(list(rows), indent=2, default=str) + "\n")
+    sweep_comparison(rows, paths["png"], title=title)
+    return paths
+
+
+def log_sweep_summary(mlclient, experiment_id: str, parent_run_id: str, out_dir: str | os.PathLike,
+                      *, title: str = "") -> tuple[list[dict], dict[str, Path]]:
+    """Build the summary from the child runs, write it to `out_dir` and log it on the parent run."""
+    rows = sweep_rows(mlclient, experiment_id, parent_run_id)
+    paths = write_summary(rows, out_dir, title=title)
+    for path in paths.values():
+        mlclient.log_artifact(parent_run_id, str(path))
+    statuses = [r["status"] for r in rows]
+    log_metrics(mlclient, parent_run_id, {
+        "trials": len(rows), "trials_finished": statuses.count("FINISHED"),
+        "trials_failed": statuses.count("FAILED"), "trials_killed": statuses.count("KILLED"),
+    })
+    return rows, paths

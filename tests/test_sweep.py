@@ -1,0 +1,334 @@
+"""Ray Tune sweeps tracked in MLflow: a 2-trial sweep on the digits CNN checked against its result
+files, resume without duplicate runs, crashed and interrupted trials, and bad sweep configs.
+
+One local Ray instance (2 CPUs) and one temporary MLflow store serve the module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from entropy_search.errors import ConfigError
+from entropy_search.sweep import ITERATION_METRICS, describe, load_sweep_config, run_sweep, trial_bundles
+
+ray = pytest.importorskip("ray")
+mlflow = pytest.importorskip("mlflow")
+
+from entropy_search import tracking  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A digits CNN trained for a few epochs (seconds), saved like `entropy-search train` does."""
+    from entropy_search.checkpoint import save_checkpoint
+    from entropy_search.data import load_data
+    from entropy_search.models import create_model
+    from entropy_search.train import evaluate, train
+
+    splits = load_data("digits", seed=0)
+    torch.manual_seed(0)
+    model = create_model("digits_cnn", num_classes=10, in_channels=1)
+    train(model, splits.train, epochs=3, progress=False, device="cpu")
+    path = tmp_path_factory.mktemp("baseline") / "digits_cnn.pt"
+    save_checkpoint(path, model, model_name="digits_cnn", num_classes=10, in_channels=1, image_size=8, data="digits",
+                    config={"seed": 0, "heldout_fraction": 0.1}, metrics={"test_acc": evaluate(model, splits.test)})
+    return path
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_default_store(store):
+    """Whatever slips through to MLflow's default store lands in the temporary one, not ./mlflow.db."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = store
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+def sweep_dict(name: str, storage: Path, checkpoint: Path, store: str, **extra) -> dict:
+    data = {
+        "name": name,
+        "base": {
+            "model": {"checkpoint": str(checkpoint), "train_if_missing": False},
+            "data": {"eval_batch": 128},
+            "search": {"flops_target": 0.5, "top_k": 2, "device": "cpu"},
+            "agent": {"episodes_per_iteration": 4, "num_epochs": 2},
+            "stop": {"iterations": 2},
+            "baselines": {"random_candidates": 4},
+            "finetune": {"epochs": 1},
+            "output": {"checkpoint_every": 1, "export_onnx": False},
+        },
+        "axes": {"search.reward": ["entropy", "accuracy"]},
+        "max_concurrent_trials": 2,
+        "storage_path": str(storage),
+        "resources": {"cpus_per_trial": 0.5, "num_env_runners": 1, "cpus_per_env_runner": 0.5},
+        "mlflow": {"tracking_uri": store},
+    }
+    for key, value in extra.items():
+        data[key] = value
+    return data
+
+
+def child_runs(store: str, result: dict) -> list:
+    return tracking.trial_runs(tracking.client(store), result["experiment_id"], result["parent_run_id"])
+
+
+def test_two_trial_sweep_is_tracked_and_consistent_with_its_results(ray_local, checkpoint, store, tmp_path):
+    sweep = load_sweep_config(sweep_dict("two", tmp_path / "sweeps", checkpoint, store))
+    result = run_sweep(sweep, verbose=0)
+    assert result["status"] == "FINISHED" and result["failed"] == 0 and not result["interrupted"]
+    mlclient = tracking.client(store)
+    parent = mlclient.get_run(result["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags[tracking.ROLE_TAG] == "sweep"
+    assert parent.data.params["axes.search.reward"] == json.dumps({"grid": ["entropy", "accuracy"]})
+    assert {"summary.csv", "summary.md", "summary.json", "comparison.png"} <= {
+        a.path for a in mlclient.list_artifacts(parent.info.run_id)}
+    runs = child_runs(store, result)
+    assert len(runs) == 2
+    assert {r.data.params["search.reward"] for r in runs} == {"entropy", "accuracy"}
+
+    for run in runs:
+        run_id, data = run.info.run_id, run.data
+        assert run.info.status == "FINISHED"
+        assert data.tags["mlflow.parentRunId"] == parent.info.run_id
+        for tag in ("env.git_commit", "env.package_version", "env.ray", "env.torch", "env.mlflow", "hardware"):
+            assert data.tags.get(tag), tag
+        out = Path(sweep.sweep_dir) / data.tags[tracking.TRIAL_NAME_TAG] / "search"
+        res = json.loads((out / "result.json").read_text())
+        # params = the trial's fully resolved config, flattened
+        assert data.params == tracking.flatten(res["config"])
+        assert res["config"]["output"]["dir"] == str(out)
+        # per-iteration metrics, one point per iteration
+        for key in ("reward_mean", "reward_max", "best_macs_ratio", "best_params_ratio", "best_entropy",
+                    "best_accuracy", "candidates", "candidates_per_second"):
+            history = mlclient.get_metric_history(run_id, key)
+            assert [m.step for m in history] == [1, 2], key
+        # the candidate table = every candidate of the search; its best row = the logged best
+        dl = tmp_path / run_id
+        rows = tracking.read_candidate_table(mlclient.download_artifacts(run_id, "candidates.csv", str(dl)))
+        jsonl = tracking.read_candidates(out / "candidates.jsonl")
+        assert len(rows) == len(jsonl) == res["cost"]["candidates"] == data.metrics["candidates"] > 0
+        best_row = max(rows, key=lambda r: r["reward"])
+        assert data.metrics["best_macs_ratio"] == pytest.approx(best_row["macs_ratio"])
+        assert data.metrics["best_params_ratio"] == pytest.approx(best_row["params_ratio"])
+        assert data.metrics["best_reward"] == pytest.approx(best_row["reward"]) == pytest.approx(data.metrics["reward"])
+        assert best_row["kept_channels"] == res["best"]["kept_channels"]
+        # final metrics = the result file
+        assert data.metrics["macs_ratio"] == pytest.approx(res["best"]["macs_ratio"])
+        assert data.metrics["test_accuracy"] == pytest.approx(res["best"]["test_accuracy_after_finetune"])
+        assert data.metrics["uniform_test_accuracy"] == pytest.approx(
+            res["baselines"]["uniform"]["final"]["test_accuracy_after_finetune"])
+        policy = json.loads(Path(mlclient.download_artifacts(run_id, "best_policy.json", str(dl))).read_text())
+        assert policy["policy"] == res["best_policy"]
+        assert {"candidates.csv", "best_policy.json", "scatter.png", "search"} <= {
+            a.path for a in mlclient.list_artifacts(run_id)}
+        # the pruned, fine-tuned model, with its signature; it computes what the exported file computes
+        models = mlclient.search_logged_models([result["experiment_id"]], filter_string=f"source_run_id = '{run_id}'")
+        assert len(models) == 1
+        loaded = mlflow.pytorch.load_model(models[0].artifact_location)  # a torch.export program: batch-dynamic
+        exported = torch.load(out / "best_pruned.pt", weights_only=False).eval()
+        x = torch.randn(4, 1, 8, 8)
+        torch.testing.assert_close(loaded(x), exported(x))
+
+    # the printed/logged summary comes from MLflow and matches the runs
+    assert len(result["rows"]) == 2 and all(r["status"] == "FINISHED" for r in result["rows"])
+    for row in result["rows"]:
+        assert row["trial"] in result["table"]
+    from entropy_search.sweep import report
+
+    rep = report("two", tracking_uri=store, out=tmp_path / "cmp.png")
+    assert rep["parent_run_id"] == parent.info.run_id and rep["table"] == result["table"]
+    assert (tmp_path / "cmp.png").stat().st_size > 1000
+
+    # resuming a finished sweep runs nothing again and creates no run
+    before = {r.info.run_id: len(mlclient.get_metric_history(r.info.run_id, "best_reward")) for r in runs}
+    again = run_sweep(sweep, resume=True, verbose=0)
+    assert again["parent_run_id"] == parent.info.run_id
+    after = child_runs(store, again)
+    assert {r.info.run_id: len(mlclient.get_metric_history(r.info.run_id, "best_reward")) for r in after} == before
+    assert len(tracking.trial_runs(mlclient, result["experiment_id"], parent.info.run_id)) == 2
+    # a fresh start over it is refused without --overwrite
+    with pytest.raises(ConfigError, match="--resume"):
+        run_sweep(sweep, verbose=0)
+
+
+def test_crashed_trial_is_failed_and_resume_does_not_duplicate(ray_local, checkpoint, store, tmp_path):
+    """A trial that raises (a measured layer that does not exist) leaves a FAILED run with the reason;
+    --resume --retry-failed runs it again in the same run, not in a new one."""
+    data = sweep_dict("crash", tmp_path / "sweeps", checkpoint, store,
+                      axes={"search.entropy.layers": [["no_such_layer"]]})
+    sweep = load_sweep_config(data)
+    result = run_sweep(sweep, verbose=0)
+    assert result["failed"] == 1 and result["errors"] == 1 and result["status"] == "FAILED"
+    (failed,) = child_runs(store, result)
+    assert failed.info.status == "FAILED"
+    assert "no_such_layer" in failed.data.tags[tracking.STATUS_NOTE_TAG]
+    assert tracking.client(store).get_run(result["parent_run_id"]).info.status == "FAILED"
+
+    again = run_sweep(sweep, resume=True, retry_failed=True, verbose=0)
+    assert again["parent_run_id"] == result["parent_run_id"] and again["failed"] == 1
+    (rerun,) = child_runs(store, again)
+    assert rerun.info.run_id == failed.info.run_id and rerun.info.status == "FAILED"
+    assert rerun.data.tags["entropy_search.restarts"] == "1"
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_without_duplicate_runs(checkpoint, store, tmp_path):
+    """Ctrl-C during the second of two sequential trials: the first run stays FINISHED, the second is
+    KILLED; --resume finishes the second in its own run and leaves the first alone."""
+    data = sweep_dict("interrupt", tmp_path / "sweeps", checkpoint, store, max_concurrent_trials=1)
+    data["base"]["stop"] = {"iterations": 30}
+    data["base"]["baselines"] = {"enabled": False}
+    data["base"]["finetune"] = {"epochs": 0}
+    data["mlflow"]["log_model"] = False
+    data["resources"]["num_cpus"] = 2
+    path = tmp_path / "interrupt.yaml"
+    path.write_text(yaml.safe_dump(data))
+    proc = subprocess.Popen([sys.executable, "-m", "entropy_search.cli", "sweep", str(path), "--quiet"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "RAY_ADDRESS": ""})
+    mlclient = tracking.client(store)
+    deadline = time.monotonic() + 240
+    second = None
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            parent = tracking.find_sweep_run(mlclient, name="interrupt")
+            if parent is not None:
+                runs = tracking.trial_runs(mlclient, parent.info.experiment_id, parent.info.run_id)
+                running = [r for r in runs if r.info.status == "RUNNING"
+                           and mlclient.get_metric_history(r.info.run_id, "best_reward")]
+                if len(runs) == 2 and running:
+                    second = running[0]
+                    break
+            time.sleep(1)
+        assert second is not None, "the second trial never started"
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, out[-3000:]
+    runs = {r.info.run_id: r for r in tracking.trial_runs(mlclient, parent.info.experiment_id, parent.info.run_id)}
+    assert runs[second.info.run_id].info.status == "KILLED"
+    first = next(r for r in runs.values() if r.info.run_id != second.info.run_id)
+    assert first.info.status == "FINISHED"
+    first_points = len(mlclient.get_metric_history(first.info.run_id, "best_reward"))
+
+    result = run_sweep(load_sweep_config(path), resume=True, verbose=0)
+    assert result["status"] == "FINISHED" and result["parent_run_id"] == parent.info.run_id
+    after = {r.info.run_id: r for r in child_runs(store, result)}
+    assert set(after) == set(runs)  # no new run
+    assert all(r.info.status == "FINISHED" for r in after.values())
+    assert len(mlclient.get_metric_history(first.info.run_id, "best_reward")) == first_points
+    assert after[second.info.run_id].data.metrics["iteration"] == 30
+
+
+# ---------------------------------------------------------------- configs
+
+
+def test_shipped_configs_load_and_describe(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    names = sorted(p.name for p in (REPO / "tune_configs").glob("*.yaml"))
+    assert "quickstart.yaml" in names and len(names) >= 4
+    for path in (REPO / "tune_configs").glob("*.yaml"):
+        sweep = load_sweep_config(path)
+        assert sweep.name == path.stem
+        assert describe(sweep)
+    quick = load_sweep_config(REPO / "tune_configs" / "quickstart.yaml")
+    assert quick.num_trials() == 4
+    assert {a: quick.axes[a].values for a in quick.axes} == {"search.reward": ["entropy", "accuracy"],
+                                                            "search.flops_target": [0.5, 0.3]}
+    bundles = trial_bundles(quick, quick.grid_points()[0])
+    assert sum(b["CPU"] for b in bundles) * (quick.max_concurrent_trials or 1) <= 2
+    for name in ("resnet56_cifar10", "vgg16_cifar10", "mobilenetv2_cifar10"):
+        paper = load_sweep_config(REPO / "tune_configs" / f"{name}.yaml")
+        assert paper.num_trials() == 2 * 3 * 3
+        assert sorted(paper.axes["search.flops_target"].values) == [0.1, 0.2, 0.5]
+        assert paper.axes["seed"].values == [0, 1, 2]
+        assert paper.base["data"]["name"] == "cifar10"
+        assert any(b.get("GPU") for b in trial_bundles(paper, {}))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"bogus": 1}, r"^bogus: unknown key"),
+    ({"scheduler": {"type": "asha", "metric": "accuracy"}}, r"scheduler\.metric: must be one of"),
+    ({"axes": {"search.flops_target": [0.5, 1.5]}}, r"axes: search\.flops_target: must be in \(0, 1\], got 1\.5"),
+    ({"axes": {"search.rewrd": ["entropy"]}}, r"axes: search\.rewrd: unknown key"),
+    ({"axes": {"output.dir": ["/tmp/x"]}}, r"axes\.output\.dir.*cannot be an axis"),
+    ({"axes": {"agent.lr": {"uniform": [0.1, 0.01]}}}, r"axes\.agent\.lr.*low must be < high"),
+    ({"axes": {"agent.lr": {"grid": [1e-3], "choice": [1e-4]}}}, r"axes\.agent\.lr.*exactly one"),
+    ({"axes": {"agent.lr": {"loguniform": [0.0, 1.0]}}}, r"axes: agent\.lr: must be > 0"),
+    ({"axes": {"seed": 3}}, r"axes\.seed.*list of values"),
+    ({"name": "a b"}, r"^name: use letters"),
+    ({"base": {"agent": {"lr": -1}}}, r"^base\.agent\.lr: must be > 0, got -1"),
+    ({"resources": {"cpus_per_trial": 0}}, r"resources\.cpus_per_trial: must be > 0"),
+    ({"max_concurrent_trials": "two"}, r"max_concurrent_trials"),
+])
+def test_bad_sweep_configs_name_the_key(tmp_path, change, message):
+    data = {"name": "bad", "base": {"stop": {"iterations": 2}}, "storage_path": str(tmp_path)}
+    data.update(change)
+    with pytest.raises(ConfigError, match=message):
+        load_sweep_config(data)
+
+
+def test_cli_errors_are_one_line_with_status_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"base": {"search": {"flops_target": 2}}, "storage_path": str(tmp_path)}))
+    for args, expect in (
+        ([str(bad)], "base.search.flops_target: must be in (0, 1], got 2"),
+        ([str(tmp_path / "missing.yaml")], "sweep config not found"),
+        ([str(REPO / "tune_configs" / "quickstart.yaml"), "--set", "axes.seed={grid: []}"], "axes.seed"),
+    ):
+        proc = subprocess.run([sys.executable, "-m", "entropy_search.cli", "sweep", *args], capture_output=True,
+                              text=True, cwd=tmp_path, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("entropy-search sweep: error: ") and expect in lines[0], lines
+        assert "Traceback" not in proc.stderr
+
+
+def test_overrides_and_dry_run(tmp_path, capsys):
+    from entropy_search.cli import main
+
+    code = main(["sweep", str(REPO / "tune_configs" / "quickstart.yaml"), "--dry-run", "--storage-path", str(tmp_path),
+                 "--set", "axes.seed=[0, 1]", "--set", "base.stop.iterations=3", "--name", "qs2"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert f"sweep qs2: 8 trial(s) in {tmp_path}/qs2" in out and "axis seed: grid [0, 1]" in out
+    sweep = load_sweep_config(REPO / "tune_configs" / "quickstart.yaml", {"base.stop.iterations": 3})
+    assert sweep.base["stop"]["iterations"] == 3
+
+
+def test_scheduler_metric_is_reported_every_iteration():
+    # ASHA compares a metric the trials report after every iteration
+    assert "best_reward" in ITERATION_METRICS and "reward_mean" in ITERATION_METRICS

@@ -1,0 +1,207 @@
+"""MLflow tracking without Ray: runs found again instead of duplicated, params/metrics/artifacts of a
+trial, the summary table, and the plots. One temporary sqlite store serves the module."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+mlflow = pytest.importorskip("mlflow")
+
+from entropy_search import tracking  # noqa: E402
+from entropy_search.config import load_config  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_default_store(store):
+    """Whatever slips through to MLflow's default store lands in the temporary one, not ./mlflow.db."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = store
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+@pytest.fixture(scope="module")
+def fake_search(tmp_path_factory) -> tuple[dict, Path]:
+    """What `run_search` leaves behind, without running it: result.json, candidates.jsonl, a model file."""
+    from entropy_search.checkpoint import save_checkpoint
+    from entropy_search.models import create_model
+
+    out = tmp_path_factory.mktemp("search")
+    torch.manual_seed(0)
+    model = create_model("digits_cnn", num_classes=10, in_channels=1).eval()
+    ckpt = out / "baseline.pt"
+    save_checkpoint(ckpt, model, model_name="digits_cnn", num_classes=10, in_channels=1, image_size=8, data="digits",
+                    config={"seed": 0, "heldout_fraction": 0.1}, metrics={"test_acc": 0.9})
+    torch.save(model, out / "best_pruned.pt")
+    config = load_config({"model": {"checkpoint": str(ckpt)}, "search": {"flops_target": 0.5},
+                          "output": {"dir": str(out)}})
+    records = []
+    for i in range(12):
+        records.append({"id": i, "iteration": 1 + i // 4, "reward": -1.0 + 0.05 * ((i * 7) % 12),
+                        "macs_ratio": 0.3 + 0.015 * i, "params_ratio": 0.4 + 0.01 * i, "macs": 1000 + i,
+                        "params": 500 + i, "entropy": 1.0 - 0.05 * ((i * 7) % 12), "accuracy": 0.5 + 0.03 * i,
+                        "cache_hit": i == 11, "kept_channels": [8 + i % 3, 16], "keep": [0.5, 1.0]})
+    with open(out / "candidates.jsonl", "w") as fh:
+        for r in records:
+            fh.write(json.dumps(r) + "\n")
+    best = max(records, key=lambda r: r["reward"])
+    final = {"reward": best["reward"], "macs_ratio": best["macs_ratio"], "params_ratio": best["params_ratio"],
+             "macs": best["macs"], "params": best["params"], "entropy": best["entropy"],
+             "heldout_accuracy": best["accuracy"], "test_accuracy_before_finetune": 0.7,
+             "test_accuracy_after_finetune": 0.8, "kept_channels": best["kept_channels"], "keep": best["keep"],
+             "policy": {"conv1": 0.5, "conv2": 1.0}}
+    result = {
+        "config": config.to_dict(),
+        "groups": [{"name": "conv1"}, {"name": "conv2"}],
+        "base": {"macs": 2000, "params": 1000, "test_accuracy": 0.9, "heldout_accuracy": 0.91, "entropy": 2.0},
+        "best_policy": final["policy"], "best": final, "top_k": [final],
+        "baselines": {
+            "uniform": {"best": {**records[3], "reward": -0.9}, "final": {"test_accuracy_after_finetune": 0.75},
+                        "evaluations": 1},
+            "random": {"best": records[5], "final": {"test_accuracy_after_finetune": 0.7}, "evaluations": 11},
+        },
+        "cost": {"iterations": 3, "candidates": 12, "evaluations": 11, "cache_hits": 1, "search_seconds": 2.0,
+                 "candidates_per_second": 6.0, "total_seconds": 30.0},
+        "history": [{"iteration": 3, "best_reward": best["reward"]}],
+        "files": {"pytorch": str(out / "best_pruned.pt")},
+    }
+    (out / "result.json").write_text(json.dumps(result))
+    config.save(out / "config.yaml")
+    return result, out
+
+
+def test_resolve_tracking_uri(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.resolve_tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert tracking.resolve_tracking_uri("sqlite:///x/m.db") == f"sqlite:///{tmp_path.resolve()}/x/m.db"
+    assert tracking.resolve_tracking_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
+    assert tracking.resolve_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert tracking.resolve_tracking_uri("store") == str(tmp_path.resolve() / "store")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://head:5000")
+    assert tracking.resolve_tracking_uri() == "http://head:5000"
+    assert tracking.is_local_store("sqlite:////a.db") and not tracking.is_local_store("http://head:5000")
+
+
+def test_flatten():
+    flat = tracking.flatten({"a": {"b": 1, "c": [1, 2], "d": None, "e": {}}, "f": "x"})
+    assert flat == {"a.b": "1", "a.c": "[1, 2]", "a.d": "None", "a.e": "{}", "f": "x"}
+
+
+def test_trial_run_is_found_again_and_logs_everything(store, fake_search):
+    result, out = fake_search
+    mlclient = tracking.client(store)
+    exp = tracking.get_or_create_experiment(mlclient, "tracking-test", store)
+    assert tracking.get_or_create_experiment(mlclient, "tracking-test", store) == exp
+    # local stores keep artifacts next to the database, not in the current directory
+    assert mlclient.get_experiment(exp).artifact_location.startswith(Path(store[len("sqlite:///"):]).parent.as_uri())
+    parent, reused = tracking.open_sweep_run(mlclient, exp, name="sw", sweep_dir="/tmp/sw", params={"p": "1"},
+                                             tags={"t": "x"}, resume=False)
+    assert not reused
+    again, reused = tracking.open_sweep_run(mlclient, exp, name="sw", sweep_dir="/tmp/sw", params={"p": "1"},
+                                            tags={}, resume=True)
+    assert reused and again == parent
+
+    def trial_run():
+        return tracking.TrialRun(store, exp, parent, trial_id="abc_00000", trial_name="t00000-reward=entropy",
+                                 sweep_name="sw", tags={"env.git_commit": "deadbeef"})
+
+    run = trial_run()
+    run_id = run.open(result["config"], {"search.reward": "entropy"})
+    for it in (1, 2, 3):
+        run.log_iteration({"iteration": it, "best_macs_ratio": 0.5 - 0.01 * it, "reward_mean": float("nan"),
+                           "note": "skipped: not a number"})
+    # a restarted trial finds its run: no second run
+    second = trial_run()
+    assert second.open(result["config"], {"search.reward": "entropy"}) == run_id
+    assert second.previous_status == "RUNNING"
+    final = second.log_result(result, out, log_model=True)
+    assert os.environ["MLFLOW_TRACKING_URI"] == store  # logging the model left the fluent store as it was
+    second.finish("FINISHED")
+
+    runs = tracking.trial_runs(mlclient, exp, parent)
+    assert [r.info.run_id for r in runs] == [run_id]
+    got = mlclient.get_run(run_id)
+    assert got.info.status == "FINISHED"
+    assert got.data.tags["mlflow.parentRunId"] == parent and got.data.tags["env.git_commit"] == "deadbeef"
+    assert got.data.tags["entropy_search.restarts"] == "1" and "hardware" in got.data.tags
+    assert got.data.params == tracking.flatten(result["config"])
+    history = mlclient.get_metric_history(run_id, "best_macs_ratio")
+    assert [m.step for m in history] == [1, 2, 3]
+    assert "reward_mean" not in got.data.metrics  # NaN is not logged
+    assert got.data.metrics["test_accuracy"] == pytest.approx(0.8) == final["test_accuracy"]
+    assert got.data.metrics["uniform_test_accuracy"] == pytest.approx(0.75)
+    artifacts = {a.path for a in mlclient.list_artifacts(run_id)}
+    assert {"candidates.csv", "best_policy.json", "scatter.png", "search"} <= artifacts
+    local = Path(mlclient.download_artifacts(run_id, "candidates.csv", str(out / "dl")))
+    rows = tracking.read_candidate_table(local)
+    assert len(rows) == 12 and rows[0]["kept_channels"] == [8, 16] and rows[11]["cache_hit"] is True
+    best_row = max(rows, key=lambda r: r["reward"])
+    assert best_row["macs_ratio"] == pytest.approx(got.data.metrics["macs_ratio"])
+    policy = json.loads(Path(mlclient.download_artifacts(run_id, "best_policy.json", str(out / "dl"))).read_text())
+    assert policy["policy"] == result["best_policy"] and policy["macs_ratio"] == best_row["macs_ratio"]
+    # the model: logged with mlflow.pytorch, an input example and a signature, loadable, same outputs
+    models = mlclient.search_logged_models([exp], filter_string=f"source_run_id = '{run_id}'")
+    assert len(models) == 1
+    loaded = mlflow.pytorch.load_model(models[0].artifact_location)
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(loaded(x), torch.load(out / "best_pruned.pt", weights_only=False)(x))
+    from urllib.parse import urlparse
+
+    from mlflow.models import Model
+
+    info = Model.load(Path(urlparse(models[0].artifact_location).path) / "MLmodel")
+    assert info.signature is not None and info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] in ((-1, 1, 8, 8), [-1, 1, 8, 8])
+
+    # the summary from MLflow, and a run left RUNNING by a dead process gets closed
+    dead = trial_run()
+    dead.trial_id, dead.trial_name = "abc_00001", "t00001-reward=accuracy"
+    dead_id = dead.open(result["config"], {"search.reward": "accuracy"})
+    assert tracking.close_unfinished_trials(mlclient, exp, parent, "FAILED", "died") == [dead_id]
+    assert mlclient.get_run(dead_id).info.status == "FAILED"
+    assert mlclient.get_run(dead_id).data.tags[tracking.STATUS_NOTE_TAG] == "died"
+    rows, paths = tracking.log_sweep_summary(mlclient, exp, parent, out / "summary", title="sw")
+    assert [r["status"] for r in rows] == ["FINISHED", "FAILED"]
+    table = tracking.format_table(rows)
+    assert "t00000-reward=entropy" in table and "80.00%" in table and "75.00%" in table
+    assert {"summary.csv", "summary.md", "summary.json", "comparison.png"} <= {
+        a.path for a in mlclient.list_artifacts(parent)}
+    assert tracking.find_sweep_run(mlclient, name="sw").info.run_id == parent
+    assert tracking.find_sweep_run(mlclient, sweep_dir="/tmp/sw").info.run_id == parent
+    assert tracking.find_sweep_run(mlclient, name="nope") is None
+
+
+def test_aggregate_over_seeds():
+    rows = [{"status": "FINISHED", "axes": {"search.reward": r, "seed": s}, "test_accuracy": acc, "macs_ratio": 0.5}
+            for r, s, acc in [("entropy", 0, 0.8), ("entropy", 1, 0.9), ("accuracy", 0, 0.7)]]
+    agg = tracking.aggregate_rows(rows)
+    assert [a["n"] for a in agg] == [2, 1]
+    assert agg[0]["test_accuracy"] == pytest.approx(0.85) and agg[0]["test_accuracy_std"] == pytest.approx(0.05)
+    assert "85.00±5.00" in tracking.format_aggregate(agg)
+
+
+def test_plots_write_pngs(tmp_path, fake_search):
+    from entropy_search.plots import candidate_scatter, sweep_comparison
+
+    result, out = fake_search
+    records = tracking.read_candidates(out / "candidates.jsonl")
+    assert candidate_scatter(records, result, tmp_path / "s.png").stat().st_size > 1000
+    assert candidate_scatter([], None, tmp_path / "empty.png").exists()
+    rows = [{"reward_kind": rw, "flops_target": t, "macs_ratio": t - 0.01, "test_accuracy": 0.8 + 0.1 * t,
+             "heldout_accuracy": 0.7, "uniform_macs_ratio": t, "uniform_test_accuracy": 0.7,
+             "base_test_accuracy": 0.95} for rw in ("entropy", "accuracy") for t in (0.3, 0.5)]
+    assert sweep_comparison(rows, tmp_path / "c.png").stat().st_size > 1000
+    assert sweep_comparison([], tmp_path / "none.png").exists()
