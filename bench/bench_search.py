@@ -51,8 +51,11 @@ def bench_runners(model: str, runners: list[int], eval_seconds: float, iteration
             n_groups = _n_groups(config)
             marks: list[tuple[float, int, float]] = []
 
-            def mark(metrics, marks=marks):
+            phases: list[tuple[float, float]] = []
+
+            def mark(metrics, marks=marks, phases=phases):
                 marks.append((time.perf_counter(), metrics["candidates"], metrics["eval_seconds"]))
+                phases.append((metrics["sampling_seconds"], metrics["learner_seconds"]))
 
             search = RLSearch(config, n_groups, progress=False, on_iteration=mark)
             t_build = time.perf_counter()
@@ -70,6 +73,7 @@ def bench_runners(model: str, runners: list[int], eval_seconds: float, iteration
                 "model": model, "runners": r, "groups": n_groups, "candidates": cands, "wall_s": wall,
                 "candidates_per_s": cands / wall, "ideal_per_s": r / eval_seconds,
                 "rl_overhead": 1.0 - evals / (r * wall), "build_s": build_s, "total_s": time.perf_counter() - t0,
+                "learner_fraction": len(marks[1:]) * phases[-1][1] / wall,  # learner update (EMA) x iterations / wall
             })
             print(json.dumps(rows[-1]), flush=True)
     finally:
@@ -178,11 +182,11 @@ def main(argv=None) -> int:
             print(f"\n{model} ({rows[0]['groups']} groups), simulated evaluation {1e3 * args.eval_seconds:.0f} ms, "
                   f"{args.algorithm}, {args.episodes_per_runner} episodes per runner per iteration, "
                   f"{args.envs_per_runner} env(s) per runner")
-            print(f"{'runners':>8} {'cand/s':>8} {'ideal':>7} {'vs 1':>6} {'RL overhead':>12}")
+            print(f"{'runners':>8} {'cand/s':>8} {'ideal':>7} {'vs 1':>6} {'RL overhead':>12} {'of it learner':>14}")
             for r, row in sorted(by_r.items()):
                 speedup = row["candidates_per_s"] / by_r[1]["candidates_per_s"] if 1 in by_r else float("nan")
                 print(f"{r:>8} {row['candidates_per_s']:>8.2f} {row['ideal_per_s']:>7.1f} {speedup:>5.2f}x "
-                      f"{100 * row['rl_overhead']:>11.1f}%")
+                      f"{100 * row['rl_overhead']:>11.1f}% {100 * row['learner_fraction']:>13.1f}%")
             if 1 in by_r and 2 in by_r:
                 ratio = by_r[2]["candidates_per_s"] / by_r[1]["candidates_per_s"]
                 print(f"2 vs 1 env runner: {ratio:.2f}x (target >= 1.6x): {'OK' if ratio >= 1.6 else 'MISSED'}")

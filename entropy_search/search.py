@@ -344,6 +344,7 @@ class RLSearch:
         self.state = SearchState(top_k_size=config.search.top_k)
         self.algo = None
         self._fh = None
+        self._next_id = 0  # ids of candidates.jsonl rows stay unique across resumes
 
     # -- resume
 
@@ -355,7 +356,9 @@ class RLSearch:
         records = _read_jsonl(self.ckpt_dir / CACHE_FILE)
         seen = {tuple(r["kept_channels"]) for r in records}
         # candidates evaluated after the last checkpoint were written too: keep them (no re-evaluation)
-        extra = [r for r in _read_jsonl(self.candidates_path) if tuple(r["kept_channels"]) not in seen]
+        written = _read_jsonl(self.candidates_path)
+        self._next_id = max((int(r.get("id", -1)) for r in written), default=-1) + 1
+        extra = [r for r in written if tuple(r["kept_channels"]) not in seen]
         for rec in records + extra:
             key = tuple(int(c) for c in rec["kept_channels"])
             if key not in self.state.cache:
@@ -446,7 +449,10 @@ class RLSearch:
         except KeyboardInterrupt:
             # an orderly interrupt checkpoints what it has; a crash or a kill resumes from the last checkpoint
             state.wall_seconds = time.perf_counter() - start
-            self.save_checkpoint()
+            try:
+                self.save_checkpoint()
+            except Exception as exc:  # the interrupt wins; the previous checkpoint is intact
+                log.warning("could not checkpoint on interrupt: %s", exc)
             raise
         finally:
             torch.set_num_threads(threads)
@@ -473,7 +479,8 @@ class RLSearch:
         new = []
         for rec in records:
             rec = _plain(dict(rec))
-            rec["id"] = self.state.episodes
+            rec["id"] = self._next_id
+            self._next_id += 1
             rec["iteration"] = self.state.iteration
             rec["time"] = round(time.time(), 3)
             if self.state.add(rec):
@@ -499,6 +506,7 @@ class RLSearch:
         evaluated = [r for r in records if not r.get("cache_hit")]
         best = state.best or {}
         wall = max(state.wall_seconds, 1e-9)
+        timers = result.get("timers") or {}
         return {
             "iteration": state.iteration,
             "candidates": state.episodes,
@@ -516,6 +524,8 @@ class RLSearch:
             "candidates_per_second": state.episodes / wall,
             "evaluations_per_second": state.evaluations / wall,
             "iteration_seconds": seconds,
+            "sampling_seconds": float(timers.get("env_runner_sampling_timer", float("nan"))),
+            "learner_seconds": float(timers.get("learner_update_timer", float("nan"))),
             "wall_seconds": state.wall_seconds,
             "eval_seconds": state.eval_seconds,
         }

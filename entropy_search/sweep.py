@@ -43,7 +43,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .config import SearchConfig, config_from_dict, load_config
 from .errors import ConfigError, EntropySearchError
@@ -515,7 +523,7 @@ def run_trial(params: dict, context: dict | None = None) -> None:
     """Tune function trainable: one RL search (`run_search`) tracked in its MLflow child run."""
     from ray import tune
 
-    from .search import RESULT_FILE, run_search
+    from .search import CHECKPOINT_DIR, RESULT_FILE, STATE_FILE, run_search
     from .tracking import TrialRun, final_metrics, numeric
 
     context = context or {}
@@ -547,7 +555,7 @@ def run_trial(params: dict, context: dict | None = None) -> None:
         if result_path.exists() and _same_config(out, config):
             result = json.loads(result_path.read_text())  # the search finished, its logging did not
         else:
-            resume = (out / "checkpoints" / "state.json").exists() and _same_config(out, config)
+            resume = (out / CHECKPOINT_DIR / STATE_FILE).exists() and _same_config(out, config)
             result = run_search(config, resume=resume, overwrite=not resume, progress=False, on_iteration=on_iteration)
         final = run.log_result(result, out, log_model=sweep.mlflow.log_model,
                                registered_model_name=sweep.mlflow.registered_model_name)
@@ -660,7 +668,7 @@ def _check_fits(sweep: SweepConfig, points: list[dict]) -> None:
                 )
 
 
-def _train_baselines(sweep: SweepConfig, configs: list[SearchConfig], *, progress: bool) -> dict[str, bytes]:
+def _train_baselines(sweep: SweepConfig, configs: list[SearchConfig]) -> dict[str, bytes]:
     """Each distinct baseline checkpoint, trained once in a Ray task if missing; returns {path: bytes}."""
     import ray
 
@@ -785,7 +793,7 @@ def run_sweep(
     try:
         if not _joined_cluster(sweep):
             _check_fits(sweep, points)
-        baselines = _train_baselines(sweep, configs, progress=verbose > 0)
+        baselines = _train_baselines(sweep, configs)
         _check_budgets(configs)
 
         mlclient = tracking.client(tracking_uri)
@@ -836,7 +844,12 @@ def run_sweep(
             results = tuner.fit()
             errors = len(results.errors)
             statuses = _trial_statuses(results)
-            interrupted = any(s not in ("TERMINATED", "ERROR") for s in statuses.values())
+            # Tune returns normally after Ctrl-C (it saves its state first); an interrupted trial may even
+            # read TERMINATED then. What tells: runs still open (a finished trial closed its run, a crashed
+            # one was closed by the callback), or trials never started.
+            still_open = [r for r in tracking.trial_runs(mlclient, experiment_id, parent_id)
+                          if r.info.status in ("RUNNING", "SCHEDULED")]
+            interrupted = bool(still_open) or bool(statuses and len(statuses) < sweep.num_trials())
         except KeyboardInterrupt:
             interrupted, errors, statuses = True, 0, {}
         except Exception as exc:  # Tune itself stopped (e.g. its workers were killed for memory)
@@ -901,6 +914,8 @@ def report(sweep: str, *, tracking_uri: str | None = None, out: str | os.PathLik
     elif path.is_dir():
         sweep_dir, name = str(path.resolve()), None
     uri = tracking.resolve_tracking_uri(tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        raise EntropySearchError(f"no MLflow store at {uri[len('sqlite:///'):]} (set --tracking-uri or MLFLOW_TRACKING_URI)")
     mlclient = tracking.client(uri)
     run = tracking.find_sweep_run(mlclient, sweep_dir=sweep_dir, name=name)
     if run is None and sweep_dir is not None:

@@ -586,7 +586,7 @@ SUMMARY_COLUMNS = (
     ("params", "params_ratio", ".3f"),
     ("best reward", "reward", ".4f"),
     ("held-out", "heldout_accuracy", "%"),
-    ("test", "test_accuracy_before_finetune", "%"),
+    ("test pre-FT", "test_accuracy_before_finetune", "%"),
     ("test FT", "test_accuracy", "%"),
     ("uniform FT", "uniform_test_accuracy", "%"),
     ("random FT", "random_test_accuracy", "%"),

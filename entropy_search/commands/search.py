@@ -40,7 +40,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "FLOPs budget, rewarded by spatial entropy or accuracy; then compare with uniform and random pruning, "
         "fine-tune the best candidates and write <output.dir>/result.json.",
     )
-    parser.add_argument("config", help="YAML config (see examples/digits_search.yaml; every key is optional)")
+    parser.add_argument("config", nargs="?", help="YAML config (see examples/digits_search.yaml; every key is optional)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted search from its last checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="start over in an output dir that holds a previous search")
     parser.add_argument("--smoke", action="store_true",
@@ -78,9 +78,13 @@ def smoke_config(config):
     from ..config import load_config
 
     overrides = dict(SMOKE_OVERRIDES)
-    overrides["output.dir"] = str(Path(config.output.dir) / "smoke")
-    if config.model.checkpoint is None:
-        overrides["model.checkpoint"] = str(Path(config.output.dir) / "smoke" / "baseline.pt")
+    smoke_dir = Path(config.output.dir) / "smoke"
+    overrides["output.dir"] = str(smoke_dir)
+    if not config.checkpoint_path().exists():
+        # never train the tiny smoke baseline into the real checkpoint's place
+        overrides["model.checkpoint"] = str(smoke_dir / "baseline.pt")
+    else:
+        overrides["model.checkpoint"] = str(config.checkpoint_path())
     overrides["resources.num_env_runners"] = min(config.resources.num_env_runners, 2)
     return load_config(config.to_dict(), overrides)
 
@@ -91,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
     if args.print_schema:
         print(schema_reference())
         return 0
+    if not args.config:
+        raise ConfigError("give the search's YAML config, e.g. `entropy-search search examples/digits_search.yaml`")
     overrides = parse_overrides(args.overrides)
     if args.output:
         overrides["output.dir"] = args.output
