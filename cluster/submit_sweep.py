@@ -2,6 +2,9 @@
 
     ray submit cluster/config.yaml cluster/submit_sweep.py -- tune_configs/<name>.yaml [sweep options]
 
+The arguments after `--` are those of `entropy-search sweep` (e.g. `--set base.stop.iterations=5`,
+`--name`, `--overwrite`, `--resume`).
+
 `ray submit` copies this file to ~/submit_sweep.py on the head node and runs `python ~/submit_sweep.py
 <args>` there in a login shell, where the cluster config has put the project's environment on PATH
 and exported MLFLOW_TRACKING_URI (the head's tracking server). This script then
@@ -13,7 +16,7 @@ and exported MLFLOW_TRACKING_URI (the head's tracking server). This script then
 - finds config files given relative to the checkout that `ray up` synced to ~/entropy-search (the
   remote working directory is the home directory, not the checkout);
 - exports the checkout's git commit as ENTROPY_SEARCH_GIT_COMMIT (for run tags);
-- runs the sweep and exits with its status.
+- runs `entropy-search sweep <args>` (in this process: it is the Ray driver) and exits with its status.
 
 It also works as a Ray Jobs entrypoint, from the repository root:
 
@@ -25,6 +28,7 @@ Only the standard library is imported before the sweep starts.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import urllib.error
@@ -37,73 +41,10 @@ PROJECT_DIR = Path(os.environ.get("ENTROPY_SEARCH_DIR", "~/entropy-search")).exp
 
 
 def run_sweep(args: list[str]) -> int:
-    """Run the sweep; `args` are the arguments after `--`, e.g. ["tune_configs/quickstart.yaml"]."""
-    from entropy_search import cli  # noqa: F401  (the real sweep's entry point)
+    """Run `entropy-search sweep <args>`; `args` are the arguments after `--`, e.g. ["tune_configs/quickstart.yaml"]."""
+    from entropy_search import cli
 
-    # THE ONE LINE TO CHANGE once `entropy-search sweep` exists: make the next line
-    #     return cli.main(["sweep", *args])
-    return stand_in_sweep(args)
-
-
-def stand_in_sweep(args: list[str]) -> int:
-    """Stand-in for `entropy-search sweep` until it exists: the same cluster path, a trivial search.
-
-    Connects to the cluster, runs a Ray Tune grid of `--trials` trials (0.5 CPU each), and each trial
-    logs one MLflow run (from the Ray worker process it runs in) to the experiment
-    `cluster-stand-in/<config name>` on the tracking server. The config file is not read.
-    """
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="submit_sweep.py (stand-in sweep)")
-    parser.add_argument("config", help="tune_configs/<name>.yaml (only its name is used)")
-    parser.add_argument("--trials", type=int, default=2)
-    options, _ = parser.parse_known_args(args)
-
-    import mlflow
-    import ray
-    from ray import tune
-
-    tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
-    commit = os.environ.get("ENTROPY_SEARCH_GIT_COMMIT", "")
-    ray.init(runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": tracking_uri}})
-    experiment = f"cluster-stand-in/{Path(options.config).stem}"
-    client = mlflow.MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-
-    def trial(config: dict) -> None:
-        import entropy_search
-
-        score = float(config["x"]) ** 2
-        with mlflow.start_run(experiment_id=config["experiment_id"], run_name=f"trial-x{config['x']}"):
-            mlflow.log_param("x", config["x"])
-            mlflow.log_metric("score", score)
-            mlflow.set_tags(
-                {
-                    "entropy_search.stand_in": "true",
-                    "entropy_search.source": str(Path(entropy_search.__file__).resolve().parent),
-                    "ray.node_id": ray.get_runtime_context().get_node_id(),
-                    "mlflow.source.git.commit": config["commit"],
-                }
-            )
-        tune.report({"score": score})
-
-    tuner = tune.Tuner(
-        tune.with_resources(trial, {"cpu": 0.5}),
-        param_space={
-            "x": tune.grid_search(list(range(options.trials))),
-            "experiment_id": experiment_id,
-            "commit": commit,
-        },
-        tune_config=tune.TuneConfig(metric="score", mode="max"),
-        run_config=tune.RunConfig(name=f"stand-in-{Path(options.config).stem}", verbose=1),
-    )
-    results = tuner.fit()
-    print(
-        f"stand-in sweep: {len(results)} trials, {results.num_errors} errors, "
-        f"MLflow experiment {experiment!r} at {tracking_uri}"
-    )
-    return 1 if results.num_errors else 0
+    return cli.main(["sweep", *args])
 
 
 def git_commit(checkout: Path) -> str:
@@ -139,6 +80,15 @@ def resolve_paths(args: list[str], checkout: Path) -> list[str]:
     return resolved
 
 
+def package_dir() -> str:
+    """The folder of the entropy_search package this process will run (found, not imported): the synced
+    checkout under `ray submit`, the job's copy of the working directory under `ray job submit`."""
+    spec = importlib.util.find_spec("entropy_search")
+    if spec is None or not spec.origin:
+        return ""
+    return str(Path(spec.origin).resolve().parent)
+
+
 def check_tracking_server(uri: str) -> str | None:
     """None if an HTTP tracking server answers at `uri` (other URI schemes are not checked), else why not."""
     if not uri.startswith(("http://", "https://")):
@@ -169,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     args = resolve_paths(args, PROJECT_DIR)
     print(
         f"submit_sweep.py: ray={os.environ['RAY_ADDRESS']} mlflow={tracking_uri} "
-        f"checkout={PROJECT_DIR} commit={commit or '?'} args={args}",
+        f"checkout={PROJECT_DIR} commit={commit or '?'} package={package_dir() or '?'} args={args}",
         flush=True,
     )
     return run_sweep(args)

@@ -13,11 +13,20 @@ Estimators, per map `A` (one image, one channel), all in nats:
 
 A map containing NaN or infinity gives NaN, so a broken activation shows in the reward.
 
-Speed: all maps of a call are counted in one ``bincount``-style pass over int32 keys
-``map * K + code`` (both neighbour directions written into one key buffer, the quantised levels
-computed once), and the entropy of all count vectors at once; on CPU ``c log c`` comes from a lookup
-table (counts are integers). There is no Python loop over maps; only very large inputs are split
-into a few chunks so that the keys stay within int32 and memory stays bounded.
+Speed (the estimator must cost less than the forward pass it measures; bench/bench_entropy.py):
+
+- CPU / PyTorch path: levels are computed once per map (int32); both neighbour directions are written
+  into one int32 key buffer ``map * G^2 + G * level + neighbour_level`` and counted by one
+  ``bincount`` per chunk of maps; ``sum c log c`` comes from a lookup table (counts are integers), so
+  ``H = log n - sum(c log c) / n`` needs no per-bin logarithm. Maps smaller than their G^2 bins
+  (2x2, 3x3) are counted by comparing their few codes with each other instead. Scratch buffers are
+  reused across layers and calls (`Workspace`): fresh multi-megabyte temporaries are page-faulted in
+  on every call and cost more than the arithmetic. No Python loop over maps; a layer is split into a
+  few chunks only to keep temporaries cache-sized.
+- CUDA: one Triton kernel per layer (one program per map: min-max, levels, codes, histogram,
+  entropy), falling back to the PyTorch path (``index_add_`` instead of ``bincount``, no host sync)
+  for large maps or when Triton is missing or fails.
+- Fewer maps: `EntropyProbe`'s ``sample`` measures a fixed, seeded fraction of each layer's maps.
 
 `EntropyProbe` measures the network's mean entropy during a forward pass that is already happening
 (hooks compute the entropy of each measured layer at once and keep running sums only);
@@ -39,8 +48,7 @@ from .errors import EntropySearchError
 METHODS = ("cooccurrence", "histogram", "mass")
 LAYER_CHOICES = ("bn", "bn_relu", "last_stage")
 MAX_BINS = 4096
-_CHUNK_KEYS = 1 << 22  # per pass on CPU (x16 on GPUs): keys, bins or compared pairs; keeps temporaries cache-sized
-_CLOGC_BY_HISTOGRAM = False  # CPU: sum c log c through a histogram of the counts instead of a table lookup
+_CHUNK_KEYS = 1 << 20  # per pass on CPU (x64 on GPUs): keys, bins or compared pairs; keeps temporaries cache-sized
 
 __all__ = [
     "LAYER_CHOICES",
@@ -132,7 +140,7 @@ def _chunks(maps: Tensor, h: int, w: int, bins: int, method: str) -> Iterable[Te
     """Split the maps so that one pass's temporaries stay bounded (and cache-sized on CPU)."""
     n, k = _outcomes(h, w, bins, method)
     per_map = h * w if method == "mass" else n * n if _pairwise(n, k) else max(h * w, n, 2 * k)
-    budget = _CHUNK_KEYS if maps.device.type == "cpu" else _CHUNK_KEYS * 16
+    budget = _CHUNK_KEYS if maps.device.type == "cpu" else _CHUNK_KEYS * 64
     step = max(1, budget // max(1, per_map))
     return maps.split(step) if maps.shape[0] > step else (maps,)
 
@@ -224,8 +232,6 @@ def _bincount(keys: Tensor, size: int, ws: Workspace) -> Tensor:
 def _clogc_dense(counts: Tensor, m: int, n: int, per_map: bool, ws: Workspace) -> Tensor:
     """``sum(c log c)`` over each map's bins of the flat counts ``[M * K]`` (float64 ``[M]`` or their sum)."""
     if counts.device.type == "cpu":
-        if not per_map and _CLOGC_BY_HISTOGRAM:
-            return torch.dot(torch.bincount(counts, minlength=n + 1).double(), _clogc_table(n))
         clogc = torch.take(_clogc_table(n), counts, out=ws.get("clogc", tuple(counts.shape), torch.float64, counts.device))
     else:
         c = counts.double()

@@ -4,8 +4,10 @@ over real SSH, with the head node's MLflow tracking server, and nothing left run
 What is real: the `ray` CLI and its local provider, OpenSSH (an `sshd -i` of the test's own, started by
 ssh as its ProxyCommand, so no daemon and no listening port), rsync of the checkout, the setup commands
 of cluster/local.yaml (pip-installing the synced checkout into the node's environment), `ray start`,
-cluster/start_mlflow.sh, cluster/submit_sweep.py joining the cluster, Ray Tune trials logging to the
-tracking server, `ray job submit` through the dashboard, `ray down`.
+cluster/start_mlflow.sh, cluster/submit_sweep.py joining the cluster and running the real
+`entropy-search sweep tune_configs/cluster_smoke.yaml` (2 tiny trials: baseline training, RL search,
+baselines, fine-tuning), its parent and child runs, metrics, artifacts and models on the head's tracking
+server, `ray job submit` of the same sweep through the dashboard, `ray down`.
 
 What the test adapts to share this machine safely (the rest of cluster/local.yaml is used as written):
 - provider and auth point at 127.0.0.1 through the test's sshd (key-only auth, a key made for the
@@ -22,15 +24,18 @@ What the test adapts to share this machine safely (the rest of cluster/local.yam
   plain `ray stop` kills every Ray process of the host, including other Ray instances of other tests.
 
 Needs openssh-server, openssh-client and rsync (`.ci/install_sshd.sh`, which the test runs itself when
-they are missing and it runs as root). Deselect with `-m "not cluster"`. Takes about two minutes on
-two cores.
+they are missing and it runs as root). Deselect with `-m "not cluster"`. Takes about four minutes on
+two cores (each of the two sweeps about one).
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import getpass
+import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -50,10 +55,10 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_YAML = REPO / "cluster" / "local.yaml"
 SUBMIT_SCRIPT = "cluster/submit_sweep.py"
-# Arguments after `--` of `ray submit`, as in README "On a cluster". With the stand-in sweep only the
-# file's name matters; once cluster/submit_sweep.py runs the real `entropy-search sweep`, this must name
-# a config small enough for a test (and it must exist).
-SWEEP_ARGS = ["tune_configs/quickstart.yaml"]
+# Arguments after `--` of `ray submit` and of the Ray job's `python cluster/submit_sweep.py`, as in
+# README "On a cluster" ("Tested"): the smallest real sweep (`entropy-search sweep <these>`).
+SWEEP_CONFIG = "tune_configs/cluster_smoke.yaml"
+SWEEP_ARGS = [SWEEP_CONFIG]
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
@@ -365,26 +370,28 @@ def test_ray_submit_runs_the_sweep_and_logs_to_the_head(cluster):
     import mlflow
 
     cluster.ray("submit", str(cluster.yaml), SUBMIT_SCRIPT, "--", *SWEEP_ARGS, log="submit")
-    runs = _finished_runs(mlflow.MlflowClient(cluster.tracking_uri))
-    assert runs, (
-        f"no finished MLflow run on the head's tracking server:\n{_tail(cluster.logs / 'submit.log')}"
-    )
-    stand_in = [r for r in runs if r.data.tags.get("entropy_search.stand_in") == "true"]
-    if stand_in:  # the stand-in sweep also says where its code came from:
-        assert len(stand_in) == 2
-        synced = cluster.node_home / "entropy-search"
-        commit = ""
-        if (synced / ".git").exists() and shutil.which("git"):  # (this checkout may have moved on since)
-            commit = subprocess.run(
-                ["git", "-C", str(synced), "rev-parse", "HEAD"], capture_output=True, text=True
-            ).stdout.strip()
-        for run in stand_in:
-            # the checkout synced by `ray up` and installed by local.yaml's setup commands...
-            source = run.data.tags["entropy_search.source"]
-            assert source == str(synced / "entropy_search"), source
-            # ...at the commit synced.
-            if commit:
-                assert run.data.tags["mlflow.source.git.commit"] == commit
+    log = cluster.logs / "submit.log"
+    client = mlflow.MlflowClient(cluster.tracking_uri)
+    sweeps = _sweep_runs(client)
+    assert len(sweeps) == 1, f"expected one sweep run, got {len(sweeps)}:\n{_tail(log)}"
+    parent = sweeps[0]
+    # `ray submit` runs the script in the node's home: the sweep's relative storage_path lands there...
+    sweep_dir = cluster.node_home / "runs" / "sweeps" / _smoke()["name"]
+    assert os.path.realpath(parent.data.tags["entropy_search.sweep_dir"]) == os.path.realpath(sweep_dir)
+    assert (sweep_dir / "summary" / "summary.md").is_file()
+    # ...with the code that `ray up` synced to ~/entropy-search and local.yaml's setup installed...
+    synced = cluster.node_home / "entropy-search"
+    assert f"package={synced / 'entropy_search'}" in log.read_text(), _tail(log)
+    # ...at the commit synced (the checkout may have moved on since: ask the synced copy).
+    commit = ""
+    if (synced / ".git").exists() and shutil.which("git"):
+        commit = subprocess.run(
+            ["git", "-C", str(synced), "rev-parse", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+    _check_sweep(client, parent, cluster.work / "downloads" / "submit", log, commit=commit)
+    # The artifacts went through the tracking server (--serve-artifacts) to the head's store.
+    stored = cluster.node_home / "mlflow" / "artifacts"
+    assert any(p.name == "candidates.csv" for p in stored.rglob("candidates.csv")), f"nothing in {stored}"
 
 
 def test_ray_job_submit_runs_the_sweep(cluster):
@@ -394,7 +401,7 @@ def test_ray_job_submit_runs_the_sweep(cluster):
     if get_dashboard_dependency_error() is not None:
         pytest.skip("the Ray Jobs API needs the dashboard: ray[default] is not installed")
     client = mlflow.MlflowClient(cluster.tracking_uri)
-    before = len(_finished_runs(client))
+    before = {r.info.run_id for r in _sweep_runs(client)}
     # On a real cluster `ray dashboard <yaml>` forwards the head's 127.0.0.1:8265 here first.
     cluster.ray(
         "job",
@@ -409,7 +416,14 @@ def test_ray_job_submit_runs_the_sweep(cluster):
         *SWEEP_ARGS,
         log="job",
     )
-    assert len(_finished_runs(client)) > before, "the Ray job logged no MLflow run"
+    log = cluster.logs / "job.log"
+    new = [r for r in _sweep_runs(client) if r.info.run_id not in before]
+    assert len(new) == 1, f"the Ray job made {len(new)} sweep runs:\n{_tail(log)}"
+    # The job runs the code of the working directory it shipped, and starts the sweep in it.
+    package = re.search(r"package=(\S+)", log.read_text())
+    assert package and "working_dir_files" in package[1], _tail(log)
+    assert "working_dir_files" in new[0].data.tags["entropy_search.sweep_dir"]
+    _check_sweep(client, new[0], cluster.work / "downloads" / "job", log)
 
 
 def test_ray_down_leaves_no_process(cluster):
@@ -429,8 +443,87 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _finished_runs(client) -> list:
-    runs = []
-    for experiment in client.search_experiments():
-        runs += [r for r in client.search_runs([experiment.experiment_id]) if r.info.status == "FINISHED"]
-    return runs
+def _smoke() -> dict:
+    return yaml.safe_load((REPO / SWEEP_CONFIG).read_text())
+
+
+def _sweep_runs(client) -> list:
+    """The parent runs of the smoke sweep on the tracking server (every status), oldest first."""
+    experiment = client.get_experiment_by_name(_smoke()["name"])
+    if experiment is None:
+        return []
+    return client.search_runs(
+        [experiment.experiment_id],
+        filter_string="tags.`entropy_search.role` = 'sweep'",
+        order_by=["attributes.start_time ASC"],
+    )
+
+
+def _artifacts(client, run_id: str, path: str | None = None) -> set[str]:
+    return {a.path for a in client.list_artifacts(run_id, path)}
+
+
+def _check_sweep(client, parent, downloads: Path, log: Path, commit: str = "") -> None:
+    """A finished smoke sweep on the tracking server: its parent run with the summary, one finished child
+    run per trial with the search's metrics (the best candidate within the FLOPs budget), the candidate
+    table, the best policy and the pruned model."""
+    smoke = _smoke()
+    rewards = smoke["axes"]["search.reward"]
+    target = smoke["base"]["search"]["flops_target"]
+    iterations = smoke["base"]["stop"]["iterations"]
+    where = f"sweep run {parent.info.run_id}; end of {log.name}:\n{_tail(log)}"
+
+    assert parent.info.status == "FINISHED", where
+    assert parent.data.tags["entropy_search.sweep"] == smoke["name"]
+    assert parent.data.metrics["trials"] == len(rewards), where
+    assert parent.data.metrics["trials_finished"] == len(rewards), where
+    have = _artifacts(client, parent.info.run_id)
+    assert {"summary.csv", "summary.md", "summary.json", "comparison.png"} <= have, have
+
+    trials = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+    )
+    assert sorted(json.loads(t.data.tags["entropy_search.axes"])["search.reward"] for t in trials) == sorted(
+        rewards
+    ), where
+    for trial in trials:
+        run_id, name = trial.info.run_id, trial.info.run_name
+        assert trial.info.status == "FINISHED", f"trial {name}: {trial.info.status}; {where}"
+        assert trial.data.tags["entropy_search.role"] == "trial"
+        if commit:
+            assert trial.data.tags["mlflow.source.git.commit"] == commit, name
+            assert parent.data.tags["mlflow.source.git.commit"] == commit
+        assert trial.data.params["search.flops_target"] == str(target)
+        m = trial.data.metrics
+        # The best candidate meets the FLOPs budget, and was fine-tuned and tested.
+        assert 0 < m["best_macs_ratio"] <= target + 1e-9, (name, m["best_macs_ratio"])
+        assert 0 < m["macs_ratio"] <= target + 1e-9, (name, m["macs_ratio"])
+        assert 0 <= m["test_accuracy"] <= 1, (name, m["test_accuracy"])
+        assert m["cost_iterations"] == iterations, name
+        steps = [x.step for x in client.get_metric_history(run_id, "best_reward")]
+        assert steps == list(range(1, iterations + 1)), (name, steps)  # one point per iteration
+        for baseline in ("uniform", "random"):
+            assert f"{baseline}_test_accuracy" in m, (name, baseline)
+        have = _artifacts(client, run_id)
+        assert {"candidates.csv", "best_policy.json", "scatter.png"} <= have, (name, have)
+        assert {"search/result.json", "search/config.yaml"} <= _artifacts(client, run_id, "search"), name
+        # Downloaded back through the server: the candidate table and the best policy.
+        dest = downloads / name
+        dest.mkdir(parents=True)
+        with open(client.download_artifacts(run_id, "candidates.csv", str(dest)), newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        assert len(rows) == m["cost_candidates"] > 0, (name, len(rows))
+        assert min(float(r["macs_ratio"]) for r in rows) <= target + 1e-9
+        policy = json.loads(
+            Path(client.download_artifacts(run_id, "best_policy.json", str(dest))).read_text()
+        )
+        assert policy["policy"] and policy["flops_target"] == target, (name, policy)
+        assert policy["macs_ratio"] == pytest.approx(m["macs_ratio"]), name
+        # The pruned, fine-tuned model (mlflow.pytorch), a logged model of the trial's run.
+        models = client.search_logged_models(
+            [parent.info.experiment_id], filter_string=f"source_run_id = '{run_id}'"
+        )
+        assert len(models) == 1 and models[0].name == "pruned_model", (name, models)
+        assert str(models[0].status).endswith("READY"), (name, models[0].status)
+        assert "MLmodel" in {a.path for a in client.list_logged_model_artifacts(models[0].model_id)}, name

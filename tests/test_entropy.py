@@ -146,7 +146,6 @@ def test_counting_strategies_agree(monkeypatch, pairwise):
     x = _batch()
     want = {m: spatial_entropy(x, 5, m) for m in ("cooccurrence", "histogram")}
     monkeypatch.setattr(ent, "_pairwise", lambda n, k: pairwise)
-    monkeypatch.setattr(ent, "_CLOGC_BY_HISTOGRAM", True)
     for m, value in want.items():
         torch.testing.assert_close(spatial_entropy(x, 5, m), value, atol=1e-12, rtol=0)
         total = ent._entropy_sum(x.reshape(12, 35), 5, 7, 5, m, False)

@@ -39,7 +39,12 @@ def checkpoint(tmp_path_factory) -> Path:
     splits = load_data("digits", seed=0)
     torch.manual_seed(0)
     model = create_model("digits_cnn", num_classes=10, in_channels=1)
-    train(model, splits.train, epochs=4, progress=False, device="cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny CNN: more threads only contend with other processes
+    try:
+        train(model, splits.train, epochs=4, progress=False, device="cpu")
+    finally:
+        torch.set_num_threads(threads)
     path = tmp_path_factory.mktemp("baseline") / "digits_cnn.pt"
     save_checkpoint(path, model, model_name="digits_cnn", num_classes=10, in_channels=1, image_size=8, data="digits",
                     config={"seed": 0, "heldout_fraction": 0.1}, metrics={"test_acc": evaluate(model, splits.test)})
