@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: quickstart test test-fast lint bench
+.PHONY: quickstart prune-demo test test-fast lint bench
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,12 +13,16 @@ $(BIN)/.installed: pyproject.toml
 
 ## the main job on the offline default (digits, CPU)
 quickstart: $(BIN)/.installed
-	$(BIN)/entropy-search train --out runs/quickstart/baseline.pt
-	$(BIN)/entropy-search prune runs/quickstart/baseline.pt --flops-target 0.5 --epochs 5
+	$(BIN)/entropy-search sweep tune_configs/quickstart.yaml
+
+## the first-stage job: train the digits CNN, prune it 2x uniformly, fine-tune, print the table
+prune-demo: $(BIN)/.installed
+	$(BIN)/entropy-search train --out runs/demo/baseline.pt
+	$(BIN)/entropy-search prune runs/demo/baseline.pt --flops-target 0.5 --epochs 5
 
 ## every test that can run on this machine (slow and cluster tests included; GPU tests skip without CUDA)
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -m "not gpu or gpu"
+	$(BIN)/python -m pytest
 
 ## the fast default suite, for development
 test-fast: $(BIN)/.installed

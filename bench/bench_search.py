@@ -35,7 +35,7 @@ def bench_runners(model: str, runners: list[int], eval_seconds: float, iteration
     from entropy_search.search import RLSearch
 
     rows = []
-    ray.init(num_cpus=max(max(runners) + 1, 2), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", num_cpus=max(max(runners) + 1, 2), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
         for r in runners:
             out = Path(tempfile.mkdtemp(prefix=f"bench_{model}_{r}_"))

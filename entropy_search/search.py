@@ -186,7 +186,7 @@ def ensure_ray(config: SearchConfig) -> bool:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=config.resources.num_cpus, **kwargs)
+        ray.init(address="local", num_cpus=config.resources.num_cpus, **kwargs)
     return True
 
 

@@ -15,8 +15,10 @@ What the test adapts to share this machine safely (the rest of cluster/local.yam
 - ports: free ones instead of 6379/5000/8265/52365; Ray's node address and MLflow's bind address
   are 127.0.0.1;
 - the sshd gives the "node" its own HOME, TMPDIR and RAY_TMPDIR under a temporary directory, so the
-  node's ~/.bashrc, ~/entropy-search, ~/mlflow and Ray's session files (including ray_current_cluster,
-  which would turn later `ray.init(num_cpus=...)` calls into connections) never touch the real ones;
+  node's ~/.bashrc, ~/entropy-search, ~/mlflow, the sweeps' ~/runs and Ray's session files (including
+  ray_current_cluster, which would turn later `ray.init(num_cpus=...)` calls into connections) never
+  touch the real ones; the node's ~/.bashrc starts with `cd "$HOME"` (sshd itself starts in the real
+  user's home);
 - the node's "project environment" (~/entropy-search-venv, which local.yaml creates with pip on a real
   host) is a thin venv layered over this test's environment, so setup installs the synced checkout into
   it without downloading anything and without touching this environment;
@@ -248,6 +250,12 @@ class Cluster:
             + "\n"
         )
         subprocess.run([SSHD, "-t", "-f", str(sshd_config)], check=True, timeout=60)
+
+        # sshd starts every session in the home directory of the user's passwd entry (the real one here,
+        # whatever HOME says), a real host in the node's home: there `ray submit` runs the script, and
+        # the sweep's relative storage_path resolves. Ray runs every remote command after
+        # `source ~/.bashrc`, so the node's ~/.bashrc moves there (local.yaml's setup appends below).
+        (self.node_home / ".bashrc").write_text('cd "$HOME"  # tests/test_cluster_e2e.py: see prepare()\n')
 
         # The node's project environment (what local.yaml's first setup command creates on a real host).
         _layered_venv(self.node_home / "entropy-search-venv", self.marker)
