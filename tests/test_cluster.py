@@ -257,3 +257,53 @@ def test_submit_sweep_stops_at_once_without_a_tracking_server(submit_sweep, monk
     assert "no MLflow tracking server answers" in capsys.readouterr().err
     assert os.environ["RAY_ADDRESS"] == "auto"
     assert submit_sweep.check_tracking_server("file:///tmp/mlruns") is None
+
+
+def test_submit_sweep_runs_the_real_sweep(submit_sweep, monkeypatch):
+    """run_sweep hands its arguments to `entropy-search sweep`, and returns its exit status."""
+    from entropy_search import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "main", lambda argv: calls.append(argv) or 7)
+    assert submit_sweep.run_sweep(["tune_configs/cluster_smoke.yaml", "--set", "seed=1"]) == 7
+    assert calls == [["sweep", "tune_configs/cluster_smoke.yaml", "--set", "seed=1"]]
+    assert (Path(submit_sweep.package_dir()) / "__init__.py").is_file()  # found without importing it
+
+
+# --- the smoke sweep the end-to-end test submits ----------------------------------------------------
+
+
+def test_cluster_smoke_sweep_is_small_and_valid(tmp_path, monkeypatch):
+    from entropy_search.sweep import load_sweep_config, trial_bundles
+
+    monkeypatch.chdir(tmp_path)  # storage_path is resolved against the current directory
+    sweep = load_sweep_config(REPO / "tune_configs" / "cluster_smoke.yaml")
+    assert sweep.name == "cluster_smoke"
+    assert sweep.num_trials() == 2 and sweep.max_concurrent_trials == 2
+    assert sweep.base["stop"]["iterations"] <= 2 and sweep.base["finetune"]["epochs"] <= 1
+    assert sweep.base["model"]["name"] == "digits_cnn" and sweep.base["data"]["name"] == "digits"  # offline
+    assert sweep.mlflow.log_model and sweep.mlflow.tracking_uri is None  # MLFLOW_TRACKING_URI: the head's
+    # relative: the home directory on the head under `ray submit`, the job's working directory as a job
+    assert sweep.storage_path == str(tmp_path / "runs" / "sweeps")
+    # Both trials run at once on a 2-CPU head, and the baseline's task fits there too.
+    need = sum(b.get("CPU", 0.0) for p in sweep.grid_points() for b in trial_bundles(sweep, p))
+    assert need <= 2 and (sweep.resources.baseline_cpus or 1) <= 2
+    assert not any(b.get("GPU") for p in sweep.grid_points() for b in trial_bundles(sweep, p))
+
+
+def test_readme_runs_the_e2e_tests_commands():
+    """cluster/README.md's "Tested" commands are those of tests/test_cluster_e2e.py."""
+    spec = importlib.util.spec_from_file_location("_e2e", REPO / "tests" / "test_cluster_e2e.py")
+    e2e = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(e2e)
+    readme = (CLUSTER / "README.md").read_text()
+    args = " ".join(e2e.SWEEP_ARGS)
+    assert e2e.SWEEP_CONFIG == "tune_configs/cluster_smoke.yaml" and (REPO / e2e.SWEEP_CONFIG).is_file()
+    for command in (
+        "ray up -y cluster/local.yaml",
+        f"ray submit cluster/local.yaml {e2e.SUBMIT_SCRIPT} -- {args}",
+        f"python {e2e.SUBMIT_SCRIPT} {args}",
+        "ray down -y cluster/local.yaml",
+        f"ray submit cluster/config.yaml {e2e.SUBMIT_SCRIPT} -- {args}",
+    ):
+        assert command in readme, command
