@@ -203,7 +203,7 @@ def estimators(quick: bool, device: torch.device) -> dict[str, Callable[[nn.Modu
         "fast exact": lambda m: EntropyProbe(m, **exact),
         "fast exact, torch": lambda m: Patched(EntropyProbe(m, **exact), "_TRITON_DEVICES", ()),
         f"fast default ({DEFAULT_SAMPLE})": lambda m: EntropyProbe(m),
-        "fast sample=0.25": lambda m: EntropyProbe(m, sample=0.25),
+        "fast sample=0.5": lambda m: EntropyProbe(m, sample=0.5),
         "fast bn_relu": lambda m: EntropyProbe(m, "bn_relu", **exact),
         "fast last_stage": lambda m: EntropyProbe(m, "last_stage", **exact),
         "fast histogram": lambda m: EntropyProbe(m, method="histogram", **exact),
