@@ -50,8 +50,8 @@ LAYER_CHOICES = ("bn", "bn_relu", "last_stage")
 MAX_BINS = 4096
 # Default fraction of each layer's maps that the network's entropy measures (fixed, seeded maps; see
 # EntropyProbe). On the project's 2-core CPU (ResNet-56 and VGG-16-BN, all BN outputs, batch 64) the
-# exact estimator (1.0) costs about 1.4-2.5 and 0.9-1.0 forward passes, 0.5 about 0.8-1.4 and 0.5,
-# 0.25 about 0.5-0.9 and 0.3 (shared, noisy machine; bench/bench_entropy.py). Over 10 random masked
+# exact estimator (1.0) costs about 1.4-2.6 and 0.9-1.0 forward passes, 0.5 about 0.8-1.4 and 0.55,
+# 0.25 about 0.5-0.8 and 0.3 (shared, noisy machine; bench/bench_entropy.py). Over 10 random masked
 # candidates, 0.25 stayed within 0.0018 nats of the exact values (their spread: 0.14 and 0.38 nats)
 # with Spearman rank correlation 0.988 and 1.0.
 DEFAULT_SAMPLE = 0.25

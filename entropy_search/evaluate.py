@@ -15,7 +15,7 @@ from contextlib import nullcontext
 
 import torch
 
-from .entropy import EntropyProbe
+from .entropy import DEFAULT_SAMPLE, EntropyProbe
 from .errors import EntropySearchError
 from .space import PruningSpace
 
@@ -34,7 +34,7 @@ class CandidateEvaluator:
         entropy_layers: str | Sequence[str] = "bn",
         bins: int = 16,
         method: str = "cooccurrence",
-        sample: float = 1.0,
+        sample: float = DEFAULT_SAMPLE,
         seed: int = 0,
         mode: str = "sliced",
         chunk_size: int = 1024,

@@ -383,6 +383,7 @@ def make_evaluator(model, space, splits, cfg: dict):
     """The CandidateEvaluator of the env config: a fixed batch of the held-out split (never the test split);
     its labels serve the held-out accuracy only, the entropy reward does not read them."""
     from entropy_search.data import eval_batch
+    from entropy_search.entropy import DEFAULT_SAMPLE
     from entropy_search.evaluate import CandidateEvaluator
     from entropy_search.utils import resolve_device
 
@@ -395,7 +396,7 @@ def make_evaluator(model, space, splits, cfg: dict):
         entropy_layers=entropy.get("layers", "bn_relu"),
         bins=int(entropy.get("bins", 16)),
         method=entropy.get("method", "cooccurrence"),
-        sample=float(entropy.get("sample", 1.0)),
+        sample=float(entropy.get("sample", DEFAULT_SAMPLE)),
         seed=int(cfg.get("seed", 0)),
         mode=cfg.get("eval_mode") or "sliced",
     )
