@@ -40,20 +40,26 @@ import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
     model_validator,
 )
 
-from .config import SearchConfig, config_from_dict, load_config
+from .config import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    SearchConfig,
+    _Section,
+    config_from_dict,
+    load_config,
+)
 from .errors import ConfigError, EntropySearchError
 
 log = logging.getLogger(__name__)
@@ -73,28 +79,6 @@ _MAX_VALIDATED = 4096
 
 
 # ---------------------------------------------------------------- the schema
-
-
-def _positive(v):
-    if not v > 0:
-        raise ValueError("must be > 0")
-    return v
-
-
-def _non_negative(v):
-    if not v >= 0:
-        raise ValueError("must be >= 0")
-    return v
-
-
-PositiveFloat = Annotated[float, AfterValidator(_positive)]
-NonNegativeFloat = Annotated[float, AfterValidator(_non_negative)]
-PositiveInt = Annotated[int, AfterValidator(_positive)]
-NonNegativeInt = Annotated[int, AfterValidator(_non_negative)]
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
 
 
 class Axis(_Section):
