@@ -50,18 +50,19 @@ class CandidateEvaluator:
         self.x = x.to(device)
         self.y = y.to(device) if y is not None else None
         self.entropy_options = dict(layers=entropy_layers, bins=bins, method=method, sample=sample, seed=seed)
-        self.probe = EntropyProbe(self.model, entropy_layers, bins=bins, method=method, sample=sample, seed=seed)
+        self.probe = EntropyProbe(self.model, **self.entropy_options)
 
     def evaluate(self, keep: Sequence[float]) -> dict:
         """Entropy over kept channels, held-out accuracy (None without labels), MACs, params, kept channels."""
         keep = self.space.check_keep(keep)
+        counts = self.space.kept_channels(keep)
         start = time.perf_counter()
         entropy, accuracy = self._forward(keep)
         seconds = time.perf_counter() - start
-        macs, params = self.space.macs(keep), self.space.params(keep)
+        macs, params = self.space.macs_of_counts(counts), self.space.params_of_counts(counts)
         return {
             "keep": keep,
-            "kept_channels": self.space.kept_channels(keep),
+            "kept_channels": counts,
             "entropy": entropy,
             "accuracy": accuracy,
             "macs": macs,
@@ -74,7 +75,7 @@ class CandidateEvaluator:
     def _forward(self, keep: list[float]) -> tuple[float, float | None]:
         if self.mode == "pruned":
             model = self.space.prune(keep).eval()
-            probe = EntropyProbe(model, **self._probe_kwargs())
+            probe = EntropyProbe(model, **self.entropy_options)
             context = nullcontext(model)
         else:
             probe = self.probe
@@ -89,7 +90,3 @@ class CandidateEvaluator:
                     correct += int((logits.argmax(1) == self.y[i : i + self.chunk_size]).sum())
         accuracy = correct / len(self.x) if self.y is not None else None
         return probe.value(), accuracy
-
-    def _probe_kwargs(self) -> dict:
-        o = self.entropy_options
-        return dict(layers=o["layers"], bins=o["bins"], method=o["method"], sample=o["sample"], seed=o["seed"])

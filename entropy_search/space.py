@@ -25,7 +25,7 @@ import copy
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch_pruning as tp
@@ -193,7 +193,7 @@ class PruningSpace:
                 else:
                     consumers.append((module, imap))
             first = min((m for m, _ in producers), key=lambda m: self._exec_index.get(m, 1 << 30), default=None)
-            found.append((self._exec_index.get(first, 1 << 30), group, root, root_fn, channels, producers, consumers))
+            found.append((self._exec_index.get(first, 1 << 30), full, root, root_fn, channels, producers, consumers))
 
         found.sort(key=lambda f: f[0])
         self.groups: list[ChannelGroup] = []
@@ -201,7 +201,7 @@ class PruningSpace:
         self._roots: list[tuple[str, bool]] = []
         self._mask_modules: list[list[nn.Module]] = []
         self._depthwise: dict[nn.Module, int] = {}
-        for g, (_, _group, root, root_fn, channels, producers, consumers) in enumerate(found):
+        for g, (_, full, root, root_fn, channels, producers, consumers) in enumerate(found):
             for module, imap in producers:
                 for name in ("weight", "bias", "running_mean", "running_var"):
                     t = sliced(module, name)
@@ -216,7 +216,6 @@ class PruningSpace:
                     continue  # a depthwise conv's input channels are its output channels
                 if isinstance(module, (nn.Conv2d, nn.Linear)):
                     sliced(module, "weight").dims.append((1, g, imap))
-            full = graph.get_pruning_group(root, root_fn, idxs=list(range(channels)))
             scores = imp(full)
             if scores is None or scores.numel() != channels:
                 raise EntropySearchError(f"importance gave no score for the {channels} channels of group {g}")
@@ -237,8 +236,7 @@ class PruningSpace:
             p.numel() for m in self.model.modules() for n, p in m.named_parameters(recurse=False)
             if (id(m), n) not in counted
         )
-        for group in self.groups:
-            object.__setattr__(group, "macs", self._group_macs(group.index))
+        self.groups = [replace(group, macs=self._group_macs(group.index)) for group in self.groups]
 
     @staticmethod
     def _channels_of(graph, module: nn.Module, fn) -> int:
@@ -318,7 +316,10 @@ class PruningSpace:
 
     def params(self, keep: Sequence[float]) -> int:
         """Parameters of the pruned model, equal to `count_params(space.prune(keep))`."""
-        counts = self.kept_channels(keep)
+        return self.params_of_counts(self.kept_channels(keep))
+
+    def params_of_counts(self, counts: Sequence[int]) -> int:
+        """Parameters from channel counts per group (no rounding, no validation)."""
         return self._fixed_params + sum(self._kept_numel(t, counts) for t in self._tensors if t.is_param)
 
     @staticmethod
