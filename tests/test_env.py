@@ -155,25 +155,11 @@ def test_step_after_the_end_raises():
 
 
 @pytest.fixture(scope="module")
-def digits_setup(tmp_path_factory):
+def digits_setup(tmp_path_factory, train_digits_checkpoint):
     """A (briefly trained) digits CNN saved as a checkpoint, and the env config that points at it."""
-    from entropy_search.checkpoint import save_checkpoint
     from entropy_search.config import load_config
-    from entropy_search.data import load_data
-    from entropy_search.train import train
 
-    splits = load_data("digits", seed=0)
-    torch.manual_seed(0)
-    model = create_model("digits_cnn", num_classes=10, in_channels=1)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny CNN: more threads only contend with other processes
-    try:
-        train(model, splits.train, epochs=2, progress=False, device="cpu")
-    finally:
-        torch.set_num_threads(threads)
-    path = tmp_path_factory.mktemp("ckpt") / "digits.pt"
-    save_checkpoint(path, model, model_name="digits_cnn", num_classes=10, in_channels=1, image_size=8, data="digits",
-                    config={"seed": 0, "heldout_fraction": 0.1})
+    path = train_digits_checkpoint(tmp_path_factory.mktemp("ckpt") / "digits.pt", epochs=2, with_metrics=False)
     config = load_config({"model": {"checkpoint": str(path)}, "data": {"eval_batch": 128},
                           "search": {"flops_target": 0.5, "device": "cpu"}})
     return config.env_config()

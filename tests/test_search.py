@@ -19,36 +19,9 @@ ray = pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
+def checkpoint(tmp_path_factory, train_digits_checkpoint) -> Path:
     """A digits CNN trained for a few epochs (seconds), saved like `entropy-search train` does."""
-    from entropy_search.checkpoint import save_checkpoint
-    from entropy_search.data import load_data
-    from entropy_search.models import create_model
-    from entropy_search.train import evaluate, train
-
-    splits = load_data("digits", seed=0)
-    torch.manual_seed(0)
-    model = create_model("digits_cnn", num_classes=10, in_channels=1)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny CNN: more threads only contend with other processes
-    try:
-        train(model, splits.train, epochs=4, progress=False, device="cpu")
-    finally:
-        torch.set_num_threads(threads)
-    path = tmp_path_factory.mktemp("baseline") / "digits_cnn.pt"
-    save_checkpoint(path, model, model_name="digits_cnn", num_classes=10, in_channels=1, image_size=8, data="digits",
-                    config={"seed": 0, "heldout_fraction": 0.1}, metrics={"test_acc": evaluate(model, splits.test)})
-    return path
+    return train_digits_checkpoint(tmp_path_factory.mktemp("baseline") / "digits_cnn.pt", epochs=4)
 
 
 def small_config(out: Path, checkpoint: Path, **overrides):

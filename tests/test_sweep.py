@@ -30,48 +30,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
+def checkpoint(tmp_path_factory, train_digits_checkpoint) -> Path:
     """A digits CNN trained for a few epochs (seconds), saved like `entropy-search train` does."""
-    from entropy_search.checkpoint import save_checkpoint
-    from entropy_search.data import load_data
-    from entropy_search.models import create_model
-    from entropy_search.train import evaluate, train
-
-    splits = load_data("digits", seed=0)
-    torch.manual_seed(0)
-    model = create_model("digits_cnn", num_classes=10, in_channels=1)
-    train(model, splits.train, epochs=3, progress=False, device="cpu")
-    path = tmp_path_factory.mktemp("baseline") / "digits_cnn.pt"
-    save_checkpoint(path, model, model_name="digits_cnn", num_classes=10, in_channels=1, image_size=8, data="digits",
-                    config={"seed": 0, "heldout_fraction": 0.1}, metrics={"test_acc": evaluate(model, splits.test)})
-    return path
+    return train_digits_checkpoint(tmp_path_factory.mktemp("baseline") / "digits_cnn.pt", epochs=3)
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_default_store(store):
-    """Whatever slips through to MLflow's default store lands in the temporary one, not ./mlflow.db."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = store
-    yield
-    if before is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = before
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
+pytestmark = pytest.mark.usefixtures("no_default_store")
 
 
 def sweep_dict(name: str, storage: Path, checkpoint: Path, store: str, **extra) -> dict:

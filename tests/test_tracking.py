@@ -15,22 +15,7 @@ mlflow = pytest.importorskip("mlflow")
 from entropy_search import tracking  # noqa: E402
 from entropy_search.config import load_config  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_default_store(store):
-    """Whatever slips through to MLflow's default store lands in the temporary one, not ./mlflow.db."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = store
-    yield
-    if before is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = before
+pytestmark = pytest.mark.usefixtures("no_default_store")
 
 
 @pytest.fixture(scope="module")
