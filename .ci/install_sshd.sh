@@ -36,5 +36,7 @@ if [ "$(id -u)" -eq 0 ]; then
     mkdir -p /run/sshd && chmod 0755 /run/sshd
 fi
 
-/usr/sbin/sshd -V 2>&1 | head -n1 || true
-rsync --version | head -n1
+# Print the versions for the log. `sed -n 1p` reads its whole input: `head -n1` would close the pipe
+# early, and under `set -o pipefail` the writer's SIGPIPE (exit 141) would fail CI.
+/usr/sbin/sshd -V 2>&1 | sed -n 1p || true
+rsync --version | sed -n 1p
