@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-seconds", type=float, default=0.1)
     parser.add_argument("--iterations", type=int, default=4, help="measured iterations (after one warm-up)")
     parser.add_argument("--episodes-per-runner", type=int, default=8)
-    parser.add_argument("--envs-per-runner", type=int, default=4, help="environments per env runner (vectorised)")
+    parser.add_argument("--envs-per-runner", type=int, default=8, help="environments per env runner (vectorised)")
     parser.add_argument("--algorithm", default="ppo", choices=["ppo", "sac"])
     parser.add_argument("--env-candidates", type=int, default=30)
     parser.add_argument("--env-batch", type=int, default=256)

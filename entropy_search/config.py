@@ -104,8 +104,8 @@ class EntropyConfig(_Section):
     layers: Literal["bn", "bn_relu", "last_stage"] | list[str] = "bn_relu"
     """Measured layers: every conv output after BN (`bn`) or after BN and ReLU (`bn_relu`), only the last stage (`last_stage`), or a list of module names."""
 
-    sample: UnitFraction = 0.25
-    """Fraction of the maps of each layer measured (the same seeded maps for every candidate): 0.25 keeps the entropy's cost under one forward pass with a rank correlation of ~0.99 to the exact value (bench/RESULTS.md); 1.0 = all maps, exact."""
+    sample: UnitFraction | None = None
+    """Fraction of the maps of each layer measured (the same seeded maps for every candidate); 1.0 = all maps, exact. None: the device's default, 0.25 on the CPU (keeps the entropy's cost under one forward pass with a rank correlation of ~0.99 to the exact value) and exact on CUDA (the Triton kernel makes exact cheaper than sampling there); bench/RESULTS.md."""
 
 
 class SearchSettings(_Section):
@@ -134,6 +134,9 @@ class SearchSettings(_Section):
 
     device: str = "auto"
     """Device of the candidate evaluations (`auto`: the GPU share an env runner was given, else the CPU; `cpu`; `cuda`)."""
+
+    bn_calibration: NonNegativeInt = 256
+    """Training images (a fixed, seeded batch of the train split, never the held-out or test split) on which each candidate's BN statistics are re-estimated before it is measured (adaptive BN, as EagleEye): with the baseline's statistics a pruned network's accuracy and activations before fine-tuning say little about it. Also applied to the finalists before their test accuracy before fine-tuning. 0 = keep the baseline's statistics."""
 
     eval_mode: Literal["sliced", "masked", "pruned"] = "sliced"
     """How a candidate is evaluated without surgery: kept weights sliced into the original modules (pruned network's cost), masked outputs (full cost), or a physical prune per candidate (slow; for checking)."""
@@ -218,7 +221,7 @@ class ResourcesConfig(_Section):
     num_env_runners: NonNegativeInt = 2
     """Ray workers, each holding the network, the evaluation batches and an environment; candidates are evaluated where they live. 0 = in the driver."""
 
-    num_envs_per_env_runner: PositiveInt = 4
+    num_envs_per_env_runner: PositiveInt = 8
     """Environments per env runner, stepped together (one batched agent inference for all); they share the worker's network and cache, and evaluate their candidates one after another. More amortises RLlib's per-step overhead (about a millisecond) on long episodes."""
 
     num_cpus_per_env_runner: NonNegativeFloat = 1.0
@@ -362,6 +365,7 @@ class SearchConfig(_Section):
             "data_root": self.data.root,
             "eval_batch": self.data.eval_batch,
             "eval_mode": self.search.eval_mode,
+            "bn_calibration": self.search.bn_calibration,
             "reward": self.search.reward,
             "entropy": self.search.entropy.model_dump(mode="json"),
             "flops_target": self.search.flops_target,

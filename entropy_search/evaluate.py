@@ -5,6 +5,10 @@ The default path runs the original modules with only the kept channels' weights 
 so a candidate costs about what the pruned network's forward costs; `masked` (full cost) and `pruned`
 (deep copy + Torch-Pruning, ~0.1 s of Python per candidate) compute the same numbers and exist for
 checking and comparison.
+
+With `calibration` images (a fixed batch of the training split) each candidate's BN statistics are
+re-estimated before it is measured (`adaptive_bn`): the candidate is judged as the network it is, not
+as the baseline's statistics applied to a different network.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from contextlib import nullcontext
 
 import torch
 
-from .entropy import DEFAULT_SAMPLE, EntropyProbe
+from .adaptive_bn import recalibrated_batchnorm
+from .entropy import EntropyProbe
 from .errors import EntropySearchError
 from .space import PruningSpace
 
@@ -34,10 +39,11 @@ class CandidateEvaluator:
         entropy_layers: str | Sequence[str] = "bn",
         bins: int = 16,
         method: str = "cooccurrence",
-        sample: float = DEFAULT_SAMPLE,
+        sample: float | None = None,
         seed: int = 0,
         mode: str = "sliced",
         chunk_size: int = 1024,
+        calibration: torch.Tensor | None = None,
     ) -> None:
         if mode not in EVAL_MODES:
             raise EntropySearchError(f"unknown evaluation mode {mode!r}; known: {', '.join(EVAL_MODES)}")
@@ -49,6 +55,9 @@ class CandidateEvaluator:
         device = next(self.model.parameters()).device
         self.x = x.to(device)
         self.y = y.to(device) if y is not None else None
+        if calibration is not None:
+            space.check_input(calibration)
+        self.calibration = calibration.to(device) if calibration is not None and len(calibration) else None
         self.entropy_options = dict(layers=entropy_layers, bins=bins, method=method, sample=sample, seed=seed)
         self.probe = EntropyProbe(self.model, **self.entropy_options)
 
@@ -83,7 +92,7 @@ class CandidateEvaluator:
             context = self.space.sliced(keep) if self.mode == "sliced" else self.space.masked(keep)
         probe.reset()
         correct = 0
-        with torch.no_grad(), context as model, probe:
+        with torch.no_grad(), context as model, recalibrated_batchnorm(model, self.calibration), probe:
             for i in range(0, len(self.x), self.chunk_size):
                 logits = model(self.x[i : i + self.chunk_size])
                 if self.y is not None:

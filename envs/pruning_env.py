@@ -49,6 +49,7 @@ ENV_DEFAULTS: dict[str, Any] = {
     "data_root": None,
     "eval_batch": 512,
     "eval_mode": "sliced",
+    "bn_calibration": 256,
     "reward": "entropy",
     "entropy": {},
     "flops_target": 0.5,
@@ -383,12 +384,12 @@ def make_evaluator(model, space, splits, cfg: dict):
     """The CandidateEvaluator of the env config: a fixed batch of the held-out split (never the test split);
     its labels serve the held-out accuracy only, the entropy reward does not read them."""
     from entropy_search.data import eval_batch
-    from entropy_search.entropy import DEFAULT_SAMPLE
     from entropy_search.evaluate import CandidateEvaluator
     from entropy_search.utils import resolve_device
 
     cfg = {**ENV_DEFAULTS, **dict(cfg)}
     x, y = eval_batch(splits, int(cfg["eval_batch"]), split="heldout", seed=int(cfg.get("seed", 0)))
+    calibration = calibration_images(splits, cfg)
     model.to(resolve_device(cfg.get("device") or "auto"))
     entropy = dict(cfg.get("entropy") or {})
     return CandidateEvaluator(
@@ -396,10 +397,22 @@ def make_evaluator(model, space, splits, cfg: dict):
         entropy_layers=entropy.get("layers", "bn_relu"),
         bins=int(entropy.get("bins", 16)),
         method=entropy.get("method", "cooccurrence"),
-        sample=float(entropy.get("sample", DEFAULT_SAMPLE)),
+        sample=None if entropy.get("sample") is None else float(entropy["sample"]),
         seed=int(cfg.get("seed", 0)),
         mode=cfg.get("eval_mode") or "sliced",
+        calibration=calibration,
     )
+
+
+def calibration_images(splits, cfg: dict):
+    """The fixed batch of training images each candidate's BN statistics are re-estimated on (None: off)."""
+    from entropy_search.data import eval_batch
+
+    n = int({**ENV_DEFAULTS, **dict(cfg)}["bn_calibration"])
+    if n <= 0:
+        return None
+    images, _ = eval_batch(splits, n, split="train", seed=int(cfg.get("seed", 0)))
+    return images
 
 
 def make_context(space, budget: Budget, evaluator, cfg: dict) -> PruningContext:

@@ -68,3 +68,24 @@ def test_bad_batches_are_clear_errors(setup):
         CandidateEvaluator(space, x, y[:3])
     with pytest.raises(EntropySearchError, match="evaluation mode"):
         CandidateEvaluator(space, x, mode="surgery")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["sliced", "masked", "pruned"])
+def test_cuda_evaluation_matches_the_cpu(mode):
+    """Candidates evaluated where a GPU worker holds the network measure what the CPU measures."""
+    torch.manual_seed(0)
+    model = create_model("resnet20").eval()
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    keep = [random.Random(3).uniform(0.2, 1.0) for _ in range(len(PruningSpace(model, x[:1]).groups))]
+    # the same maps on both (unset, the CPU samples a quarter of them and CUDA measures all)
+    cpu = CandidateEvaluator(PruningSpace(model, x[:1]), x, y, mode=mode, sample=1.0).evaluate(keep)
+    model.cuda()
+    try:
+        gpu = CandidateEvaluator(PruningSpace(model, x[:1].cuda()), x, y, mode=mode, sample=1.0).evaluate(keep)
+    finally:
+        model.cpu()
+    assert gpu["entropy"] == pytest.approx(cpu["entropy"], abs=1e-3)
+    assert gpu["macs"] == cpu["macs"] and gpu["kept_channels"] == cpu["kept_channels"]
+    assert abs(gpu["accuracy"] - cpu["accuracy"]) <= 1 / 32

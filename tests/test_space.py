@@ -165,3 +165,29 @@ def test_unknown_model_is_a_clear_error():
 def test_user_model_by_import_path():
     model = create_model("entropy_search.models:digits_cnn", num_classes=3, width=8)
     assert model(torch.randn(2, 1, 8, 8)).shape == (2, 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_masked_sliced_pruned_agree_on_cuda(case):
+    """The same exactness on the GPU (fp32, TF32 off), where the search evaluates its candidates."""
+    name, model, space, x = case
+    keep = [random.Random(7).uniform(0.1, 1.0) for _ in space.groups]
+    batch = _example(name, batch=8).cuda()
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        pruned = space.prune(keep).eval().cuda()
+        model.cuda()
+        with torch.no_grad():
+            expected = pruned(batch)
+            with space.masked(keep):
+                masked = model(batch)
+            with space.sliced(keep):
+                sliced = model(batch)
+    finally:
+        model.cpu()
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert _rel(masked, expected) < 1e-4
+    assert _rel(sliced, expected) < 1e-4
+    assert space.macs(keep) == count_macs(pruned, x.cuda())
