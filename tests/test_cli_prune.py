@@ -50,7 +50,8 @@ def test_prune_with_policy_file(baseline, tmp_path):
     [(["--keep", "1.5"], "must be in (0, 1]"),
      (["--keep", "0"], "must be in (0, 1]"),
      (["--flops-target", "0.001"], "cannot be met"),
-     (["--policy", "missing.json"], "not found")],
+     (["--policy", "missing.json"], "not found"),
+     (["--bn-calibration", "-1"], "--bn-calibration must be >= 0")],
 )
 def test_bad_input_exits_2_with_one_line(baseline, tmp_path, capsys, extra, message):
     assert main(["prune", str(baseline), "--epochs", "0", "--out", str(tmp_path / "x.pt"), *extra]) == 2
@@ -73,3 +74,17 @@ def test_missing_and_corrupt_checkpoint(tmp_path, capsys):
     bad.write_bytes(b"not a checkpoint")
     assert main(["prune", str(bad)]) == 2
     assert "corrupt" in capsys.readouterr().err
+
+
+def test_bn_calibration_recovers_accuracy_before_fine_tuning(tmp_path, train_digits_checkpoint):
+    """Adaptive BN in `prune`: the pruned network is tested with statistics of its own structure."""
+    ckpt = train_digits_checkpoint(tmp_path / "trained.pt", epochs=15)
+    accuracy = {}
+    for n in (0, 256):
+        out = tmp_path / f"p{n}.pt"
+        assert main(["prune", str(ckpt), "--keep", "0.5", "--epochs", "0", "--bn-calibration", str(n),
+                     "--out", str(out), "--no-progress"]) == 0
+        saved = load_checkpoint(out)
+        accuracy[n] = saved.metrics["test_accuracy_pruned"]
+        assert saved.config["prune"]["bn_calibration"] == n
+    assert accuracy[256] > accuracy[0] + 0.1

@@ -53,6 +53,8 @@ def test_dotted_and_nested_overrides_win_over_the_file(tmp_path):
         ({"stop": {"iterations": None}}, "stop: set at least one of"),
         ({"agent": {"gamma": 1.2}}, "agent.gamma: must be in [0, 1]"),
         ({"output": {"checkpoint_every": 0}}, "output.checkpoint_every"),
+        ({"search": {"bn_calibration": -1}}, "search.bn_calibration: must be >= 0"),
+        ({"search": {"entropy": {"sample": 0}}}, "search.entropy.sample: must be in (0, 1]"),
     ],
 )
 def test_errors_name_the_key(data, expected):

@@ -28,6 +28,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     how.add_argument("--policy", default=None, help="JSON file with one keep ratio per channel group")
     parser.add_argument("--min-keep", type=float, default=0.1, help="smallest keep ratio for --flops-target")
     parser.add_argument("--round-to", type=int, default=1, help="round kept channel counts to this multiple")
+    parser.add_argument("--bn-calibration", type=int, default=256,
+                        help="training images the pruned network's BN statistics are re-estimated on before "
+                             "testing and fine-tuning (adaptive BN; 0: keep the baseline's)")
     parser.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs (0: none)")
     parser.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
     parser.add_argument("--data", default=None, help="data set (default: the checkpoint's)")
@@ -59,9 +62,10 @@ def read_policy(path: str | Path) -> list[float]:
 
 def run(args: argparse.Namespace) -> int:
 
+    from ..adaptive_bn import recalibrate_batchnorm
     from ..baselines import uniform_counts
     from ..checkpoint import build_model, load_checkpoint, save_checkpoint
-    from ..data import load_data
+    from ..data import eval_batch, load_data
     from ..envs.pruning_env import Budget
     from ..flops import count_macs, count_params
     from ..space import PruningSpace
@@ -70,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.epochs < 0:
         raise ConfigError(f"--epochs must be >= 0, got {args.epochs}")
+    if args.bn_calibration < 0:
+        raise ConfigError(f"--bn-calibration must be >= 0, got {args.bn_calibration}")
     ckpt = load_checkpoint(args.checkpoint)
     if ckpt.keep is not None:
         raise EntropySearchError(f"checkpoint {ckpt.path} is already pruned; prune its baseline instead")
@@ -103,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
         "MACs": (space.base_macs, count_macs(pruned, example)),
         "params": (count_params(model), count_params(pruned)),
     }
+    if args.bn_calibration:
+        recalibrate_batchnorm(pruned, eval_batch(splits, args.bn_calibration, split="train", seed=args.seed)[0])
     acc_base = evaluate(model, splits.test, device=device)
     acc_pruned = evaluate(pruned, splits.test, device=device)
     acc_tuned = acc_pruned
@@ -118,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
         "baseline_params": rows["params"][0], "test_accuracy_baseline": acc_base,
         "test_accuracy_pruned": acc_pruned, "test_accuracy_finetuned": acc_tuned,
     }
-    config = {**ckpt.config, "round_to": args.round_to, "prune": {"how": how, "epochs": args.epochs, "lr": args.lr}}
+    config = {**ckpt.config, "round_to": args.round_to,
+              "prune": {"how": how, "epochs": args.epochs, "lr": args.lr, "bn_calibration": args.bn_calibration}}
     save_checkpoint(out, pruned, model_name=ckpt.model_name, model_kwargs=ckpt.model_kwargs,
                     num_classes=ckpt.num_classes, in_channels=ckpt.in_channels, image_size=ckpt.image_size,
                     data=ckpt.data, config=config, metrics=metrics, keep=keep)
