@@ -14,11 +14,19 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from .errors import EntropySearchError
 
-__all__ = ["REWARDS", "accuracy_flops_reward", "accuracy_reward", "compute_reward", "entropy_reward", "required_measurements"]
+__all__ = [
+    "REWARDS",
+    "accuracy_flops_reward",
+    "accuracy_reward",
+    "compute_reward",
+    "entropy_reward",
+    "proxy_agreement",
+    "required_measurements",
+]
 
 
 def entropy_reward(entropy: float) -> float:
@@ -85,3 +93,25 @@ def _accuracy(accuracy: float) -> float:
     if not 0.0 <= acc <= 1.0:
         raise EntropySearchError(f"measurement 'accuracy' must be a fraction in [0, 1], got {accuracy!r}")
     return acc
+
+
+def proxy_agreement(records: Sequence[Mapping[str, float | None]]) -> dict[str, float | int | None]:
+    """How well the label-free reward ranks candidates as held-out accuracy does: Spearman rank correlations
+    over the evaluated candidates (1 = the same order, 0 = none, -1 = the opposite) of the entropy reward
+    (minus entropy) and of the search's own reward with held-out accuracy. None where fewer than 3
+    candidates have both numbers or one of them is constant."""
+    from scipy.stats import spearmanr
+
+    def rho(xs: list[float], ys: list[float]) -> float | None:
+        if len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:
+            return None
+        value = float(spearmanr(xs, ys).statistic)
+        return value if math.isfinite(value) else None
+
+    both = [r for r in records if r.get("accuracy") is not None and r.get("entropy") is not None]
+    rewarded = [r for r in records if r.get("accuracy") is not None and r.get("reward") is not None]
+    return {
+        "candidates": len(both),
+        "entropy_reward_vs_accuracy": rho([-float(r["entropy"]) for r in both], [float(r["accuracy"]) for r in both]),
+        "reward_vs_accuracy": rho([float(r["reward"]) for r in rewarded], [float(r["accuracy"]) for r in rewarded]),
+    }

@@ -799,6 +799,7 @@ def finish_search(
 ) -> dict:
     """After the agent: baselines under the same budget and evaluations, the top-k (and the baselines' best)
     pruned for real, fine-tuned and tested, the best exported, `result.json` written. No Ray."""
+    from .rewards import proxy_agreement
     from .utils import environment_info
 
     t_start = time.perf_counter() if t_start is None else t_start
@@ -872,6 +873,8 @@ def finish_search(
         "top_k": top_k,
         "baselines": baselines,
         "comparison": _comparison(best, baselines),
+        # does the reward rank the candidates as held-out accuracy does? (every candidate the agent evaluated)
+        "proxy": proxy_agreement(list(state.cache.values())),
         "cost": {
             "iterations": state.iteration,
             "candidates": state.episodes,

@@ -571,6 +571,9 @@ def final_metrics(result: Mapping[str, Any]) -> dict[str, float]:
         m[f"{name}_heldout_accuracy"] = rec.get("accuracy")
         m[f"{name}_test_accuracy"] = fin.get("test_accuracy_after_finetune")
         m[f"{name}_evaluations"] = res.get("evaluations")
+    proxy = result.get("proxy") or {}
+    m["proxy_entropy_spearman"] = proxy.get("entropy_reward_vs_accuracy")
+    m["proxy_reward_spearman"] = proxy.get("reward_vs_accuracy")
     for key in ("iterations", "candidates", "evaluations", "cache_hits", "search_seconds", "candidates_per_second",
                 "evaluations_per_second", "baselines_seconds", "finetune_seconds", "total_seconds"):
         m[f"cost_{key}"] = cost.get(key)
@@ -590,6 +593,7 @@ SUMMARY_COLUMNS = (
     ("test FT", "test_accuracy", "%"),
     ("uniform FT", "uniform_test_accuracy", "%"),
     ("random FT", "random_test_accuracy", "%"),
+    ("entropy~acc", "proxy_entropy_spearman", ".2f"),
     ("cand", "cost_candidates", ".0f"),
     ("cand/s", "cost_candidates_per_second", ".1f"),
     ("min", "cost_total_seconds", "min"),

@@ -64,3 +64,18 @@ def test_compute_reward_by_name():
 def test_bad_measurements(name, measurements, match):
     with pytest.raises(EntropySearchError, match=match):
         compute_reward(name, measurements)
+
+
+def test_proxy_agreement_ranks_candidates_like_accuracy():
+    from entropy_search.rewards import proxy_agreement
+
+    aligned = [{"entropy": 3.0 - a, "accuracy": a, "reward": -(3.0 - a)} for a in (0.1, 0.5, 0.7, 0.9)]
+    got = proxy_agreement(aligned)
+    assert got == {"candidates": 4, "entropy_reward_vs_accuracy": pytest.approx(1.0), "reward_vs_accuracy": pytest.approx(1.0)}
+    opposite = [{"entropy": a, "accuracy": a, "reward": a} for a in (0.1, 0.5, 0.7, 0.9)]
+    got = proxy_agreement(opposite)
+    assert got["entropy_reward_vs_accuracy"] == pytest.approx(-1.0) and got["reward_vs_accuracy"] == pytest.approx(1.0)
+    # too few, unlabeled or constant: no number rather than a made-up one
+    assert proxy_agreement(aligned[:2])["entropy_reward_vs_accuracy"] is None
+    assert proxy_agreement([{"entropy": 1.0, "accuracy": None, "reward": -1.0}] * 5)["candidates"] == 0
+    assert proxy_agreement([{"entropy": e, "accuracy": 0.5, "reward": -e} for e in (1, 2, 3)])["reward_vs_accuracy"] is None

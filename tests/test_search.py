@@ -69,6 +69,13 @@ def check_result(result: dict, config, out: Path) -> None:
     assert result["config"] == config.to_dict()
     assert load_config(out / "config.yaml") == config
     assert json.loads((out / "result.json").read_text())["best"]["kept_channels"] == best["kept_channels"]
+    # how the reward ranks the distinct candidates against held-out accuracy (all digits candidates have both)
+    proxy = result["proxy"]
+    assert proxy["candidates"] == len({tuple(c["kept_channels"]) for c in candidates})
+    for rho in (proxy["entropy_reward_vs_accuracy"], proxy["reward_vs_accuracy"]):
+        assert rho is None or -1 <= rho <= 1
+    if config.search.reward == "accuracy" and proxy["reward_vs_accuracy"] is not None:
+        assert proxy["reward_vs_accuracy"] == pytest.approx(1.0)
 
 
 def test_ppo_search_with_two_env_runners(ray_local, checkpoint, tmp_path):
