@@ -80,6 +80,21 @@ def _row(result: dict, reward: str, kind: str) -> dict:
             "before": final.get("test_accuracy_before_finetune"), "after": final.get("test_accuracy_after_finetune")}
 
 
+def _entropy_spearman(folder: Path) -> float | None:
+    """The entropy reward's rank agreement with held-out accuracy over one search's distinct candidates."""
+    from entropy_search.rewards import proxy_agreement
+
+    path = folder / "candidates.jsonl"
+    if not path.exists():
+        return None
+    distinct = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            distinct[tuple(row["kept_channels"])] = row
+    return proxy_agreement(list(distinct.values()))["entropy_reward_vs_accuracy"]
+
+
 def report(args) -> str:
     lines = []
     for target in args.targets:
@@ -113,6 +128,12 @@ def report(args) -> str:
             ent = results.get(("entropy", seed))
             if ent:
                 per_seed.append(_row(ent, "entropy", "agent")["after"] - _row(ent, "entropy", "uniform")["after"])
+        rhos = [_entropy_spearman(run_dir(args.out, target, rw, sd)) for rw, sd in sorted(results)]
+        rhos = [r for r in rhos if r is not None]
+        if rhos:
+            lines.append(f"Spearman rank correlation of the entropy reward with held-out accuracy over each search's "
+                         f"distinct candidates ({len(rhos)} searches): {statistics.fmean(rhos):+.2f} "
+                         f"(range {min(rhos):+.2f} to {max(rhos):+.2f}; 1 = ranks them as accuracy does)")
         if per_seed:
             lines.append(f"entropy agent minus uniform after fine-tuning, per seed (points): "
                          f"{', '.join(f'{100 * d:+.2f}' for d in per_seed)}")
