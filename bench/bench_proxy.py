@@ -11,7 +11,6 @@ correlations of each reward with those accuracies.
 from __future__ import annotations
 
 import argparse
-import copy
 import itertools
 import sys
 import time

@@ -583,8 +583,10 @@ def ensure_checkpoint(config: SearchConfig, *, progress: bool = True) -> Path:
     from .data import load_data
     from .models import create_model
     from .train import evaluate, train
+    from .utils import seed_everything
 
     splits = load_data(config.data.name, config.data.root, seed=config.seed)
+    seed_everything(config.seed)  # the initial weights too: the same config gives the same baseline
     model = create_model(config.model.name, num_classes=splits.num_classes, in_channels=splits.in_channels)
     print(f"no checkpoint at {path}: training a baseline {config.model.name} on {splits.name} "
           f"for {config.model.train_epochs} epochs")

@@ -239,3 +239,18 @@ def test_threads_and_devices():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA is not available"):
             select_device("cuda")
+
+
+def test_baseline_trained_by_a_search_is_reproducible(tmp_path):
+    """The same config trains the same baseline, whatever consumed the global RNG before (initial weights too)."""
+    from entropy_search.config import load_config
+    from entropy_search.search import ensure_checkpoint
+
+    states = []
+    for i in range(2):
+        torch.rand(3 + i)
+        cfg = load_config({"model": {"name": "digits_cnn", "train_if_missing": True, "train_epochs": 2,
+                                     "checkpoint": str(tmp_path / f"b{i}.pt")}})
+        states.append(load_checkpoint(ensure_checkpoint(cfg, progress=False)).state_dict)
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
