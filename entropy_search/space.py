@@ -342,11 +342,16 @@ class PruningSpace:
         """Within the block, `self.model` computes what `self.prune(keep)` computes (pruned channels zeroed)."""
         indices = self.kept_indices(keep)
         handles = []
-        for g, kept in enumerate(indices):
-            if kept.numel() == self.groups[g].channels:
-                continue
+        masked = [g for g, kept in enumerate(indices) if kept.numel() != self.groups[g].channels]
+        masks = []
+        for g in masked:  # built on the CPU, moved in one transfer (see `sliced`)
+            mask = torch.zeros(self.groups[g].channels)
+            mask[indices[g]] = 1
+            masks.append(mask)
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        for g, mask in zip(masked, _to_devices(masks, [device] * len(masks))):
             for module in self._mask_modules[g]:
-                handles.append(module.register_forward_hook(_mask_hook(kept, self.groups[g].channels)))
+                handles.append(module.register_forward_hook(_mask_hook(mask)))
         try:
             yield self.model
         finally:
@@ -359,13 +364,19 @@ class PruningSpace:
         function at the pruned network's cost, with no copy and no graph rebuild. Inference only."""
         indices = self.kept_indices(keep)
         saved = []
-        device_idx: dict[tuple[int, torch.device], torch.Tensor] = {}
+        # Every index this candidate needs, built on the CPU and moved in one transfer per device: one
+        # small synchronous copy per layer would make the host wait for the GPU before every slice.
+        wanted: dict[tuple[int, torch.device], torch.Tensor] = {}
+        for t in self._tensors:
+            store = t.module._parameters if t.is_param else t.module._buffers
+            original = store[t.name]
+            for dim, g, imap in t.dims:
+                if indices[g].numel() * imap.shape[1] != original.shape[dim]:
+                    wanted.setdefault((id(imap), original.device), imap[indices[g]].reshape(-1))
+        device_idx = dict(zip(wanted, _to_devices(list(wanted.values()), [d for _, d in wanted])))
 
         def index(g: int, imap: torch.Tensor, device: torch.device) -> torch.Tensor:
-            key = (id(imap), device)
-            if key not in device_idx:
-                device_idx[key] = imap[indices[g]].reshape(-1).to(device)
-            return device_idx[key]
+            return device_idx[(id(imap), device)]
 
         try:
             with torch.no_grad():
@@ -423,15 +434,29 @@ class PruningSpace:
         return "\n".join(lines)
 
 
-def _mask_hook(kept: torch.Tensor, channels: int):
+def _to_devices(tensors: list[torch.Tensor], devices: list[torch.device]) -> list[torch.Tensor]:
+    """`tensors` (on the CPU) moved to `devices`, with one pinned, non-blocking copy per accelerator."""
+    out: list[torch.Tensor | None] = [t if d.type == "cpu" else None for t, d in zip(tensors, devices)]
+    for device in dict.fromkeys(d for d in devices if d.type != "cpu"):
+        picks = [i for i, d in enumerate(devices) if d == device]
+        flat = torch.cat([tensors[i].reshape(-1) for i in picks])
+        flat = flat.pin_memory() if torch.cuda.is_available() else flat
+        moved = flat.to(device, non_blocking=True).split([tensors[i].numel() for i in picks])
+        for i, part in zip(picks, moved):
+            out[i] = part.view(tensors[i].shape)
+    return out
+
+
+def _mask_hook(base: torch.Tensor):
+    """Multiply a layer's output by a 0/1 channel mask (`base`, one entry per channel, on the model's device)."""
     cache: dict[tuple, torch.Tensor] = {}
+    channels = base.numel()
 
     def hook(_module, _inputs, output: torch.Tensor) -> torch.Tensor:
         key = (output.device, output.dtype, output.ndim)
         mask = cache.get(key)
         if mask is None:
-            mask = torch.zeros(channels, dtype=output.dtype, device=output.device)
-            mask[kept.to(output.device)] = 1
+            mask = base.to(device=output.device, dtype=output.dtype)
             mask = mask.view(1, channels, *([1] * (output.ndim - 2))) if output.ndim > 2 else mask
             cache[key] = mask
         if output.requires_grad:
