@@ -138,8 +138,8 @@ class SearchSettings(_Section):
     bn_calibration: NonNegativeInt = 256
     """Training images (a fixed, seeded batch of the train split, never the held-out or test split) on which each candidate's BN statistics are re-estimated before it is measured (adaptive BN, as EagleEye): with the baseline's statistics a pruned network's accuracy and activations before fine-tuning say little about it. Also applied to the finalists before their test accuracy before fine-tuning. 0 = keep the baseline's statistics."""
 
-    eval_mode: Literal["sliced", "masked", "pruned"] = "sliced"
-    """How a candidate is evaluated without surgery: kept weights sliced into the original modules (pruned network's cost; the fastest on CPUs), masked outputs (full cost; on a GPU it can be faster for deep, narrow networks: ResNet-56 at batch 1,024 on an H200, 16.7 vs 20.6 ms), or a physical prune per candidate (slow; for checking)."""
+    eval_mode: Literal["auto", "sliced", "masked", "pruned"] = "auto"
+    """How a candidate is evaluated without surgery: kept weights sliced into the original modules (the pruned network's cost plus a few launches per layer), masked outputs (full cost, no slicing), or a physical prune per candidate (slow; for checking). `auto`: sliced on CPUs (within a few % of the pruned forward), masked on GPUs (on an H200 slicing's ~300 small launches cost more than masking for ResNet-56: 20.6 vs 16.7 ms at batch 1,024); bench/RESULTS.md."""
 
     cache: bool = True
     """Answer a candidate already evaluated (same kept channels) from a cache instead of evaluating it again."""

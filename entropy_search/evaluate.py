@@ -24,7 +24,11 @@ from .entropy import EntropyProbe
 from .errors import EntropySearchError
 from .space import PruningSpace
 
-EVAL_MODES = ("sliced", "masked", "pruned")
+EVAL_MODES = ("auto", "sliced", "masked", "pruned")
+#: What `auto` picks on each device: the faster path measured there (bench/RESULTS.md: on the CPU slicing
+#: is within a few % of the pruned network's forward; on an H200 the ~300 small launches of slicing
+#: cost more than masking for ResNet-56).
+AUTO_MODE = {"cpu": "sliced", "cuda": "masked"}
 
 
 class CandidateEvaluator:
@@ -41,7 +45,7 @@ class CandidateEvaluator:
         method: str = "cooccurrence",
         sample: float | None = None,
         seed: int = 0,
-        mode: str = "sliced",
+        mode: str = "auto",
         chunk_size: int = 1024,
         calibration: torch.Tensor | None = None,
     ) -> None:
@@ -50,9 +54,11 @@ class CandidateEvaluator:
         space.check_input(x)
         if y is not None and len(y) != len(x):
             raise EntropySearchError(f"{len(x)} images but {len(y)} labels in the evaluation batch")
-        self.space, self.mode, self.chunk_size = space, mode, int(chunk_size)
         self.model = space.model.eval()
         device = next(self.model.parameters()).device
+        if mode == "auto":
+            mode = AUTO_MODE.get(device.type, "sliced")
+        self.space, self.mode, self.chunk_size = space, mode, int(chunk_size)
         self.x = x.to(device)
         self.y = y.to(device) if y is not None else None
         if calibration is not None:

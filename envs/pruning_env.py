@@ -48,7 +48,7 @@ ENV_DEFAULTS: dict[str, Any] = {
     "data": "digits",
     "data_root": None,
     "eval_batch": 512,
-    "eval_mode": "sliced",
+    "eval_mode": "auto",
     "bn_calibration": 256,
     "reward": "entropy",
     "entropy": {},
@@ -399,7 +399,7 @@ def make_evaluator(model, space, splits, cfg: dict):
         method=entropy.get("method", "cooccurrence"),
         sample=None if entropy.get("sample") is None else float(entropy["sample"]),
         seed=int(cfg.get("seed", 0)),
-        mode=cfg.get("eval_mode") or "sliced",
+        mode=cfg.get("eval_mode") or "auto",
         calibration=calibration,
     )
 

@@ -89,3 +89,16 @@ def test_cuda_evaluation_matches_the_cpu(mode):
     assert gpu["entropy"] == pytest.approx(cpu["entropy"], abs=1e-3)
     assert gpu["macs"] == cpu["macs"] and gpu["kept_channels"] == cpu["kept_channels"]
     assert abs(gpu["accuracy"] - cpu["accuracy"]) <= 1 / 32
+    model.cuda()
+    try:
+        assert CandidateEvaluator(PruningSpace(model, x[:1].cuda()), x, y).mode == "masked", "auto on CUDA"
+    finally:
+        model.cpu()
+
+
+def test_auto_mode_picks_the_faster_path_of_the_device(setup):
+    space, x, y = setup
+    assert CandidateEvaluator(space, x, y).mode == "sliced"  # on the CPU
+    assert CandidateEvaluator(space, x, y, mode="masked").mode == "masked"
+    with pytest.raises(EntropySearchError, match="unknown evaluation mode"):
+        CandidateEvaluator(space, x, y, mode="fast")
