@@ -648,8 +648,6 @@ def _policy(space, record: dict) -> dict:
 def finalize_candidate(prep: Prepared, config: SearchConfig, record: dict, *, label: str, progress: bool):
     """Prune for real, check the MACs, re-estimate BN statistics as the search did, test before and after
     fine-tuning."""
-    from entropy_search.envs.pruning_env import calibration_images
-
     from .adaptive_bn import recalibrate_batchnorm
     from .flops import count_macs, count_params
     from .train import evaluate, fine_tune
@@ -658,9 +656,8 @@ def finalize_candidate(prep: Prepared, config: SearchConfig, record: dict, *, la
     pruned = prep.space.prune(keep)
     macs = count_macs(pruned, prep.space.example_input)
     params = count_params(pruned)
-    calibration = calibration_images(prep.splits, prep.env_config)
-    if calibration is not None:
-        recalibrate_batchnorm(pruned, calibration)
+    if prep.evaluator.calibration is not None:  # the very images the search re-estimated BN on
+        recalibrate_batchnorm(pruned, prep.evaluator.calibration)
     before = evaluate(pruned, prep.splits.test)
     t0 = time.perf_counter()
     history = []

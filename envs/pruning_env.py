@@ -389,7 +389,10 @@ def make_evaluator(model, space, splits, cfg: dict):
 
     cfg = {**ENV_DEFAULTS, **dict(cfg)}
     x, y = eval_batch(splits, int(cfg["eval_batch"]), split="heldout", seed=int(cfg.get("seed", 0)))
-    calibration = calibration_images(splits, cfg)
+    # the fixed batch of training images each candidate's BN statistics are re-estimated on (None: off)
+    calibration = None
+    if int(cfg["bn_calibration"]) > 0:
+        calibration, _ = eval_batch(splits, int(cfg["bn_calibration"]), split="train", seed=int(cfg.get("seed", 0)))
     model.to(resolve_device(cfg.get("device") or "auto"))
     entropy = dict(cfg.get("entropy") or {})
     return CandidateEvaluator(
@@ -402,17 +405,6 @@ def make_evaluator(model, space, splits, cfg: dict):
         mode=cfg.get("eval_mode") or "auto",
         calibration=calibration,
     )
-
-
-def calibration_images(splits, cfg: dict):
-    """The fixed batch of training images each candidate's BN statistics are re-estimated on (None: off)."""
-    from entropy_search.data import eval_batch
-
-    n = int({**ENV_DEFAULTS, **dict(cfg)}["bn_calibration"])
-    if n <= 0:
-        return None
-    images, _ = eval_batch(splits, n, split="train", seed=int(cfg.get("seed", 0)))
-    return images
 
 
 def make_context(space, budget: Budget, evaluator, cfg: dict) -> PruningContext:
