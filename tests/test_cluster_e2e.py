@@ -12,8 +12,9 @@ server, `ray job submit` of the same sweep through the dashboard, `ray down`.
 What the test adapts to share this machine safely (the rest of cluster/local.yaml is used as written):
 - provider and auth point at 127.0.0.1 through the test's sshd (key-only auth, a key made for the
   test); the cluster name is unique to the run;
-- ports: free ones instead of 6379/5000/8265/52365; Ray's node address and MLflow's bind address
-  are 127.0.0.1;
+- ports: free ones below the kernel's ephemeral range instead of 6379/5000/8265, and 0 (the agent's
+  own choice) for the dashboard agent's 52365; Ray's node address and MLflow's bind address are
+  127.0.0.1;
 - the sshd gives the "node" its own HOME, TMPDIR and RAY_TMPDIR under a temporary directory, so the
   node's ~/.bashrc, ~/entropy-search, ~/mlflow, the sweeps' ~/runs and Ray's session files (including
   ray_current_cluster, which would turn later `ray.init(num_cpus=...)` calls into connections) never
@@ -37,6 +38,7 @@ import csv
 import getpass
 import json
 import os
+import random
 import re
 import secrets
 import shutil
@@ -91,16 +93,29 @@ def ssh_tools():
 
 
 def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    """n distinct ports free on every address, below the kernel's ephemeral range.
+
+    A port the kernel handed out by `bind(0)` lies in the range it also hands to outgoing connections:
+    between choosing it and the server binding it, one of the many connections of `ray up` (ssh, pip,
+    Ray's own gRPC clients) can take it, and the server's bind fails. Below that range only listeners
+    that name their port live.
+    """
+    low = 32768
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    candidates = list(range(max(1024, low - 12000), low))
+    random.Random(secrets.randbits(32)).shuffle(candidates)
+    ports: list[int] = []
+    for port in candidates:
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+        ports.append(port)
+        if len(ports) == n:
+            return ports
+    raise RuntimeError(f"fewer than {n} free ports below {low}")
 
 
 def _sub(commands: list[str], old: str, new: str) -> list[str]:
@@ -191,7 +206,7 @@ class Cluster:
         self.node_home, self.node_tmp, self.client_tmp = work / "home", work / "n", work / "c"
         self.ssh_dir = work / "ssh"
         self.yaml = work / "local.yaml"
-        self.gcs, self.mlflow_port, self.dashboard, self.agent = _free_ports(4)
+        self.gcs, self.mlflow_port, self.dashboard = _free_ports(3)
         self.tracking_uri = f"http://127.0.0.1:{self.mlflow_port}"
         self.env: dict[str, str] = {}
         self.is_down = False
@@ -274,8 +289,10 @@ class Cluster:
         head = _sub(
             head,
             "--dashboard-host=127.0.0.1",
+            # The dashboard agent (which runs Ray jobs) binds a port of its own choosing and
+            # publishes it in the GCS, where the Jobs API looks it up.
             f"--dashboard-host=127.0.0.1 --dashboard-port={self.dashboard}"
-            f" --dashboard-agent-listen-port={self.agent} --node-ip-address=127.0.0.1",
+            " --dashboard-agent-listen-port=0 --node-ip-address=127.0.0.1",
         )
         head = _sub(
             head,
@@ -305,23 +322,48 @@ class Cluster:
             }
         )
 
-    def ray(self, *args: str, log: str, timeout: float = 600) -> None:
-        """Run the `ray` CLI from the repository root, as the README does; fail with its output's end."""
+    def ray(self, *args: str, log: str, timeout: float = 600, attempts: int = 1) -> None:
+        """Run the `ray` CLI from the repository root, as the README does; fail with its output's end.
+
+        With attempts > 1, a run that Ray answers with "please try again later" (the Jobs API while the
+        head's job agent is not yet known to it) is run again after a pause, as its message asks.
+        """
         t0 = time.time()
         path = self.logs / f"{log}.log"
-        with open(path, "w") as out:
-            proc = subprocess.run(
-                [RAY, *args],
-                cwd=REPO,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                timeout=timeout,
-                start_new_session=True,
-            )
+        for attempt in range(1, attempts + 1):
+            with open(path, "w") as out:
+                proc = subprocess.run(
+                    [RAY, *args],
+                    cwd=REPO,
+                    env=self.env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    timeout=timeout,
+                    start_new_session=True,
+                )
+            if proc.returncode == 0 or "try again later" not in path.read_text(errors="replace"):
+                break
+            if attempt < attempts:
+                print(f"ray {args[0]}: attempt {attempt} told to try again later:{self.ray_errors()}")
+                time.sleep(15)
         print(f"ray {args[0]}{' ' + args[1] if args[0] == 'job' else ''}: {time.time() - t0:.0f} s")
-        assert proc.returncode == 0, f"`ray {' '.join(args)}` failed (exit {proc.returncode}):\n{_tail(path)}"
+        assert proc.returncode == 0, (
+            f"`ray {' '.join(args)}` failed (exit {proc.returncode}):\n{_tail(path)}{self.ray_errors()}"
+        )
+
+    def ray_errors(self) -> str:
+        """The errors in the node's Ray logs of the dashboard and its agent (which runs Ray jobs)."""
+        logs = self.node_tmp / "ray" / "session_latest" / "logs"
+        found = []
+        for name in ("dashboard_agent.log", "dashboard_JobHead.log", "dashboard.log", "raylet.out"):
+            path = logs / name
+            if path.exists():
+                lines = path.read_text(errors="replace").splitlines()
+                errors = [line for line in lines if re.search(r"ERROR|Exception|Failed|Traceback", line)]
+                if errors:
+                    found.append(f"--- {path}:\n" + "\n".join(errors[-15:]))
+        return "\n" + "\n".join(found) if found else ""
 
     def down(self) -> None:
         self.is_down = True
@@ -423,6 +465,7 @@ def test_ray_job_submit_runs_the_sweep(cluster):
         SUBMIT_SCRIPT,
         *SWEEP_ARGS,
         log="job",
+        attempts=3,
     )
     log = cluster.logs / "job.log"
     new = [r for r in _sweep_runs(client) if r.info.run_id not in before]
