@@ -134,3 +134,27 @@ def test_report_of_an_unknown_sweep_is_one_line_status_2(tmp_path):
         f"entropy-search report: error: no sweep 'nope' in the MLflow store {store} "
         "(set --tracking-uri or MLFLOW_TRACKING_URI)"]
     assert not (tmp_path / "nope-comparison.png").exists()
+
+
+def test_ui_moves_to_another_port_when_the_chosen_one_is_taken(tmp_path, monkeypatch):
+    """With --port 0 the port is chosen before the server starts; if something binds it first, the
+    server exits and `ui` starts it again on another free port instead of failing."""
+    from entropy_search.commands import ui
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        picks = iter([busy, ui.free_port()])
+        monkeypatch.setattr(ui, "free_port", lambda host="127.0.0.1": next(picks))
+        proc, url = ui.start_server(store, "127.0.0.1", 0, workers=1, timeout=90)
+        try:
+            assert url != f"http://127.0.0.1:{busy}"
+            status, _ = _get(url + "/health")
+            assert status == 200
+        finally:
+            ui._stop(proc)
+    assert proc.poll() is not None
+    assert not _port_open("127.0.0.1", int(url.rsplit(":", 1)[1]))

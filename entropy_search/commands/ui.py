@@ -61,6 +61,32 @@ def wait_healthy(url: str, timeout: float, proc: subprocess.Popen | None = None)
     return False
 
 
+def start_server(uri: str, host: str, port: int, workers: int, timeout: float) -> tuple[subprocess.Popen, str]:
+    """Start `mlflow server` for the store and wait until it answers; port 0 picks a free one.
+
+    A port picked here can be taken before the server binds it (seconds of imports later): with port 0,
+    a server that exits before answering is started again on another free port.
+    """
+    env = dict(os.environ)
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    for _ in range(3 if port == 0 else 1):
+        chosen = port or free_port(host)
+        proc = subprocess.Popen(server_command(uri, host, chosen, workers), env=env, start_new_session=True)
+        url = f"http://{host}:{chosen}"
+        try:
+            healthy = wait_healthy(url, timeout, proc)
+        except BaseException:  # Ctrl-C or SIGTERM while waiting: no server is left behind
+            _stop(proc)
+            raise
+        if healthy:
+            return proc, url
+        if proc.poll() is None:
+            break
+    _stop(proc)
+    raise EntropySearchError(f"the MLflow server did not answer at {url} within {timeout:g} s "
+                             f"(exit status {proc.poll()}); is port {chosen} free?")
+
+
 def server_command(uri: str, host: str, port: int, workers: int) -> list[str]:
     """`mlflow server` for a local store, its artifacts served from next to the database."""
     from ..tracking import local_store_dir
@@ -89,21 +115,14 @@ def run(args: argparse.Namespace) -> int:
         db = Path(uri[len("sqlite:///"):])
         if not db.exists():
             print(f"note: {db} does not exist yet; the UI will show an empty store until a sweep logs to it", flush=True)
-    port = args.port or free_port(args.host)
-    cmd = server_command(uri, args.host, port, args.workers)
-    env = dict(os.environ)
-    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-    url = f"http://{args.host}:{port}"
 
     def stop(*_):
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, stop)
+    proc = None
     try:
-        if not wait_healthy(url, args.timeout, proc):
-            raise EntropySearchError(f"the MLflow server did not answer at {url} within {args.timeout:g} s "
-                                     f"(exit status {proc.poll()}); is port {port} free?")
+        proc, url = start_server(uri, args.host, args.port, args.workers, args.timeout)
         print(f"MLflow UI: {url}  (store: {uri}; Ctrl-C stops it)", flush=True)
         while proc.poll() is None:
             time.sleep(0.5)
@@ -112,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     finally:
         signal.signal(signal.SIGTERM, previous)
-        _stop(proc)
+        if proc is not None:
+            _stop(proc)
 
 
 def _stop(proc: subprocess.Popen) -> None:
