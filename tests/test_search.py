@@ -239,7 +239,20 @@ def test_cli_smoke_run_trains_a_missing_baseline(ray_local, tmp_path, capsys):
     assert main(["search", str(path), "--smoke", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "candidates/s" in out and "uniform" in out
+    assert "entropy reward vs held-out accuracy: Spearman" in out
     result = json.loads((tmp_path / "out" / "smoke" / "result.json").read_text())
     assert (tmp_path / "out" / "smoke" / "baseline.pt").exists()
     assert not real.exists()  # the smoke baseline never takes the real checkpoint's place
     assert result["cost"]["iterations"] == 2
+
+
+def test_summary_reports_the_proxy_and_warns_when_entropy_barely_tracks_accuracy():
+    from entropy_search.commands.search import proxy_lines
+
+    weak = {"candidates": 40, "entropy_reward_vs_accuracy": 0.04, "reward_vs_accuracy": 0.04}
+    lines = proxy_lines(weak, "entropy")
+    assert lines[0] == "entropy reward vs held-out accuracy: Spearman +0.04 over 40 candidates (1 = same ranking)"
+    assert lines[1].startswith("warning:")
+    assert len(proxy_lines(weak, "accuracy")) == 1  # no warning when entropy did not pick the candidate
+    assert len(proxy_lines({**weak, "entropy_reward_vs_accuracy": 0.8}, "entropy")) == 1
+    assert proxy_lines({"candidates": 2, "entropy_reward_vs_accuracy": None}, "entropy") == []
