@@ -56,14 +56,16 @@ PositiveInt = Annotated[int, AfterValidator(_positive)]
 NonNegativeInt = Annotated[int, AfterValidator(_non_negative)]
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
+    """A config section: unknown keys are errors, every field is documented and validated, defaults included."""
+
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
 
 
 # ---------------------------------------------------------------- sections
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """The network to prune and its trained baseline."""
 
     name: str = "digits_cnn"
@@ -79,7 +81,7 @@ class ModelConfig(_Section):
     """Epochs of baseline training when the checkpoint has to be trained first."""
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     """The data set: unlabeled images for the entropy reward, a held-out split for accuracy, a test split for the result."""
 
     name: str = "digits"
@@ -88,12 +90,15 @@ class DataConfig(_Section):
     root: str | None = None
     """Where the data set lives on disk (not needed for `digits`)."""
 
+    heldout_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    """Part of the training set held out from baseline training (for the held-out accuracy of candidates) when the search trains its baseline; a given checkpoint keeps the fraction and seed it was trained with."""
+
     eval_batch: PositiveInt = 512
     """Fixed batch of held-out images (a split of the training set, never the test set) on which every candidate is measured: spatial entropy (labels unused) and held-out accuracy."""
 
 
-class EntropyConfig(_Section):
-    """How the spatial entropy of a candidate's activations is estimated (DESIGN.md, "Spatial entropy")."""
+class EntropyConfig(Section):
+    """How the spatial entropy of a candidate's activations is estimated (docs/design.md, "Spatial entropy")."""
 
     method: Literal["cooccurrence", "histogram", "mass"] = "cooccurrence"
     """Estimator: grey-level co-occurrence matrix of each map (the paper's), plain histogram entropy, or entropy of the activation mass as a spatial distribution."""
@@ -108,7 +113,7 @@ class EntropyConfig(_Section):
     """Fraction of the maps of each layer measured (the same seeded maps for every candidate); 1.0 = all maps, exact. None: the device's default, 0.25 on the CPU (keeps the entropy's cost under one forward pass with a rank correlation of ~0.99 to the exact value) and exact on CUDA (the Triton kernel makes exact cheaper than sampling there); bench/RESULTS.md."""
 
 
-class SearchSettings(_Section):
+class SearchSettings(Section):
     """The pruning problem: reward, FLOPs budget, action range and rounding."""
 
     reward: Literal["entropy", "accuracy", "accuracy_flops"] = "entropy"
@@ -148,7 +153,7 @@ class SearchSettings(_Section):
     """Benchmarks only: replace the evaluation by a sleep of this many seconds and a synthetic reward."""
 
 
-class AgentConfig(_Section):
+class AgentConfig(Section):
     """The RL agent (RLlib, new API stack). Defaults suit 20-100 step episodes with one terminal reward."""
 
     algorithm: Literal["ppo", "sac"] = "ppo"
@@ -215,7 +220,7 @@ class AgentConfig(_Section):
     """SAC: replayed over sampled transitions ratio (RLlib's training_intensity); default: RLlib's."""
 
 
-class ResourcesConfig(_Section):
+class ResourcesConfig(Section):
     """Ray workers and their share of CPUs and GPUs."""
 
     num_env_runners: NonNegativeInt = 2
@@ -246,7 +251,7 @@ class ResourcesConfig(_Section):
     """torch threads of each env runner and of the driver's learner during the search (1 avoids oversubscribing the cores); None leaves torch's default."""
 
 
-class StopConfig(_Section):
+class StopConfig(Section):
     """When the search stops: the first of the rules that are set."""
 
     iterations: PositiveInt | None = 20
@@ -265,7 +270,7 @@ class StopConfig(_Section):
         return self
 
 
-class BaselinesConfig(_Section):
+class BaselinesConfig(Section):
     """What the agent must beat, under the same FLOPs budget."""
 
     enabled: bool = True
@@ -278,7 +283,7 @@ class BaselinesConfig(_Section):
     """Fine-tune and test the baselines' best candidates like the agent's (for a fair comparison)."""
 
 
-class FinetuneConfig(_Section):
+class FinetuneConfig(Section):
     """Fine-tuning of the top-k candidates once physically pruned."""
 
     epochs: NonNegativeInt = 5
@@ -291,7 +296,7 @@ class FinetuneConfig(_Section):
     """Batch size of the fine-tuning."""
 
 
-class OutputConfig(_Section):
+class OutputConfig(Section):
     """Where results and checkpoints go."""
 
     dir: str = "runs/search"
@@ -304,7 +309,7 @@ class OutputConfig(_Section):
     """Also export the best pruned model to ONNX."""
 
 
-class SearchConfig(_Section):
+class SearchConfig(Section):
     """One RL pruning search."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -356,29 +361,6 @@ class SearchConfig(_Section):
         else:
             path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
-    def env_config(self) -> dict[str, Any]:
-        """The plain dict the pruning environment is built from (inside each Ray worker)."""
-        return {
-            "model": self.model.name,
-            "checkpoint": str(self.checkpoint_path()),
-            "data": self.data.name,
-            "data_root": self.data.root,
-            "eval_batch": self.data.eval_batch,
-            "eval_mode": self.search.eval_mode,
-            "bn_calibration": self.search.bn_calibration,
-            "reward": self.search.reward,
-            "entropy": self.search.entropy.model_dump(mode="json"),
-            "flops_target": self.search.flops_target,
-            "flops_floor": self.search.flops_floor,
-            "min_keep": self.search.min_keep,
-            "round_to": self.search.round_to,
-            "device": self.search.device,
-            "cache": self.search.cache,
-            "simulate_eval_seconds": self.search.simulate_eval_seconds,
-            "torch_threads": self.resources.torch_threads,
-            "seed": self.seed,
-        }
-
 
 # ---------------------------------------------------------------- loading
 
@@ -414,7 +396,8 @@ def _nest(overrides: dict[str, Any]) -> dict[str, Any]:
     return nested
 
 
-def _format_error(err: dict, root: type[BaseModel]) -> str:
+def format_validation_error(err: dict, root: type[BaseModel]) -> str:
+    """One pydantic error as `dotted.key: message, got value` (unknown keys list the known ones)."""
     loc = ".".join(str(p) for p in err["loc"]) or "<config>"
     kind = err["type"]
     if kind == "extra_forbidden":
@@ -452,7 +435,7 @@ def config_from_dict(data: dict[str, Any] | None) -> SearchConfig:
     try:
         return SearchConfig.model_validate(data)
     except ValidationError as exc:
-        errors = [_format_error(e, SearchConfig) for e in exc.errors()]
+        errors = [format_validation_error(e, SearchConfig) for e in exc.errors()]
         raise ConfigError("; ".join(errors)) from None
 
 

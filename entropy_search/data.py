@@ -22,8 +22,6 @@ from torch.utils.data import Dataset, Subset
 
 from .errors import ConfigError, DataUnavailableError, EntropySearchError
 
-KNOWN_DATASETS = ["digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder:<path>"]
-
 #: Where Debian's package `dataset-fashion-mnist` installs the gzipped idx files.
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = [
@@ -128,6 +126,41 @@ def split_heldout(targets: Sequence[int], fraction: float, seed: int) -> tuple[l
     return sorted(train_idx.tolist()), sorted(heldout_idx.tolist())
 
 
+@dataclass(frozen=True)
+class DatasetEntry:
+    """A registered data set: its loader and how it is named."""
+
+    name: str
+    loader: Callable[..., DataSplits]
+    """`loader(root, *, heldout_fraction, seed, download, image_size, argument)` -> DataSplits."""
+    aliases: tuple[str, ...] = ()
+    takes_argument: bool = False
+    """Named `<name>:<argument>` (e.g. `imagefolder:<path>`)."""
+    description: str = ""
+
+
+_DATASETS: dict[str, DatasetEntry] = {}
+
+
+def register_dataset(name: str, *, aliases: Sequence[str] = (), takes_argument: bool = False, description: str = ""):
+    """Decorator registering a data set loader under `name` (and `aliases`); with `takes_argument` the data
+    set is named `<name>:<argument>` and the loader receives the argument (a path, say)."""
+
+    def wrap(loader: Callable[..., DataSplits]) -> Callable[..., DataSplits]:
+        entry = DatasetEntry(name, loader, tuple(aliases), takes_argument, description)
+        for key in (name, *aliases):
+            _DATASETS[key] = entry
+        return loader
+
+    return wrap
+
+
+def list_datasets() -> list[str]:
+    """Names of the registered data sets (`<name>:<argument>` for those that take one)."""
+    entries = dict.fromkeys(_DATASETS.values())
+    return [f"{e.name}:<path>" if e.takes_argument else e.name for e in entries]
+
+
 def load_data(
     name: str,
     root: str | os.PathLike | None = None,
@@ -137,18 +170,15 @@ def load_data(
     download: bool = False,
     image_size: int | None = None,
 ) -> DataSplits:
-    """Load data set `name` (see KNOWN_DATASETS) with a held-out part of `heldout_fraction` of its
+    """Load data set `name` (see `list_datasets()`) with a held-out part of `heldout_fraction` of its
     training set, chosen by `seed`. `image_size` applies to ImageFolder data (default 224)."""
     root_path = Path(root).expanduser() if root else default_data_root()
-    if name == "digits":
-        return _digits(heldout_fraction, seed)
-    if name in ("fashion_mnist", "fashion-mnist", "fashionmnist"):
-        return _fashion_mnist(root_path, heldout_fraction, seed, download)
-    if name in ("cifar10", "cifar100"):
-        return _cifar(name, root_path, heldout_fraction, seed, download)
-    if name.startswith("imagefolder:"):
-        return _image_folder(Path(name.partition(":")[2]).expanduser(), heldout_fraction, seed, image_size or 224)
-    raise EntropySearchError(f"unknown data set {name!r}; known: {', '.join(KNOWN_DATASETS)}")
+    key, sep, argument = name.partition(":")
+    entry = _DATASETS.get(key) if sep else _DATASETS.get(name)
+    if entry is None or entry.takes_argument != bool(sep):
+        raise EntropySearchError(f"unknown data set {name!r}; known: {', '.join(list_datasets())}")
+    return entry.loader(root_path, heldout_fraction=heldout_fraction, seed=seed, download=download,
+                        image_size=image_size, argument=argument)
 
 
 def _array_splits(
@@ -187,7 +217,8 @@ def _array_splits(
 # ---------------------------------------------------------------- digits (ships with scikit-learn)
 
 
-def _digits(heldout_fraction: float, seed: int) -> DataSplits:
+@register_dataset("digits", description="scikit-learn's 8x8 handwritten digits (offline)")
+def _digits(root: Path, *, heldout_fraction: float, seed: int, **_: object) -> DataSplits:
     """scikit-learn's 8x8 digits: a fixed stratified 80/20 train/test split (seed 0, whatever `seed`)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -211,7 +242,8 @@ def _digits(heldout_fraction: float, seed: int) -> DataSplits:
 # ---------------------------------------------------------------- Fashion-MNIST
 
 
-def _fashion_mnist(root: Path, heldout_fraction: float, seed: int, download: bool) -> DataSplits:
+@register_dataset("fashion_mnist", aliases=("fashion-mnist", "fashionmnist"), description="Fashion-MNIST 28x28")
+def _fashion_mnist(root: Path, *, heldout_fraction: float, seed: int, download: bool, **_: object) -> DataSplits:
     """torchvision's FashionMNIST, from `root`, else from Debian's files, else downloaded if allowed."""
     from torchvision.datasets import FashionMNIST
 
@@ -272,6 +304,16 @@ def _download(fetch: Callable[[], object], label: str, where: Path) -> None:
 # ---------------------------------------------------------------- CIFAR-10 / CIFAR-100
 
 
+@register_dataset("cifar10", description="CIFAR-10 32x32 (torchvision)")
+def _cifar10(root: Path, *, heldout_fraction: float, seed: int, download: bool, **_: object) -> DataSplits:
+    return _cifar("cifar10", root, heldout_fraction, seed, download)
+
+
+@register_dataset("cifar100", description="CIFAR-100 32x32 (torchvision)")
+def _cifar100(root: Path, *, heldout_fraction: float, seed: int, download: bool, **_: object) -> DataSplits:
+    return _cifar("cifar100", root, heldout_fraction, seed, download)
+
+
 def _cifar(name: str, root: Path, heldout_fraction: float, seed: int, download: bool) -> DataSplits:
     """torchvision's CIFAR-10/100 (files checked against torchvision's checksums)."""
     from torchvision.datasets import CIFAR10, CIFAR100
@@ -307,6 +349,12 @@ def _cifar(name: str, root: Path, heldout_fraction: float, seed: int, download: 
 
 
 # ---------------------------------------------------------------- ImageFolder
+
+
+@register_dataset("imagefolder", takes_argument=True, description="train/ and val/ (or test/) folders of class folders")
+def _imagefolder(root: Path, *, heldout_fraction: float, seed: int, image_size: int | None, argument: str,
+                 **_: object) -> DataSplits:
+    return _image_folder(Path(argument).expanduser(), heldout_fraction, seed, image_size or 224)
 
 
 def _image_folder(path: Path, heldout_fraction: float, seed: int, image_size: int) -> DataSplits:

@@ -1,6 +1,6 @@
 """MLflow tracking of sweeps: one parent run per sweep, one child run per Tune trial.
 
-The only module (besides the CLI commands) that imports MLflow. What is recorded:
+The only module that imports MLflow (the pure tables it logs are in `entropy_search.summary`). What is recorded:
 
 * parent run (tag ``entropy_search.role=sweep``): the sweep's settings as params, the environment as
   tags, and at the end the cross-trial summary table (``summary.csv``, ``summary.md``,
@@ -28,20 +28,41 @@ their artifacts next to the database (``<db dir>/mlruns/<experiment>``).
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
-import math
 import os
 import platform
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import EntropySearchError
+import mlflow
+import mlflow.pytorch
+import mlflow.tracking._tracking_service.utils as mlflow_service
+import numpy as np
+import ray
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag, ViewType
+from mlflow.models import infer_signature
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+from .data import load_data
+from .errors import EntropySearchError
+from .jsonio import read_jsonl
+from .plots import candidate_scatter
+from .problem import load_checkpoint
+from .store import local_store_dir, resolve_tracking_uri
+from .summary import (
+    best_policy,
+    final_metrics,
+    finite,
+    flatten,
+    numeric,
+    write_candidate_table,
+    write_summary,
+)
+from .utils import environment_info
 
 ROLE_TAG = "entropy_search.role"
 SWEEP_TAG = "entropy_search.sweep"
@@ -57,50 +78,11 @@ _PARAMS_PER_BATCH = 100
 _METRICS_PER_BATCH = 1000
 _MAX_PARAM_CHARS = 6000
 
-#: Columns of the candidate table, first (the rest follow in the order they appear).
-CANDIDATE_COLUMNS = ("id", "iteration", "reward", "macs_ratio", "params_ratio", "macs", "params", "entropy", "accuracy",
-                     "cache_hit", "eval_seconds", "kept_channels", "keep")
-
-
 # ---------------------------------------------------------------- store and client
-
-
-def resolve_tracking_uri(uri: str | None = None) -> str:
-    """The tracking URI to use, absolute for local stores (see the module docstring)."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):]
-        if not path.startswith("/"):
-            path = str(Path(path).expanduser().resolve())
-        return "sqlite:///" + path
-    if uri.startswith("file:"):
-        path = uri[len("file:"):].lstrip("/")
-        return "file:///" + path if uri.startswith("file:///") else "file://" + str(Path(path).resolve())
-    if "://" not in uri and not re.match(r"^[a-z][a-z0-9+.-]*:", uri):
-        return str(Path(uri).expanduser().resolve())  # a plain folder: MLflow's file store
-    return uri
-
-
-def is_local_store(uri: str) -> bool:
-    """True for stores on this machine's disk (sqlite, file), False for servers and databases."""
-    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
-
-
-def local_store_dir(uri: str) -> Path | None:
-    """The folder of a local store (the sqlite file's folder, or the file store itself)."""
-    if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///"):]).parent
-    if uri.startswith("file://"):
-        return Path(uri[len("file://"):])
-    if "://" not in uri and not uri.startswith("sqlite:"):
-        return Path(uri)
-    return None
 
 
 def client(uri: str | None = None):
     """An MlflowClient on the resolved tracking URI."""
-    from mlflow import MlflowClient
-
     return MlflowClient(tracking_uri=resolve_tracking_uri(uri))
 
 
@@ -110,8 +92,6 @@ def _slug(text: str) -> str:
 
 def get_or_create_experiment(mlclient, name: str, tracking_uri: str) -> str:
     """The id of experiment `name`, created (or restored from the bin) when needed."""
-    from mlflow.entities import ViewType
-
     found = mlclient.get_experiment_by_name(name)
     if found is not None:
         if found.lifecycle_stage == "deleted":
@@ -137,22 +117,6 @@ def _quote(value: str) -> str:
 # ---------------------------------------------------------------- params, tags, metrics
 
 
-def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested dict -> {dotted key: string}; lists become JSON (``agent.hidden_sizes = [64, 64]``)."""
-    out: dict[str, str] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            out.update(flatten(value, name + "."))
-        elif isinstance(value, (list, tuple, Mapping)):
-            out[name] = json.dumps(value, default=str)
-        elif value is None:
-            out[name] = "None"
-        else:
-            out[name] = str(value)
-    return out
-
-
 def hardware() -> dict[str, str]:
     """CPU model and count, GPU model and count of this machine (where the calling process runs)."""
     cpu = platform.processor() or platform.machine()
@@ -165,8 +129,6 @@ def hardware() -> dict[str, str]:
         pass
     info = {"hardware.cpu": cpu, "hardware.cpu_count": str(os.cpu_count()), "hardware.node": platform.node()}
     try:
-        import torch
-
         if torch.cuda.is_available():
             info["hardware.gpu"] = torch.cuda.get_device_name(0)
             info["hardware.gpu_count"] = str(torch.cuda.device_count())
@@ -180,40 +142,20 @@ def hardware() -> dict[str, str]:
 
 def environment_tags() -> dict[str, str]:
     """Git commit, package/Ray/torch/MLflow versions and hardware, as run tags."""
-    from .utils import environment_info
-
     info = environment_info()
     commit = os.environ.get("ENTROPY_SEARCH_GIT_COMMIT") or info.get("git_commit", "unknown")
     tags = {f"env.{k}": str(v) for k, v in info.items()}
     tags["env.git_commit"] = commit
     tags["mlflow.source.git.commit"] = commit
     tags["env.package_version"] = str(info.get("entropy_search_version"))
-    try:
-        import ray
-
-        tags["env.ray"] = ray.__version__
-    except ImportError:
-        pass
-    import mlflow
-
+    tags["env.ray"] = ray.__version__
     tags["env.mlflow"] = mlflow.__version__
     tags.update(hardware())
     return tags
 
 
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """The finite numbers of a metrics dict (NaN/None/strings dropped)."""
-    return {str(k): float(v) for k, v in metrics.items() if _finite(v)}
-
-
 def log_metrics(mlclient, run_id: str, metrics: Mapping[str, Any], step: int = 0) -> None:
     """Log the finite numbers of `metrics` at `step` in batches."""
-    from mlflow.entities import Metric
-
     now = int(time.time() * 1000)
     items = [Metric(k, v, now, int(step)) for k, v in numeric(metrics).items()]
     for i in range(0, len(items), _METRICS_PER_BATCH):
@@ -222,8 +164,6 @@ def log_metrics(mlclient, run_id: str, metrics: Mapping[str, Any], step: int = 0
 
 def log_params(mlclient, run_id: str, params: Mapping[str, str]) -> None:
     """Log params in batches, skipping those the run already holds (a resumed run keeps its params)."""
-    from mlflow.entities import Param
-
     have = mlclient.get_run(run_id).data.params
     items = [Param(k, str(v)[:_MAX_PARAM_CHARS]) for k, v in params.items() if k not in have]
     for i in range(0, len(items), _PARAMS_PER_BATCH):
@@ -231,8 +171,6 @@ def log_params(mlclient, run_id: str, params: Mapping[str, str]) -> None:
 
 
 def set_tags(mlclient, run_id: str, tags: Mapping[str, Any]) -> None:
-    from mlflow.entities import RunTag
-
     items = [RunTag(k, str(v)[:_MAX_PARAM_CHARS]) for k, v in tags.items()]
     for i in range(0, len(items), _PARAMS_PER_BATCH):
         mlclient.log_batch(run_id, tags=items[i:i + _PARAMS_PER_BATCH], synchronous=True)
@@ -252,8 +190,6 @@ def set_status(mlclient, run_id: str, status: str, note: str | None = None) -> N
 
 
 def _search(mlclient, experiment_ids: Sequence[str], filter_string: str, order_by=None) -> list:
-    from mlflow.entities import ViewType
-
     runs, token = [], None
     while True:
         page = mlclient.search_runs(list(experiment_ids), filter_string=filter_string, run_view_type=ViewType.ACTIVE_ONLY,
@@ -376,11 +312,9 @@ class TrialRun:
         log_metrics(self.client, self.run_id, final, step=step)
         art = out / "mlflow"
         art.mkdir(parents=True, exist_ok=True)
-        records = read_candidates(out / "candidates.jsonl")
+        records = read_jsonl(out / "candidates.jsonl")
         write_candidate_table(records, art / "candidates.csv")
         (art / "best_policy.json").write_text(json.dumps(best_policy(result), indent=2) + "\n")
-        from .plots import candidate_scatter
-
         candidate_scatter(records, result, art / "scatter.png")
         for path in (art / "candidates.csv", art / "best_policy.json", art / "scatter.png"):
             self.client.log_artifact(self.run_id, str(path))
@@ -396,11 +330,6 @@ class TrialRun:
 
     def log_model(self, result: Mapping[str, Any], path: str, *, registered_model_name: str | None = None) -> None:
         """The pruned, fine-tuned model with `mlflow.pytorch`, an input example and its signature."""
-        import mlflow
-        import mlflow.pytorch
-        import torch
-        from mlflow.models import infer_signature
-
         model = torch.load(path, map_location="cpu", weights_only=False).eval()
         example = input_example(result)
         with torch.no_grad():
@@ -415,7 +344,7 @@ class TrialRun:
                 params={"macs_ratio": best.get("macs_ratio"), "kept_channels": json.dumps(best.get("kept_channels"))},
             )
             test_acc = best.get("test_accuracy_after_finetune")
-            if _finite(test_acc):
+            if finite(test_acc):
                 mlflow.log_metric("model_test_accuracy", float(test_acc), model_id=getattr(info, "model_id", None))
         # leaving the context set the run FINISHED; the caller sets the final status itself
 
@@ -428,10 +357,7 @@ class TrialRun:
 def _fluent_store(uri: str):
     """Point MLflow's fluent API (needed by `mlflow.pytorch.log_model`) at `uri`, and back afterwards
     (`mlflow.set_tracking_uri` also sets MLFLOW_TRACKING_URI, which would leak to later runs)."""
-    import mlflow
-    import mlflow.tracking._tracking_service.utils as service
-
-    before = getattr(service, "_tracking_uri", None)
+    before = getattr(mlflow_service, "_tracking_uri", None)
     env = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     try:
@@ -446,19 +372,13 @@ def _fluent_store(uri: str):
 
 def input_example(result: Mapping[str, Any]):
     """Two real test images of the searched data set (normalised like the model saw them), or zeros."""
-    import numpy as np
-
     cfg = result.get("config") or {}
     try:
-        from .checkpoint import load_checkpoint
-
         ckpt = load_checkpoint(cfg["model"]["checkpoint"])
         shape = (ckpt.in_channels, ckpt.image_size, ckpt.image_size)
     except Exception:  # noqa: BLE001
         ckpt, shape = None, None
     try:
-        from .data import load_data
-
         splits = load_data(cfg["data"]["name"], cfg["data"].get("root"), seed=int(cfg.get("seed", 0)))
         x = np.stack([splits.test[i][0].numpy() for i in range(2)]).astype(np.float32)
         if shape is None or tuple(x.shape[1:]) == shape:
@@ -473,132 +393,7 @@ def input_example(result: Mapping[str, Any]):
 # ---------------------------------------------------------------- what a finished search logs
 
 
-def read_candidates(path: str | os.PathLike) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill
-    return out
-
-
-def write_candidate_table(records: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
-    """Every evaluated candidate, one row each (lists as JSON), as CSV."""
-    path = Path(path)
-    columns = [c for c in CANDIDATE_COLUMNS if any(c in r for r in records)]
-    for r in records:
-        for k in r:
-            if k not in columns:
-                columns.append(k)
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns or ["id"])
-        writer.writeheader()
-        for r in records:
-            writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()})
-    return path
-
-
-def read_candidate_table(path: str | os.PathLike) -> list[dict]:
-    """Rows of a candidate table (numbers parsed, lists decoded)."""
-    rows = []
-    with open(path, newline="") as fh:
-        for row in csv.DictReader(fh):
-            rows.append({k: _parse_cell(v) for k, v in row.items()})
-    return rows
-
-
-def _parse_cell(value: str):
-    if value == "":
-        return None
-    if value[:1] in "[{":
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            return value
-    for kind in (int, float):
-        try:
-            return kind(value)
-        except ValueError:
-            pass
-    if value in ("True", "False"):
-        return value == "True"
-    return value
-
-
-def best_policy(result: Mapping[str, Any]) -> dict:
-    """The best candidate's policy (keep ratio per channel group) with its numbers."""
-    best = result.get("best") or {}
-    keys = ("reward", "macs", "params", "macs_ratio", "params_ratio", "entropy", "heldout_accuracy",
-            "test_accuracy_before_finetune", "test_accuracy_after_finetune", "kept_channels")
-    return {"policy": result.get("best_policy"), **{k: best.get(k) for k in keys},
-            "flops_target": (result.get("config") or {}).get("search", {}).get("flops_target"),
-            "groups": [g.get("name") for g in result.get("groups") or []]}
-
-
-def final_metrics(result: Mapping[str, Any]) -> dict[str, float]:
-    """The numbers of a finished search, flat: best candidate, baselines, baseline model, cost."""
-    best = result.get("best") or {}
-    base = result.get("base") or {}
-    cost = result.get("cost") or {}
-    m: dict[str, Any] = {
-        "reward": best.get("reward"),
-        "macs_ratio": best.get("macs_ratio"),
-        "params_ratio": best.get("params_ratio"),
-        "macs": best.get("macs"),
-        "params": best.get("params"),
-        "entropy": best.get("entropy"),
-        "heldout_accuracy": best.get("heldout_accuracy"),
-        "test_accuracy_before_finetune": best.get("test_accuracy_before_finetune"),
-        "test_accuracy": best.get("test_accuracy_after_finetune"),
-        "base_macs": base.get("macs"),
-        "base_params": base.get("params"),
-        "base_test_accuracy": base.get("test_accuracy"),
-        "base_heldout_accuracy": base.get("heldout_accuracy"),
-        "base_entropy": base.get("entropy"),
-    }
-    for name, res in (result.get("baselines") or {}).items():
-        rec, fin = res.get("best") or {}, res.get("final") or {}
-        m[f"{name}_reward"] = rec.get("reward")
-        m[f"{name}_macs_ratio"] = rec.get("macs_ratio")
-        m[f"{name}_params_ratio"] = rec.get("params_ratio")
-        m[f"{name}_entropy"] = rec.get("entropy")
-        m[f"{name}_heldout_accuracy"] = rec.get("accuracy")
-        m[f"{name}_test_accuracy"] = fin.get("test_accuracy_after_finetune")
-        m[f"{name}_evaluations"] = res.get("evaluations")
-    proxy = result.get("proxy") or {}
-    m["proxy_entropy_spearman"] = proxy.get("entropy_reward_vs_accuracy")
-    m["proxy_reward_spearman"] = proxy.get("reward_vs_accuracy")
-    for key in ("iterations", "candidates", "evaluations", "cache_hits", "search_seconds", "candidates_per_second",
-                "evaluations_per_second", "baselines_seconds", "finetune_seconds", "total_seconds"):
-        m[f"cost_{key}"] = cost.get(key)
-    return numeric(m)
-
-
 # ---------------------------------------------------------------- the cross-trial summary
-
-#: (column title, row key, format) of the printed summary table, after the axes.
-SUMMARY_COLUMNS = (
-    ("status", "status", "s"),
-    ("MACs", "macs_ratio", ".3f"),
-    ("params", "params_ratio", ".3f"),
-    ("best reward", "reward", ".4f"),
-    ("held-out", "heldout_accuracy", "%"),
-    ("test pre-FT", "test_accuracy_before_finetune", "%"),
-    ("test FT", "test_accuracy", "%"),
-    ("uniform FT", "uniform_test_accuracy", "%"),
-    ("random FT", "random_test_accuracy", "%"),
-    ("entropy~acc", "proxy_entropy_spearman", ".2f"),
-    ("cand", "cost_candidates", ".0f"),
-    ("cand/s", "cost_candidates_per_second", ".1f"),
-    ("min", "cost_total_seconds", "min"),
-)
-
 
 def sweep_rows(mlclient, experiment_id: str, parent_run_id: str) -> list[dict]:
     """One row per trial from MLflow: trial name, status, axis values, final metrics (last values)."""
@@ -632,122 +427,6 @@ def _float(value):
         return float(value)
     except (TypeError, ValueError):
         return None
-
-
-def _fmt(value, fmt: str) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    if fmt == "s":
-        return str(value)
-    if fmt == "%":
-        return f"{100 * float(value):.2f}%"
-    if fmt == "min":
-        return f"{float(value) / 60:.1f}"
-    return format(float(value), fmt)
-
-
-def axis_names(rows: Iterable[Mapping[str, Any]]) -> list[str]:
-    names: list[str] = []
-    for row in rows:
-        for k in row.get("axes") or {}:
-            if k not in names:
-                names.append(k)
-    return names
-
-
-def format_table(rows: Sequence[Mapping[str, Any]], *, markdown: bool = False) -> str:
-    """The summary table: one line per trial, axis values first, then the results."""
-    axes = axis_names(rows)
-    headers = ["trial"] + [a.split(".")[-1] for a in axes] + [c[0] for c in SUMMARY_COLUMNS]
-    body = []
-    for row in rows:
-        cells = [str(row.get("trial"))]
-        cells += [str((row.get("axes") or {}).get(a, "-")) for a in axes]
-        cells += [_fmt(row.get(key), fmt) for _, key, fmt in SUMMARY_COLUMNS]
-        body.append(cells)
-    return _render(headers, body, markdown)
-
-
-def aggregate_rows(rows: Sequence[Mapping[str, Any]], over: str = "seed") -> list[dict]:
-    """Mean and standard deviation over the `over` axis (seeds) of the finished trials' results."""
-    import numpy as np
-
-    axes = [a for a in axis_names(rows) if a != over and a.split(".")[-1] != over]
-    groups: dict[tuple, list] = {}
-    for row in rows:
-        if row.get("status") != "FINISHED":
-            continue
-        key = tuple(str((row.get("axes") or {}).get(a, "-")) for a in axes)
-        groups.setdefault(key, []).append(row)
-    out = []
-    for key, members in groups.items():
-        agg: dict[str, Any] = {"axes": dict(zip(axes, key)), "n": len(members)}
-        for _, col, fmt in SUMMARY_COLUMNS:
-            if fmt == "s":
-                continue
-            vals = [float(m[col]) for m in members if _finite(m.get(col))]
-            if vals:
-                agg[col] = float(np.mean(vals))
-                agg[col + "_std"] = float(np.std(vals))
-        out.append(agg)
-    return out
-
-
-def format_aggregate(agg: Sequence[Mapping[str, Any]], *, markdown: bool = False) -> str:
-    axes = axis_names(agg)
-    cols = [c for c in SUMMARY_COLUMNS if c[1] in ("macs_ratio", "heldout_accuracy", "test_accuracy",
-                                                    "uniform_test_accuracy", "random_test_accuracy")]
-    headers = [a.split(".")[-1] for a in axes] + ["n"] + [c[0] for c in cols]
-    body = []
-    for row in agg:
-        cells = [str(row["axes"].get(a, "-")) for a in axes] + [str(row["n"])]
-        for _, key, fmt in cols:
-            mean, std = row.get(key), row.get(key + "_std")
-            if mean is None:
-                cells.append("-")
-            elif fmt == "%":
-                cells.append(f"{100 * mean:.2f}±{100 * std:.2f}")
-            else:
-                cells.append(f"{mean:{fmt}}±{std:{fmt}}")
-        body.append(cells)
-    return _render(headers, body, markdown)
-
-
-def _render(headers: list[str], body: list[list[str]], markdown: bool) -> str:
-    if markdown:
-        lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-        lines += ["| " + " | ".join(r) + " |" for r in body]
-        return "\n".join(lines)
-    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths)))]
-    for r in body:
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
-    return "\n".join(lines)
-
-
-def write_summary(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, *, title: str = "") -> dict[str, Path]:
-    """summary.csv / summary.md / summary.json and comparison.png in `out_dir`; returns their paths."""
-    from .plots import sweep_comparison
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": out / "summary.csv", "md": out / "summary.md", "json": out / "summary.json",
-             "png": out / "comparison.png"}
-    axes = axis_names(rows)
-    cols = ["trial", "status", *axes] + [k for _, k, _ in SUMMARY_COLUMNS if k != "status"] + ["run_id"]
-    with open(paths["csv"], "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(cols)
-        for row in rows:
-            writer.writerow([(row.get("axes") or {}).get(c, row.get(c)) if c in axes else row.get(c) for c in cols])
-    md = [f"# {title}" if title else "# sweep summary", "", format_table(rows, markdown=True)]
-    agg = aggregate_rows(rows)
-    if agg and any(a["n"] > 1 for a in agg):
-        md += ["", "## mean ± std over seeds", "", format_aggregate(agg, markdown=True)]
-    paths["md"].write_text("\n".join(md) + "\n")
-    paths["json"].write_text(json.dumps(list(rows), indent=2, default=str) + "\n")
-    sweep_comparison(rows, paths["png"], title=title)
-    return paths
 
 
 def log_sweep_summary(mlclient, experiment_id: str, parent_run_id: str, out_dir: str | os.PathLike,

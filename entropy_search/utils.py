@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .version import __version__
+
 
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, NumPy and torch (CPU and CUDA); return a torch generator seeded the same way."""
@@ -43,8 +45,6 @@ def git_commit(path: str | os.PathLike | None = None) -> str:
 
 def environment_info() -> dict[str, str]:
     """Versions and hardware, logged with every result."""
-    from . import __version__
-
     info = {
         "entropy_search_version": __version__,
         "git_commit": git_commit(),

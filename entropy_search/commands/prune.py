@@ -7,7 +7,25 @@ import argparse
 import json
 from pathlib import Path
 
+from ..config import FinetuneConfig, SearchSettings
+from ..data import eval_batch, load_data
 from ..errors import ConfigError, EntropySearchError
+from ..problem import (
+    Budget,
+    PruningSpace,
+    build_model,
+    count_params,
+    finalize,
+    load_checkpoint,
+    save_checkpoint,
+    uniform_counts,
+)
+from ..train import evaluate
+from ..utils import resolve_device, seed_everything
+
+# defaults shared with the search config (the schema is the one place for them)
+_SEARCH = SearchSettings.model_fields
+_FINETUNE = FinetuneConfig.model_fields
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -26,13 +44,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      help="fraction of the baseline's MACs to keep, met by one ratio for all groups (default 0.5)")
     how.add_argument("--keep", type=float, default=None, help="keep ratio in (0, 1] for every channel group")
     how.add_argument("--policy", default=None, help="JSON file with one keep ratio per channel group")
-    parser.add_argument("--min-keep", type=float, default=0.1, help="smallest keep ratio for --flops-target")
-    parser.add_argument("--round-to", type=int, default=1, help="round kept channel counts to this multiple")
-    parser.add_argument("--bn-calibration", type=int, default=256,
+    parser.add_argument("--min-keep", type=float, default=_SEARCH["min_keep"].default,
+                        help="smallest keep ratio for --flops-target")
+    parser.add_argument("--round-to", type=int, default=_SEARCH["round_to"].default,
+                        help="round kept channel counts to this multiple")
+    parser.add_argument("--bn-calibration", type=int, default=_SEARCH["bn_calibration"].default,
                         help="training images the pruned network's BN statistics are re-estimated on before "
                              "testing and fine-tuning (adaptive BN; 0: keep the baseline's)")
-    parser.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs (0: none)")
-    parser.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
+    parser.add_argument("--epochs", type=int, default=_FINETUNE["epochs"].default, help="fine-tuning epochs (0: none)")
+    parser.add_argument("--lr", type=float, default=_FINETUNE["lr"].default, help="fine-tuning learning rate")
     parser.add_argument("--data", default=None, help="data set (default: the checkpoint's)")
     parser.add_argument("--data-root", default=None, help="where data sets live")
     parser.add_argument("--out", default=None, help="pruned checkpoint to write (default: <checkpoint>_pruned.pt)")
@@ -61,17 +81,6 @@ def read_policy(path: str | Path) -> list[float]:
 
 
 def run(args: argparse.Namespace) -> int:
-
-    from ..adaptive_bn import recalibrate_batchnorm
-    from ..baselines import uniform_counts
-    from ..checkpoint import build_model, load_checkpoint, save_checkpoint
-    from ..data import eval_batch, load_data
-    from ..envs.pruning_env import Budget
-    from ..flops import count_macs, count_params
-    from ..space import PruningSpace
-    from ..train import evaluate, fine_tune
-    from ..utils import resolve_device, seed_everything
-
     if args.epochs < 0:
         raise ConfigError(f"--epochs must be >= 0, got {args.epochs}")
     if args.bn_calibration < 0:
@@ -85,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
             f"data set {splits.name} ({splits.in_channels} channels, {splits.num_classes} classes) does not fit "
             f"checkpoint {ckpt.path} ({ckpt.in_channels} channels, {ckpt.num_classes} classes)"
         )
-    device = resolve_device(args.device)
+    device = str(resolve_device(args.device))
     model = build_model(ckpt)
     example = ckpt.example_input()
     space = PruningSpace(model, example, round_to=args.round_to)
@@ -95,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.keep is not None:
         keep, how = space.check_keep([args.keep] * len(space.groups)), f"uniform keep {args.keep:g}"
     else:
-        target = 0.5 if args.flops_target is None else args.flops_target
+        target = _SEARCH["flops_target"].default if args.flops_target is None else args.flops_target
         if not 0 < target <= 1:
             raise ConfigError(f"--flops-target must be in (0, 1], got {target}")
         budget = Budget(space, target, args.min_keep)
@@ -104,21 +113,14 @@ def run(args: argparse.Namespace) -> int:
         keep, how = space.counts_to_keep(counts), f"uniform keep {ratio:.3f} for MACs <= {target:g} x baseline"
 
     seed_everything(args.seed)
-    pruned = space.prune(keep)
-    rows = {
-        "MACs": (space.base_macs, count_macs(pruned, example)),
-        "params": (count_params(model), count_params(pruned)),
-    }
+    calibration = None
     if args.bn_calibration:
-        recalibrate_batchnorm(pruned, eval_batch(splits, args.bn_calibration, split="train", seed=args.seed)[0])
+        calibration = eval_batch(splits, args.bn_calibration, split="train", seed=args.seed)[0]
+    measured, pruned = finalize(space, splits, keep, finetune=FinetuneConfig(epochs=args.epochs, lr=args.lr),
+                                calibration=calibration, seed=args.seed, device=device, progress=not args.no_progress)
     acc_base = evaluate(model, splits.test, device=device)
-    acc_pruned = evaluate(pruned, splits.test, device=device)
-    acc_tuned = acc_pruned
-    if args.epochs:
-        fine_tune(pruned, splits.train, epochs=args.epochs, lr=args.lr, device=device, seed=args.seed,
-                  progress=not args.no_progress)
-        acc_tuned = evaluate(pruned, splits.test, device=device)
-    pruned = pruned.cpu().eval()
+    rows = {"MACs": (space.base_macs, measured["macs"]), "params": (count_params(model), measured["params"])}
+    acc_pruned, acc_tuned = measured["test_accuracy_before_finetune"], measured["test_accuracy_after_finetune"]
 
     out = Path(args.out) if args.out else ckpt.path.with_name(ckpt.path.stem + "_pruned.pt")
     metrics = {

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..summary import format_aggregate, format_table
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -26,8 +28,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..sweep import report
-    from ..tracking import format_aggregate, format_table
+    from ..sweep import report  # deferred: Ray Tune and MLflow take seconds to import
 
     result = report(args.sweep, tracking_uri=args.tracking_uri, out=args.out)
     if args.json:

@@ -11,6 +11,9 @@ import argparse
 import ast
 from pathlib import Path
 
+import yaml
+
+from ..config import load_config, schema_reference
 from ..errors import ConfigError
 
 #: What `--smoke` overrides: a tiny run (seconds of search) that exercises every stage.
@@ -56,8 +59,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def parse_overrides(items: list[str]) -> dict:
     """`KEY=VALUE` strings to {dotted key: value}; VALUE is read as YAML (numbers, lists, null...)."""
-    import yaml
-
     out = {}
     for item in items:
         key, sep, raw = item.partition("=")
@@ -75,8 +76,6 @@ def parse_overrides(items: list[str]) -> dict:
 
 def smoke_config(config):
     """The tiny variant of a config (`--smoke`)."""
-    from ..config import load_config
-
     overrides = dict(SMOKE_OVERRIDES)
     smoke_dir = Path(config.output.dir) / "smoke"
     overrides["output.dir"] = str(smoke_dir)
@@ -90,8 +89,6 @@ def smoke_config(config):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import load_config, schema_reference
-
     if args.print_schema:
         print(schema_reference())
         return 0
@@ -106,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         config = smoke_config(config)
         overwrite = overwrite or not args.resume
 
-    from ..search import run_search
+    from ..search import run_search  # deferred: Ray and RLlib take seconds to import
 
     result = run_search(config, resume=args.resume, overwrite=overwrite, progress=not args.no_progress)
     print(summary(result))

@@ -8,7 +8,12 @@ cross-trial summary table is printed and logged with a comparison plot on the pa
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+from ..store import resolve_tracking_uri
+from ..summary import aggregate_rows, format_aggregate
+from .search import parse_overrides
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -40,8 +45,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..sweep import describe, load_sweep_config, run_sweep
-    from .search import parse_overrides
+    from ..sweep import (  # deferred: Ray Tune and MLflow take seconds to import
+        describe,
+        load_sweep_config,
+        run_sweep,
+    )
 
     overrides = parse_overrides(args.overrides)
     if args.name:
@@ -63,8 +71,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def summary(result: dict) -> str:
-    from ..tracking import aggregate_rows, format_aggregate
-
     rows = result["rows"]
     lines = ["", f"sweep {result['name']}: {len(rows)} trial(s), {result['failed']} failed, "
              f"{result['wall_seconds'] / 60:.1f} min, status {result['status']}", result["table"]]
@@ -84,10 +90,6 @@ def summary(result: dict) -> str:
 
 
 def _uri_flag(uri: str) -> str:
-    import os
-
-    from ..tracking import resolve_tracking_uri
-
     if uri == resolve_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI")):
         return ""
     return f" --tracking-uri {uri}"

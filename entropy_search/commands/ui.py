@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 from ..errors import EntropySearchError
+from ..store import is_local_store, local_store_dir, resolve_tracking_uri
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -89,8 +90,6 @@ def start_server(uri: str, host: str, port: int, workers: int, timeout: float) -
 
 def server_command(uri: str, host: str, port: int, workers: int) -> list[str]:
     """`mlflow server` for a local store, its artifacts served from next to the database."""
-    from ..tracking import local_store_dir
-
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port),
            "--workers", str(workers)]
     store = local_store_dir(uri)
@@ -100,11 +99,9 @@ def server_command(uri: str, host: str, port: int, workers: int) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..tracking import is_local_store, resolve_tracking_uri
-
     uri = args.tracking_uri
     if uri is None and args.config:
-        from ..sweep import load_sweep_config
+        from ..sweep import load_sweep_config  # deferred: Ray Tune takes seconds to import
 
         uri = load_sweep_config(args.config).mlflow.tracking_uri
     uri = resolve_tracking_uri(uri)

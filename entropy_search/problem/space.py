@@ -31,7 +31,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from .errors import EntropySearchError
+from ..errors import EntropySearchError
 
 Importance = Callable[[tp.dependency.Group], torch.Tensor]
 
@@ -291,9 +291,10 @@ class PruningSpace:
 
     def kept_channels(self, keep: Sequence[float]) -> list[int]:
         """Channels kept per group: keep x channels rounded to the nearest multiple of `round_to`, at least one."""
-        return [self._round(k, g.channels) for k, g in zip(self.check_keep(keep), self.groups)]
+        return [self.round_count(k, g.channels) for k, g in zip(self.check_keep(keep), self.groups)]
 
-    def _round(self, keep: float, channels: int) -> int:
+    def round_count(self, keep: float, channels: int) -> int:
+        """Channels a group of `channels` keeps at ratio `keep`: the one rounding rule of the space."""
         m = self.round_to
         kept = int(math.floor(keep * channels / m + 0.5)) * m
         return min(max(kept, min(m, channels), 1), channels)

@@ -16,9 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import CheckpointError, EntropySearchError
-from .models import create_model
-from .utils import environment_info
+from ..errors import CheckpointError, EntropySearchError
+from ..jsonio import plain
+from ..models import create_model
+from ..utils import environment_info
+from .space import PruningSpace
 
 FORMAT = "entropy-search-checkpoint"
 FORMAT_VERSION = 1
@@ -73,15 +75,15 @@ def save_checkpoint(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model_name": str(model_name),
-        "model_kwargs": _plain(dict(model_kwargs or {})),
+        "model_kwargs": plain(dict(model_kwargs or {})),
         "num_classes": int(num_classes),
         "in_channels": int(in_channels),
         "image_size": int(image_size),
         "data": str(data),
-        "config": _plain(dict(config or {})),
-        "metrics": _plain(dict(metrics or {})),
+        "config": plain(dict(config or {})),
+        "metrics": plain(dict(metrics or {})),
         "keep": None if keep is None else [float(k) for k in keep],
-        "environment": _plain(environment_info()),
+        "environment": plain(environment_info()),
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
     }
     try:
@@ -178,37 +180,10 @@ def build_model(ckpt: Checkpoint, prune_fn: PruneFn | None = None) -> nn.Module:
 
 
 def _default_prune_fn(ckpt: Checkpoint) -> PruneFn:
-    """`PruningSpace(...).prune(keep)` from `entropy_search.space`, when that module is installed."""
-    try:
-        from .space import PruningSpace
-    except ImportError:
-        raise CheckpointError(
-            f"checkpoint {ckpt.path} holds a pruned model (keep={ckpt.keep}); pass prune_fn to build_model"
-        ) from None
+    """`PruningSpace(...).prune(keep)` with the rounding the checkpoint was pruned with."""
     round_to = int(ckpt.config.get("round_to", 1))
 
     def prune(model: nn.Module, example_input: torch.Tensor, keep: Sequence[float]) -> nn.Module:
         return PruningSpace(model, example_input, round_to=round_to).prune(keep)
 
     return prune
-
-
-def _plain(value):
-    """Convert config/metrics values to what `torch.load(weights_only=True)` reads back (JSON-like)."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if value is None:
-        return None
-    for kind in (bool, int, float, str):  # exact types: subclasses (TorchVersion, numpy.float64) do not load
-        if isinstance(value, kind):
-            return kind(value)
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
-    if hasattr(value, "item") and callable(value.item):  # numpy scalars
-        try:
-            return _plain(value.item())
-        except (TypeError, ValueError):
-            pass
-    return str(value)

@@ -1,5 +1,9 @@
 """Evaluating a candidate (one keep ratio per group) without surgery: everything the reward and the
-records need, from one forward pass of a fixed batch.
+records need, from one forward pass of a fixed batch (docs/design.md, "Evaluating a candidate").
+
+`CandidateEvaluator` measures; `CandidateCache` is the one way a candidate is evaluated with the
+search's cache (keyed by kept channel counts) and given its reward, wherever it runs: in an env runner,
+on the driver for the baselines, or in a benchmark.
 
 The default path runs the original modules with only the kept channels' weights (`PruningSpace.sliced`),
 so a candidate costs about what the pruned network's forward costs; `masked` (full cost) and `pruned`
@@ -14,14 +18,17 @@ as the baseline's statistics applied to a different network.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 
+from ..errors import EntropySearchError
+from ..jsonio import plain
 from .adaptive_bn import recalibrated_batchnorm
 from .entropy import EntropyProbe
-from .errors import EntropySearchError
+from .rewards import compute_reward
 from .space import PruningSpace
 
 EVAL_MODES = ("auto", "sliced", "masked", "pruned")
@@ -105,3 +112,86 @@ class CandidateEvaluator:
                     correct += int((logits.argmax(1) == self.y[i : i + self.chunk_size]).sum())
         accuracy = correct / len(self.x) if self.y is not None else None
         return probe.value(), accuracy
+
+
+class SimulatedEvaluator:
+    """Benchmarks only (`search.simulate_eval_seconds`): sleeps as long as an evaluation would take and
+    returns smooth synthetic measurements, so the RL machinery can be timed without a network's cost."""
+
+    def __init__(self, space: PruningSpace, seconds: float) -> None:
+        self.space, self.seconds = space, float(seconds)
+        self.calibration = None
+
+    def evaluate(self, keep: Sequence[float]) -> dict:
+        keep = self.space.check_keep(keep)
+        t0 = time.perf_counter()
+        time.sleep(self.seconds)
+        weights = np.linspace(1.0, 2.0, len(keep))
+        counts = self.space.kept_channels(keep)
+        macs, params = self.space.macs_of_counts(counts), self.space.params_of_counts(counts)
+        return {
+            "keep": keep,
+            "kept_channels": counts,
+            "entropy": float(np.dot(weights, keep) / weights.sum()) + 0.1 * float(np.std(keep)),
+            "accuracy": float(0.5 + 0.5 * np.mean(np.sqrt(keep))),
+            "macs": macs,
+            "params": params,
+            "macs_ratio": macs / self.space.base_macs,
+            "params_ratio": params / self.space.base_params,
+            "eval_seconds": time.perf_counter() - t0,
+            "simulated": True,
+        }
+
+
+#: Keys of a candidate record that describe one episode, not the candidate (kept out of the cache).
+EPISODE_KEYS = frozenset({"cache_hit", "actions", "desired_keep", "worker", "episode", "iteration", "time", "source",
+                          "clipped", "id"})
+
+
+def cache_entry(record: dict) -> dict:
+    """The candidate's own measurements of a record (episode keys dropped)."""
+    return {k: v for k, v in record.items() if k not in EPISODE_KEYS}
+
+
+class CandidateCache:
+    """Evaluate candidates given by their kept channel counts, each at most once, with their reward.
+
+    `evaluate(counts)` returns (record, cache_hit): the evaluator's measurements as plain JSON values,
+    the reward, `kept_channels` and `keep`. `add(records)` takes candidates evaluated elsewhere
+    (another worker, a checkpoint). `enabled=False` evaluates every time (for measuring the evaluator).
+    """
+
+    def __init__(self, space: PruningSpace, evaluator: CandidateEvaluator | SimulatedEvaluator, reward: str,
+                 *, enabled: bool = True) -> None:
+        self.space, self.evaluator, self.reward, self.enabled = space, evaluator, reward, enabled
+        self.records: dict[tuple[int, ...], dict] = {}
+        self.stats = {"evaluations": 0, "cache_hits": 0, "eval_seconds": 0.0}
+
+    def evaluate(self, counts: Sequence[int]) -> tuple[dict, bool]:
+        key = tuple(int(c) for c in counts)
+        if self.enabled and key in self.records:
+            self.stats["cache_hits"] += 1
+            return dict(self.records[key]), True
+        keep = self.space.counts_to_keep(key)
+        record = plain(self.evaluator.evaluate(keep))
+        record["reward"] = float(compute_reward(self.reward, record))
+        record["kept_channels"] = list(key)
+        record["keep"] = [float(k) for k in keep]
+        self.stats["evaluations"] += 1
+        self.stats["eval_seconds"] += float(record.get("eval_seconds") or 0.0)
+        if self.enabled:
+            self.records[key] = record
+        return dict(record), False
+
+    def add(self, records: Iterable[dict]) -> int:
+        """Add candidates evaluated elsewhere; returns how many were new."""
+        added = 0
+        for rec in records:
+            key = tuple(int(c) for c in rec["kept_channels"])
+            if key not in self.records:
+                self.records[key] = cache_entry(rec)
+                added += 1
+        return added
+
+    def __len__(self) -> int:
+        return len(self.records)

@@ -1,4 +1,4 @@
-"""Rewards of a candidate pruned network: pure functions of its measurements (DESIGN.md, "Reward").
+"""Rewards of a candidate pruned network: pure functions of its measurements (docs/design.md, "Rewards").
 
 - ``entropy`` (the paper's, label-free): minus the network's mean spatial entropy (nats) over the
   kept channels of the measured layers; lower entropy is better.
@@ -16,7 +16,9 @@ import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 
-from .errors import EntropySearchError
+from scipy.stats import spearmanr
+
+from ..errors import EntropySearchError
 
 __all__ = [
     "REWARDS",
@@ -100,8 +102,6 @@ def proxy_agreement(records: Sequence[Mapping[str, float | None]]) -> dict[str, 
     over the evaluated candidates (1 = the same order, 0 = none, -1 = the opposite) of the entropy reward
     (minus entropy) and of the search's own reward with held-out accuracy. None where fewer than 3
     candidates have both numbers or one of them is constant."""
-    from scipy.stats import spearmanr
-
     def rho(xs: list[float], ys: list[float]) -> float | None:
         if len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:
             return None

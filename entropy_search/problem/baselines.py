@@ -1,10 +1,10 @@
 """What the RL agent must beat, under the same FLOPs budget and the same number of candidate evaluations.
 
 * `uniform_candidate`: one keep ratio for every group, the largest that meets the target (one candidate).
-* `random_search`: random actions in [-1, 1] with AMC's action clipping (the environment's `Budget`), as
+* `random_search`: random actions in [-1, 1] with AMC's action clipping (`Budget`, as the environment), as
   many distinct candidates as the agent evaluated; the best by reward wins.
 
-Both work on channel counts through `entropy_search.envs.Budget`, so they obey the same rounding and
+Both work on channel counts through `Budget`, so they obey the same rounding and
 the same budget arithmetic as the environment. Pure PyTorch/NumPy: no Ray.
 """
 
@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from entropy_search.envs.pruning_env import Budget
+from .budget import Budget
 
 Evaluate = Callable[[Sequence[int]], dict]
 

@@ -43,7 +43,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .errors import EntropySearchError
+from ..errors import EntropySearchError
 
 METHODS = ("cooccurrence", "histogram", "mass")
 LAYER_CHOICES = ("bn", "bn_relu", "last_stage")

@@ -1,0 +1,203 @@
+"""The Gymnasium environment of the search: one episode = one candidate network, one step = one channel group.
+
+A thin adapter over `entropy_search.problem` (docs/design.md, "The environment"): at step t the agent
+sees group t's [0,1]-normalised embedding (AMC's layer embedding) and answers one float in [-1, 1],
+which `Budget` maps to a keep ratio and clips so that the episode stays on budget; at the last step
+the candidate is evaluated through the problem's cache and `info` carries every measurement.
+
+The problem (network, groups, evaluation batches, cache) is built once per process (a Ray env runner)
+by `get_problem` and shared by the environments living there. The environment builds itself from a
+plain dict, `env_config(config)`: the resolved search config and an optional warm-cache file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from ..config import SearchConfig, config_from_dict
+from ..jsonio import read_jsonl
+from ..problem import Budget, Problem, setup
+
+LAYER_TYPES = ("conv", "depthwise", "linear")
+OBS_NAMES = (
+    "index", "type_conv", "type_depthwise", "type_linear", "in_channels", "out_channels", "kernel",
+    "stride", "feature_size", "flops_share", "flops_removed", "flops_rest", "prev_action",
+)
+OBS_DIM = len(OBS_NAMES)
+
+def env_config(config: SearchConfig, warm_cache: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The plain dict an environment is built from (inside each Ray worker): the resolved config."""
+    return {"config": config.to_dict(), "warm_cache": str(warm_cache) if warm_cache else None}
+
+
+# every problem built in this process, by the hash of what defines it (shared by the envs of an env runner)
+_PROBLEMS: dict[str, Problem] = {}
+
+
+def problem_key(config: SearchConfig) -> str:
+    """What makes two configs the same problem: network, data, search settings, seed (and the checkpoint file)."""
+    data = config.to_dict()
+    relevant = {k: data[k] for k in ("model", "data", "search", "seed")}
+    path = config.checkpoint_path()
+    if path.exists():  # a checkpoint rewritten at the same path is another network
+        stat = os.stat(path)
+        relevant["checkpoint_stat"] = (stat.st_mtime_ns, stat.st_size)
+    return hashlib.sha1(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def get_problem(env_cfg: dict) -> Problem:
+    """The problem of this env config in this process, built on first use (warm cache loaded then)."""
+    config = config_from_dict(env_cfg["config"])
+    key = problem_key(config)
+    problem = _PROBLEMS.get(key)
+    if problem is None:
+        if config.resources.torch_threads:
+            torch.set_num_threads(config.resources.torch_threads)
+        problem = setup(config)
+        warm = env_cfg.get("warm_cache")
+        if warm and os.path.exists(warm):
+            problem.cache.add(read_jsonl(warm))
+        _PROBLEMS[key] = problem
+    return problem
+
+
+def share_cache(records: Sequence[dict]) -> int:
+    """Add candidates to every problem of this process (called on each env runner by the driver)."""
+    return sum(problem.cache.add(records) for problem in _PROBLEMS.values())
+
+
+def process_stats() -> dict[str, float]:
+    """Evaluation counters of this process's problems (for benchmarks)."""
+    out: dict[str, float] = {"evaluations": 0, "cache_hits": 0, "eval_seconds": 0.0, "pid": os.getpid()}
+    for problem in _PROBLEMS.values():
+        for k in ("evaluations", "cache_hits", "eval_seconds"):
+            out[k] += problem.cache.stats[k]
+    return out
+
+
+def static_features(budget: Budget) -> np.ndarray:
+    """Per-group features that do not depend on the episode: [n_groups, OBS_DIM] with dynamic slots 0."""
+    groups = budget.groups
+    n = len(groups)
+    obs = np.zeros((n, OBS_DIM), dtype=np.float64)
+
+    def norm(values):
+        values = np.asarray(values, dtype=np.float64)
+        top = values.max() if len(values) else 1.0
+        return values / top if top > 0 else values
+
+    obs[:, 0] = np.arange(n) / max(n - 1, 1)
+    for i, g in enumerate(groups):
+        obs[i, 1 + LAYER_TYPES.index(g.layer_type if g.layer_type in LAYER_TYPES else "conv")] = 1.0
+    obs[:, 4] = norm([g.in_channels for g in groups])
+    obs[:, 5] = norm([g.out_channels for g in groups])
+    obs[:, 6] = norm([g.kernel for g in groups])
+    obs[:, 7] = norm([g.stride for g in groups])
+    obs[:, 8] = norm([g.feature_size for g in groups])
+    obs[:, 9] = np.asarray([g.macs for g in groups], dtype=np.float64) / max(budget.base_macs, 1)
+    return np.clip(obs, 0.0, 1.0)
+
+
+# ---------------------------------------------------------------- the environment
+
+
+class PruningEnv(gym.Env):
+    """Gymnasium environment of the channel-pruning search (see the module docstring).
+
+    `config` is the plain dict of `env_config(...)` (or an RLlib EnvContext of it); tests and benchmarks
+    may pass a prebuilt `problem` instead.
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, config: dict | None = None, *, problem: Problem | None = None) -> None:
+        super().__init__()
+        if problem is None and not (config and "config" in config):
+            raise ValueError("PruningEnv needs env_config(config) or a problem")
+        self.problem = problem if problem is not None else get_problem(dict(config))
+        self.space = self.problem.space
+        self.budget = self.problem.budget
+        self.static_obs = static_features(self.budget)
+        self.n_groups = self.budget.n
+        self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(OBS_DIM,), dtype=np.float32)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
+        self._rest_share = np.concatenate(
+            [np.cumsum(self.static_obs[::-1, 9])[::-1][1:], [0.0]]
+        )  # FLOPs share of the groups after t
+        self._t = 0
+        self._counts: list[int] = []
+        self._desired: list[float] = []
+        self._actions: list[float] = []
+        self._prev = 0.0
+        self.episodes = 0
+
+    # -- gymnasium API
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self._t = 0
+        self._counts = []
+        self._desired = []
+        self._actions = []
+        self._prev = 0.0
+        return self._obs(), {"group": 0}
+
+    def step(self, action):
+        if self._t >= self.n_groups:
+            raise RuntimeError("step() called after the episode ended; call reset()")
+        a = float(np.asarray(action, dtype=np.float64).reshape(-1)[0])
+        g = self._t
+        desired_keep = self.budget.keep_of_action(a)
+        desired = self.budget.count_of(g, desired_keep)
+        count = self.budget.clip(g, self._counts, desired)
+        self._counts.append(count)
+        self._actions.append(a)
+        self._desired.append(desired_keep)
+        self._prev = count / self.budget.groups[g].channels
+        self._t += 1
+        if self._t < self.n_groups:
+            return self._obs(), 0.0, False, False, {"group": g, "keep": self._prev, "clipped": count != desired}
+        record, hit = self.problem.evaluate(self._counts)
+        self.episodes += 1
+        info = dict(record)
+        info.update(
+            cache_hit=hit,
+            actions=list(self._actions),
+            desired_keep=list(self._desired),
+            worker=os.getpid(),
+        )
+        if not info["macs"] <= self.budget.target_macs:  # by construction; a bug if it fires
+            raise AssertionError(f"budget violated: {info['macs']} > {self.budget.target_macs}")
+        return self._obs(), float(record["reward"]), True, False, info
+
+    # -- helpers
+
+    def _obs(self) -> np.ndarray:
+        t = min(self._t, self.n_groups - 1)
+        obs = self.static_obs[t].copy()
+        base = max(self.budget.base_macs, 1)
+        if self._counts:
+            counts = list(self._counts) + self.budget.full_counts[len(self._counts):]
+            obs[10] = (base - self.budget.macs(counts)) / base
+        obs[11] = self._rest_share[t] if self._t < self.n_groups else 0.0
+        obs[12] = self._prev
+        if self._t >= self.n_groups:
+            obs[0] = 1.0
+        return np.clip(obs, 0.0, 1.0).astype(np.float32)
+
+    def candidate(self) -> dict:
+        """The decided channel counts so far (for debugging)."""
+        return {"kept_channels": list(self._counts), "step": self._t}
+
+
+def make_env(config: dict | None = None) -> PruningEnv:
+    """Factory for `gymnasium.make`-style and RLlib registration."""
+    return PruningEnv(config)

@@ -1,0 +1,57 @@
+"""The pruning problem in plain PyTorch (docs/design.md): channel groups, the FLOPs budget and its
+clipping, candidate evaluation with its cache, spatial entropy, rewards, adaptive BN, MACs, the
+uniform and random baselines, one `setup` from a search config and one `finalize`.
+
+Nothing under this package imports Ray, RLlib, Gymnasium or MLflow: the environment, the RL driver,
+the sweep, tracking and the command line are clients of it.
+"""
+
+from .adaptive_bn import recalibrate_batchnorm, recalibrated_batchnorm
+from .baselines import random_counts, random_search, uniform_baseline, uniform_counts
+from .budget import Budget, MacsForm
+from .checkpoint import Checkpoint, build_model, load_checkpoint, save_checkpoint
+from .entropy import EntropyProbe, network_entropy, spatial_entropy
+from .evaluate import CandidateCache, CandidateEvaluator, SimulatedEvaluator, cache_entry
+from .finalize import export, finalize
+from .macs import count_macs, count_params
+from .rewards import REWARDS, compute_reward, proxy_agreement
+from .setup import Network, Problem, ensure_checkpoint, load_network, load_splits, setup, train_baseline
+from .space import ChannelGroup, PruningSpace
+
+__all__ = [
+    "REWARDS",
+    "Budget",
+    "CandidateCache",
+    "CandidateEvaluator",
+    "ChannelGroup",
+    "Checkpoint",
+    "EntropyProbe",
+    "MacsForm",
+    "Network",
+    "Problem",
+    "PruningSpace",
+    "SimulatedEvaluator",
+    "build_model",
+    "cache_entry",
+    "compute_reward",
+    "count_macs",
+    "count_params",
+    "ensure_checkpoint",
+    "export",
+    "finalize",
+    "load_checkpoint",
+    "load_network",
+    "load_splits",
+    "network_entropy",
+    "proxy_agreement",
+    "random_counts",
+    "random_search",
+    "recalibrate_batchnorm",
+    "recalibrated_batchnorm",
+    "save_checkpoint",
+    "setup",
+    "spatial_entropy",
+    "train_baseline",
+    "uniform_baseline",
+    "uniform_counts",
+]

@@ -1,0 +1,153 @@
+"""The FLOPs budget of a search and AMC's action clipping on rounded channel counts (docs/design.md, "Budget").
+
+A candidate's MACs are an exact quadratic form of its kept channel counts (`MacsForm`): a conv's cost is
+kept inputs x kept outputs. `Budget.clip` picks each group's count, in forward order, so that the
+target stays reachable with every later group at its minimum (AMC's clipping): the budget is met by
+construction, never by penalty. With `flops_floor` > 0 the clipping is two-sided, so that candidates
+also spend the budget and rewards compare networks of about the same cost.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..errors import ConfigError
+from .space import PruningSpace
+
+
+class MacsForm:
+    """MACs as an exact quadratic form of the kept channel counts: ``k0 + a.c + c^T B c`` (B upper triangular).
+
+    A conv/linear layer's MACs are its output positions times its kept weights, the product of (at most)
+    an output and an input count, so the space's MAC count is a polynomial of degree two in the counts.
+    Its coefficients are identified once from `space.macs_of_counts` (1 + 2n + n(n-1)/2 calls) and
+    checked on random counts; where the check fails (an exotic layer), every call goes to
+    `space.macs_of_counts`. This makes the budget clipping O(n) numpy work per step instead of
+    a Python loop over every layer for every tried count.
+    """
+
+    def __init__(self, space: PruningSpace, *, check_points: int = 8, seed: int = 0) -> None:
+        self.space = space
+        n = len(space.groups)
+        f = space.macs_of_counts
+        zero = [0] * n
+        k0 = f(zero)
+        a = np.zeros(n, dtype=np.int64)
+        B = np.zeros((n, n), dtype=np.int64)
+        single = []
+        for g in range(n):
+            e1, e2 = list(zero), list(zero)
+            e1[g], e2[g] = 1, 2
+            f1, f2 = f(e1), f(e2)
+            q = (f2 - 2 * f1 + k0) // 2
+            B[g, g] = q
+            a[g] = f1 - k0 - q
+            single.append(f1)
+        for g in range(n):
+            for h in range(g + 1, n):
+                e = list(zero)
+                e[g] = e[h] = 1
+                B[g, h] = f(e) - single[g] - single[h] + k0
+        self.k0, self.a, self.B = int(k0), a, B
+        self.exact = True
+        rng = np.random.default_rng(seed)
+        full = [grp.channels for grp in space.groups]
+        points = [full] + [[int(rng.integers(1, c + 1)) for c in full] for _ in range(check_points)]
+        self.exact = all(self(p) == f(p) for p in points)
+
+    def __call__(self, counts: Sequence[int]) -> int:
+        if not self.exact:
+            return int(self.space.macs_of_counts(list(counts)))
+        c = np.asarray(counts, dtype=np.int64)
+        return int(self.k0 + self.a @ c + c @ (self.B @ c))
+
+    def along(self, g: int, counts: Sequence[int], values: np.ndarray) -> np.ndarray:
+        """MACs for every value of group g's count in `values`, the other counts fixed."""
+        if not self.exact:
+            trial = list(counts)
+            out = []
+            for v in values:
+                trial[g] = int(v)
+                out.append(self.space.macs_of_counts(trial))
+            return np.asarray(out, dtype=np.int64)
+        c = np.asarray(counts, dtype=np.int64).copy()
+        c[g] = 0
+        rest = self.k0 + self.a @ c + c @ (self.B @ c)
+        linear = self.a[g] + self.B[g, :] @ c + self.B[:, g] @ c
+        v = np.asarray(values, dtype=np.int64)
+        return rest + linear * v + self.B[g, g] * v * v
+
+
+class Budget:
+    """AMC action clipping on rounded channel counts for one pruning space and FLOPs target."""
+
+    def __init__(self, space: PruningSpace, flops_target: float, min_keep: float, flops_floor: float = 0.0) -> None:
+        self.space = space
+        self.flops_target = float(flops_target)
+        self.flops_floor = float(flops_floor)
+        self.min_keep = float(min_keep)
+        self.groups = list(space.groups)
+        self.n = len(self.groups)
+        self.base_macs = int(space.base_macs)
+        self.target_macs = self.flops_target * self.base_macs
+        self.floor_macs = self.flops_floor * self.target_macs
+        self.full_counts = [g.channels for g in self.groups]
+        self.macs = MacsForm(space)
+        # the possible channel counts of each group, ascending (the one rounding rule of the space)
+        self.options: list[np.ndarray] = []
+        for g, group in enumerate(self.groups):
+            c = group.channels
+            ratios = sorted({min(1.0, max(self.min_keep, i / c)) for i in range(1, c + 1)} | {self.min_keep})
+            self.options.append(np.asarray(sorted({self.count_of(g, k) for k in ratios}), dtype=np.int64))
+        self.min_counts = [int(opts[0]) for opts in self.options]
+        self.min_macs = space.macs_of_counts(self.min_counts)
+
+    def count_of(self, g: int, keep: float) -> int:
+        """Channels group `g` keeps at ratio `keep`, by the space's one rounding rule."""
+        return int(self.space.round_count(float(keep), self.groups[g].channels))
+
+    def feasible(self) -> bool:
+        return self.min_macs <= self.target_macs
+
+    def check(self) -> None:
+        """ConfigError when the target cannot be met even with every group at min_keep."""
+        if not self.feasible():
+            floor = self.min_macs / self.base_macs
+            raise ConfigError(
+                f"search.flops_target: {self.flops_target:g} cannot be met: with every channel group at "
+                f"min_keep={self.min_keep:g} the network still has {floor:.3f} of its MACs (layers that are never "
+                f"pruned, rounding to {self.space.round_to}); raise search.flops_target above {floor:.3f} "
+                "or lower search.min_keep"
+            )
+
+    def keep_of_action(self, action: float) -> float:
+        """Map an action in [-1, 1] (clipped there) to a keep ratio in [min_keep, 1]."""
+        a = float(np.clip(action, -1.0, 1.0)) if math.isfinite(action) else -1.0
+        return self.min_keep + (a + 1.0) / 2.0 * (1.0 - self.min_keep)
+
+    def clip(self, g: int, decided: Sequence[int], desired: int) -> int:
+        """Group g's count: the option nearest below `desired` within the bounds that keep the episode on budget.
+
+        Upper bound (hard, AMC's): with every later group at its minimum the MACs stay within the target.
+        Lower bound (soft, `flops_floor`): with every later group at full width the MACs can still
+        reach the floor. Where rounding makes the two cross, the upper bound wins.
+        """
+        opts = self.options[g]
+        d = max(int(np.searchsorted(opts, desired, side="right")) - 1, 0)  # largest option <= desired
+        low_rest = list(decided) + [0] + self.min_counts[g + 1:]
+        ok = np.nonzero(self.macs.along(g, low_rest, opts) <= self.target_macs)[0]
+        # MACs grow with the count, so the feasible options are a prefix; option 0 is feasible by induction
+        hi = int(ok[-1]) if len(ok) else 0
+        i = min(d, hi)
+        if self.floor_macs > 0:
+            high_rest = list(decided) + [0] + self.full_counts[g + 1:]
+            reach = np.nonzero(self.macs.along(g, high_rest, opts) >= self.floor_macs)[0]
+            lo = int(reach[0]) if len(reach) else len(opts) - 1
+            i = min(max(i, lo), hi)
+        return int(opts[i])
+
+    def macs_ratio(self, counts: Sequence[int]) -> float:
+        return self.macs(counts) / self.base_macs

@@ -1,0 +1,92 @@
+"""Finalising a candidate: physical pruning, adaptive BN, test accuracy before and after fine-tuning, export
+(docs/design.md, "The final stage"). The one path used by the search's finalists and by `entropy-search prune`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import FinetuneConfig
+from ..data import DataSplits
+from ..train import evaluate, fine_tune
+from .adaptive_bn import recalibrate_batchnorm
+from .macs import count_macs, count_params
+from .space import PruningSpace
+
+log = logging.getLogger(__name__)
+
+
+def finalize(
+    space: PruningSpace,
+    splits: DataSplits,
+    keep: Sequence[float],
+    *,
+    finetune: FinetuneConfig,
+    calibration: torch.Tensor | None,
+    seed: int,
+    device: str = "auto",
+    label: str = "fine-tune",
+    progress: bool = True,
+) -> tuple[dict, nn.Module]:
+    """Prune `keep` for real, check its MACs against the analytic count, re-estimate BN statistics on
+    `calibration` (the images the search used; None: keep the baseline's), test, fine-tune, test again.
+
+    Returns (measurements, the pruned and fine-tuned model)."""
+    keep = space.check_keep(keep)
+    counts = space.kept_channels(keep)
+    pruned = space.prune(keep)
+    macs = count_macs(pruned, space.example_input)
+    params = count_params(pruned)
+    analytic = space.macs_of_counts(counts)
+    if calibration is not None:
+        recalibrate_batchnorm(pruned, calibration)
+    before = evaluate(pruned, splits.test, device=device)
+    t0 = time.perf_counter()
+    history: list[dict] = []
+    if finetune.epochs > 0:
+        history = fine_tune(pruned, splits.train, epochs=finetune.epochs, lr=finetune.lr,
+                            batch_size=finetune.batch_size, seed=seed, device=device, progress=progress, desc=label)
+    after = evaluate(pruned, splits.test, device=device) if finetune.epochs > 0 else before
+    measured = {
+        "keep": keep,
+        "kept_channels": counts,
+        "macs": macs,
+        "params": params,
+        "macs_ratio": macs / space.base_macs,
+        "params_ratio": params / space.base_params,
+        "analytic_macs": analytic,
+        "analytic_macs_match": macs == analytic,
+        "test_accuracy_before_finetune": before,
+        "test_accuracy_after_finetune": after,
+        "finetune_epochs": finetune.epochs,
+        "finetune_seconds": time.perf_counter() - t0,
+        "finetune_history": history,
+    }
+    return measured, pruned.cpu().eval()
+
+
+def export(model: nn.Module, example_input: torch.Tensor, out_dir: str | Path, name: str, *, onnx: bool) -> dict[str, str]:
+    """Write `<name>.pt` (the module) and, when asked, `<name>.onnx`; returns {format: path}. A failed ONNX
+    export is logged and recorded as `onnx_error`: the PyTorch file is the result."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files: dict[str, str] = {}
+    path = out_dir / f"{name}.pt"
+    torch.save(model, path)
+    files["pytorch"] = str(path)
+    if onnx:
+        try:
+            onnx_path = out_dir / f"{name}.onnx"
+            torch.onnx.export(model.eval(), example_input, str(onnx_path), input_names=["input"],
+                              output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                              dynamo=False)
+            files["onnx"] = str(onnx_path)
+        except Exception as exc:  # noqa: BLE001 - export is a convenience; the PyTorch file is the result
+            log.warning("ONNX export failed: %s", exc)
+            files["onnx_error"] = str(exc)
+    return files

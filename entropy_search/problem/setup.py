@@ -1,0 +1,209 @@
+"""One pruning problem from a search config: the baseline network, its data, channel groups, budget,
+evaluator and cache, built in one place (docs/design.md, "The problem").
+
+`setup(config)` is what the search's driver, every env runner, the sweep's budget check and the
+benchmarks call; `train_baseline` is the one way a baseline network is trained and saved (the
+`train` command, a search whose checkpoint is missing, the tests).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import SearchConfig
+from ..data import DataSplits, eval_batch, load_data
+from ..errors import CheckpointError, ConfigError
+from ..models import create_model, model_spec
+from ..train import configure_threads, evaluate, select_device, train
+from ..utils import resolve_device, seed_everything
+from .budget import Budget
+from .checkpoint import Checkpoint, build_model, load_checkpoint, save_checkpoint
+from .evaluate import CandidateCache, CandidateEvaluator, SimulatedEvaluator
+from .space import PruningSpace
+
+
+@dataclass
+class Network:
+    """A trained network to prune and the input it expects."""
+
+    model: nn.Module
+    example_input: torch.Tensor
+    checkpoint: Checkpoint | None = None
+
+
+@dataclass
+class Problem:
+    """Everything a candidate evaluation needs, built once per process."""
+
+    network: Network
+    splits: DataSplits | None
+    """None only for simulated evaluations (benchmarks)."""
+    space: PruningSpace
+    budget: Budget
+    evaluator: CandidateEvaluator | SimulatedEvaluator
+    cache: CandidateCache
+    config: SearchConfig = field(repr=False)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.network.model
+
+    def evaluate(self, counts) -> tuple[dict, bool]:
+        """A candidate's record (measurements, reward, kept channels, keep ratios) and whether it came from the cache."""
+        return self.cache.evaluate(counts)
+
+
+def load_network(config: SearchConfig) -> Network:
+    """The baseline network of the config: its checkpoint, which must hold the configured model."""
+    path = config.checkpoint_path()
+    ckpt = load_checkpoint(path)
+    if config.model.name and config.model.name != ckpt.model_name:
+        raise ConfigError(f"model.name: {config.model.name!r}, but checkpoint {path} holds a {ckpt.model_name!r}")
+    return Network(build_model(ckpt), ckpt.example_input(), ckpt)
+
+
+def load_splits(config: SearchConfig, ckpt: Checkpoint) -> DataSplits:
+    """The data of the search, with the held-out split drawn by the checkpoint's own seed and fraction, so it
+    is the part of the training set the baseline never trained on."""
+    trained = ckpt.config or {}
+    splits = load_data(
+        config.data.name, config.data.root,
+        heldout_fraction=float(trained.get("heldout_fraction", config.data.heldout_fraction)),
+        seed=int(trained.get("seed", config.seed)),
+    )
+    if ckpt.data and splits.name != ckpt.data:
+        raise ConfigError(f"data.name: {config.data.name!r}, but checkpoint {ckpt.path} was trained on {ckpt.data!r}")
+    return splits
+
+
+def build_budget(space: PruningSpace, config: SearchConfig) -> Budget:
+    """The search's budget on `space`; ConfigError when its target is out of reach."""
+    s = config.search
+    budget = Budget(space, s.flops_target, s.min_keep, s.flops_floor)
+    budget.check()
+    return budget
+
+
+def make_evaluator(model: nn.Module, space: PruningSpace, splits: DataSplits, config: SearchConfig) -> CandidateEvaluator:
+    """The evaluator of the config: a fixed batch of the held-out split (never the test split), whose labels
+    serve the held-out accuracy only, and a fixed batch of training images for adaptive BN."""
+    s = config.search
+    x, y = eval_batch(splits, config.data.eval_batch, split="heldout", seed=config.seed)
+    calibration = None
+    if s.bn_calibration > 0:
+        calibration, _ = eval_batch(splits, s.bn_calibration, split="train", seed=config.seed)
+    model.to(resolve_device(s.device))
+    return CandidateEvaluator(
+        space, x, y,
+        entropy_layers=s.entropy.layers, bins=s.entropy.bins, method=s.entropy.method, sample=s.entropy.sample,
+        seed=config.seed, mode=s.eval_mode, calibration=calibration,
+    )
+
+
+def setup(config: SearchConfig) -> Problem:
+    """Load the checkpoint and data, group the channels, check the budget and fix the evaluation batches.
+
+    With `search.simulate_eval_seconds` > 0 (benchmarks) no data is loaded, and without a checkpoint file
+    the registry's untrained network is used: only the groups and the MAC arithmetic matter then.
+    """
+    simulate = config.search.simulate_eval_seconds > 0
+    if simulate and not config.checkpoint_path().exists():
+        spec = model_spec(config.model.name)
+        model = create_model(config.model.name).eval()
+        network = Network(model, torch.zeros(1, spec.in_channels, spec.image_size, spec.image_size))
+        splits = None
+    else:
+        network = load_network(config)
+        splits = load_splits(config, network.checkpoint)
+    space = PruningSpace(network.model, network.example_input, round_to=config.search.round_to)
+    budget = build_budget(space, config)
+    if simulate:
+        evaluator: CandidateEvaluator | SimulatedEvaluator = SimulatedEvaluator(space, config.search.simulate_eval_seconds)
+    else:
+        evaluator = make_evaluator(network.model, space, splits, config)
+    cache = CandidateCache(space, evaluator, config.search.reward, enabled=config.search.cache)
+    return Problem(network, splits, space, budget, evaluator, cache, config)
+
+
+def train_baseline(
+    out: str | os.PathLike,
+    *,
+    model: str,
+    data: str,
+    epochs: int,
+    data_root: str | None = None,
+    heldout_fraction: float = 0.1,
+    seed: int = 0,
+    model_kwargs: dict[str, Any] | None = None,
+    device: str = "auto",
+    threads: int | None = None,
+    download: bool = False,
+    image_size: int | None = None,
+    progress: bool = True,
+    train_options: dict[str, Any] | None = None,
+    extra_config: dict[str, Any] | None = None,
+) -> tuple[Path, dict]:
+    """Train `model` on the train split of `data` (a `heldout_fraction` of it held out, chosen by `seed`) and
+    save it as a checkpoint at `out`; returns (path, metrics). The initial weights are seeded too, so the
+    same arguments give the same baseline. `train_options` go to `train` (lr, batch_size, ...)."""
+    model_spec(model)  # a bad name fails before any data is loaded
+    out = Path(out)
+    if out.is_dir():
+        raise ConfigError(f"checkpoint path {out} is a directory; give a file name such as {out / 'baseline.pt'}")
+    existing = next(p for p in [out.absolute().parent, *out.absolute().parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise ConfigError(f"cannot write checkpoint {out}: {existing} is not a writable folder")
+    model_kwargs = dict(model_kwargs or {})
+    dev = str(select_device(device))
+    splits = load_data(data, data_root, heldout_fraction=heldout_fraction, seed=seed, download=download,
+                       image_size=image_size)
+    threads_used = configure_threads(threads, device=device, image_size=splits.image_size)
+    seed_everything(seed)
+    try:
+        net = create_model(model, num_classes=splits.num_classes, in_channels=splits.in_channels, **model_kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"model {model!r} does not accept {model_kwargs}: {exc}") from None
+    if progress:
+        print(f"training {model} on {splits.name} ({len(splits.train)} train / {len(splits.heldout)} held-out / "
+              f"{len(splits.test)} test images) for {epochs} epochs on {dev}", flush=True)
+    start = time.perf_counter()
+    history = train(net, splits.train, epochs=epochs, device=device, seed=seed, progress=progress,
+                    desc=f"baseline {model}", **(train_options or {}))
+    seconds = time.perf_counter() - start
+    metrics: dict[str, Any] = {"test_acc": evaluate(net, splits.test, device=device), "train_seconds": seconds,
+                               "epochs": epochs}
+    if len(splits.heldout):
+        metrics["heldout_acc"] = evaluate(net, splits.heldout, device=device)
+    if history:
+        metrics.update(train_loss=history[-1]["loss"], train_acc=history[-1]["acc"])
+    config = {"model": model, "data": data, "epochs": epochs, "seed": seed, "heldout_fraction": heldout_fraction,
+              "device_used": dev, "threads_used": threads_used, **(train_options or {}), **(extra_config or {})}
+    path = save_checkpoint(out, net, model_name=model, model_kwargs=model_kwargs, num_classes=splits.num_classes,
+                           in_channels=splits.in_channels, image_size=splits.image_size, data=splits.name,
+                           config=config, metrics=metrics)
+    return path, metrics
+
+
+def ensure_checkpoint(config: SearchConfig, *, progress: bool = True) -> Path:
+    """The config's baseline checkpoint; trained first (`train_baseline`) when missing and allowed."""
+    path = config.checkpoint_path()
+    if path.exists():
+        return path
+    if not config.model.train_if_missing:
+        raise CheckpointError(
+            f"model.checkpoint: {path} does not exist; train one with `entropy-search train` or set "
+            "model.train_if_missing: true"
+        )
+    print(f"no checkpoint at {path}: training a baseline {config.model.name} on {config.data.name} "
+          f"for {config.model.train_epochs} epochs", flush=True)
+    train_baseline(path, model=config.model.name, data=config.data.name, data_root=config.data.root,
+                   epochs=config.model.train_epochs, heldout_fraction=config.data.heldout_fraction, seed=config.seed,
+                   threads=torch.get_num_threads(), progress=progress, extra_config={"trained_by": "search"})
+    return path

@@ -1,0 +1,87 @@
+"""Ray for the search and the sweep, in one place: start or join, the resource bundles of a search, and
+whether they fit (docs/design.md, "Ray").
+
+A search is one driver process (the agent's learner, the baselines, fine-tuning) and
+`resources.num_env_runners` env runners, each a Ray actor holding the problem. A Tune trial reserves
+them as one placement group: the trial's own process first, then one bundle per env runner.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import ray
+
+from .config import SearchConfig
+from .errors import ConfigError
+
+
+class _DropNoise(logging.Filter):
+    """Drop RLlib/Tune notices that say nothing to a user of the search."""
+
+    NOISE = ("You are running PPO on the new API stack", "You are running SAC on the new API stack",
+             "Install gputil for GPU system monitoring")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOISE)
+
+
+def quiet_ray_notices() -> None:
+    """Silence RLlib's and Tune's notices that say nothing to a user (idempotent)."""
+    for name in ("ray.rllib.algorithms.algorithm_config", "ray.tune.utils.util"):
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in target.filters):
+            target.addFilter(_DropNoise())
+
+
+def cluster_address(address: str | None) -> str | None:
+    """The cluster to join: the configured address, else `RAY_ADDRESS`, else None (a local Ray)."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+def start_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> bool:
+    """Join the cluster at `address` (or `RAY_ADDRESS`) or start a new local Ray with `num_cpus`/`num_gpus`
+    (default: all); nothing when Ray already runs in this process. Returns whether this call started it."""
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.WARNING)
+    joined = cluster_address(address)
+    if joined:
+        ray.init(address=joined, **kwargs)
+    else:
+        # "local" always starts a new instance, even where another Ray runs on this machine
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
+    return True
+
+
+def env_runner_bundles(config: SearchConfig) -> list[dict[str, float]]:
+    """One resource bundle per env runner of a search (none when its runners need no resources)."""
+    res = config.resources
+    runner: dict[str, float] = {}
+    if res.num_cpus_per_env_runner:
+        runner["CPU"] = float(res.num_cpus_per_env_runner)
+    if res.num_gpus_per_env_runner:
+        runner["GPU"] = float(res.num_gpus_per_env_runner)
+    return [dict(runner) for _ in range(res.num_env_runners)] if runner else []
+
+
+def search_bundles(config: SearchConfig, *, cpus: float = 1.0, gpus: float = 0.0) -> list[dict[str, float]]:
+    """The placement group of a search run as a Tune trial: its own process (`cpus`, `gpus`), then its env runners."""
+    head = {"CPU": float(cpus)}
+    if gpus:
+        head["GPU"] = float(gpus)
+    return [head] + env_runner_bundles(config)
+
+
+def check_fits(bundles: Sequence[dict[str, float]], what: str, hint: str) -> None:
+    """ConfigError when `bundles` together need more CPUs or GPUs than the running Ray has: they would
+    wait forever instead."""
+    total = ray.cluster_resources()
+    for res in ("CPU", "GPU"):
+        need = sum(b.get(res, 0.0) for b in bundles)
+        have = total.get(res, 0.0)
+        if need > have + 1e-9:
+            raise ConfigError(f"resources: {what} need {need:g} {res}s, the Ray cluster has {have:g}; {hint}")

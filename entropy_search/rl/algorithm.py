@@ -1,0 +1,94 @@
+"""The RLlib side of a search: the algorithm config (new API stack; PPO by default, SAC as an option) and
+the callback that brings every evaluated candidate to the driver (docs/design.md, "The agent")."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
+from ray.rllib.algorithms.ppo import PPOConfig
+from ray.rllib.algorithms.sac import SACConfig
+from ray.rllib.callbacks.callbacks import RLlibCallback
+from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
+
+from ..config import SearchConfig
+from ..envs import OBS_DIM, PruningEnv
+
+#: Key of the episode infos the callback logs; the driver reads them from each iteration's result.
+CANDIDATES_KEY = "candidates"
+
+
+class CandidateCallback(RLlibCallback):
+    """Report every finished episode's candidate (the terminal step's info) to the driver."""
+
+    def on_episode_end(self, *, episode, metrics_logger=None, **kwargs) -> None:
+        info = episode.get_infos(-1)
+        if metrics_logger is not None and isinstance(info, dict) and "kept_channels" in info:
+            metrics_logger.log_value(CANDIDATES_KEY, info, reduce="item_series")
+
+
+def build_algorithm_config(config: SearchConfig, n_groups: int, env_config: dict) -> AlgorithmConfig:
+    """The RLlib AlgorithmConfig of a search (new API stack). `n_groups` = steps per episode; `env_config`
+    is what each env runner builds its environments from (`entropy_search.envs.env_config`)."""
+    agent, res = config.agent, config.resources
+    env_config = dict(env_config)
+    runners = max(res.num_env_runners, 1) * res.num_envs_per_env_runner
+    episodes_per_runner = max(1, math.ceil(agent.episodes_per_iteration / runners))
+    fragment = episodes_per_runner * n_groups
+    batch = fragment * runners
+    obs_space = gym.spaces.Box(0.0, 1.0, shape=(OBS_DIM,), dtype=np.float32)
+    act_space = gym.spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
+
+    if agent.algorithm == "ppo":
+        algo = PPOConfig().training(
+            gamma=agent.gamma,
+            lr=agent.lr,
+            lambda_=agent.gae_lambda,
+            clip_param=agent.clip_param,
+            entropy_coeff=agent.entropy_coeff,
+            vf_loss_coeff=agent.vf_loss_coeff,
+            train_batch_size_per_learner=batch,
+            minibatch_size=max(1, batch // agent.num_minibatches),
+            num_epochs=agent.num_epochs,
+        )
+        model = DefaultModelConfig(
+            fcnet_hiddens=list(agent.hidden_sizes), fcnet_activation=agent.activation, vf_share_layers=False
+        )
+    else:
+        training: dict[str, Any] = dict(
+            gamma=agent.gamma,
+            actor_lr=agent.actor_lr,
+            critic_lr=agent.critic_lr,
+            alpha_lr=agent.alpha_lr,
+            tau=agent.tau,
+            initial_alpha=agent.initial_alpha,
+            train_batch_size_per_learner=agent.train_batch_size,
+            num_steps_sampled_before_learning_starts=agent.learning_starts_episodes * n_groups,
+            replay_buffer_config={"type": "PrioritizedEpisodeReplayBuffer", "capacity": agent.replay_capacity,
+                                  "alpha": 0.6, "beta": 0.4},
+        )
+        if agent.training_intensity is not None:
+            training["training_intensity"] = agent.training_intensity
+        algo = SACConfig().training(**training).reporting(min_sample_timesteps_per_iteration=batch)
+        model = DefaultModelConfig(fcnet_hiddens=list(agent.hidden_sizes), fcnet_activation=agent.activation)
+
+    return (
+        algo.environment(PruningEnv, env_config=env_config, observation_space=obs_space, action_space=act_space)
+        .env_runners(
+            num_env_runners=res.num_env_runners,
+            num_envs_per_env_runner=res.num_envs_per_env_runner,
+            num_cpus_per_env_runner=res.num_cpus_per_env_runner,
+            num_gpus_per_env_runner=res.num_gpus_per_env_runner,
+            rollout_fragment_length=fragment,
+            sample_timeout_s=None,
+        )
+        .learners(num_learners=0, num_gpus_per_learner=res.num_gpus_per_learner)
+        .rl_module(model_config=model)
+        .callbacks(CandidateCallback)
+        .fault_tolerance(restart_failed_env_runners=False)
+        .reporting(min_time_s_per_iteration=0, metrics_num_episodes_for_smoothing=max(agent.episodes_per_iteration, 1))
+        .debugging(seed=config.seed, log_level="WARN")
+    )

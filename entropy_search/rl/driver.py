@@ -1,0 +1,312 @@
+"""The driver of a search: the agent's training loop, candidate collection, checkpoints and resume
+(docs/design.md, "The search loop"). No baselines, no fine-tuning: `entropy_search.search` does those."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..config import SearchConfig
+from ..envs import env_config, share_cache
+from ..jsonio import dumps, plain, read_jsonl, write_json, write_jsonl
+from ..problem import cache_entry
+from ..ray_runtime import quiet_ray_notices
+from .algorithm import CANDIDATES_KEY, build_algorithm_config
+from .rundir import AGENT_DIR, CACHE_FILE, CANDIDATES_FILE, CHECKPOINT_DIR, STATE_FILE, WARM_CACHE_FILE
+
+log = logging.getLogger(__name__)
+
+#: Keys of a candidate record written first in candidates.jsonl (the rest follow in the order they come).
+RECORD_KEYS_FIRST = ("id", "iteration", "reward", "macs_ratio", "params_ratio", "entropy", "accuracy", "kept_channels",
+                     "keep")
+
+
+@dataclass
+class SearchState:
+    """What the driver knows about a search; checkpointed with the agent."""
+
+    iteration: int = 0
+    episodes: int = 0
+    evaluations: int = 0
+    cache_hits: int = 0
+    eval_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    top_k_size: int = 3
+    cache: dict[tuple[int, ...], dict] = field(default_factory=dict)
+    top_k: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)
+
+    def add(self, record: dict) -> bool:
+        """Count a candidate (an episode); returns whether it was a new evaluation."""
+        self.episodes += 1
+        key = tuple(int(c) for c in record["kept_channels"])
+        new = key not in self.cache and not record.get("cache_hit", False)
+        if record.get("cache_hit"):
+            self.cache_hits += 1
+        else:
+            self.evaluations += 1
+            self.eval_seconds += float(record.get("eval_seconds") or 0.0)
+        if key not in self.cache:
+            self.cache[key] = cache_entry(record)
+            self.update_top_k(self.cache[key])
+        return new
+
+    def update_top_k(self, entry: dict) -> None:
+        """Enter a candidate into the top-k by reward."""
+        if entry.get("reward") is None:
+            return
+        self.top_k.append(entry)
+        self.top_k.sort(key=lambda r: -float(r["reward"]))
+        del self.top_k[self.top_k_size:]
+
+    @property
+    def best(self) -> dict | None:
+        return self.top_k[0] if self.top_k else None
+
+    def to_json(self) -> dict:
+        return {
+            "iteration": self.iteration, "episodes": self.episodes, "evaluations": self.evaluations,
+            "cache_hits": self.cache_hits, "eval_seconds": self.eval_seconds, "wall_seconds": self.wall_seconds,
+            "top_k": self.top_k, "history": self.history,
+        }
+
+
+def stop_reason(config: SearchConfig, state: SearchState) -> str | None:
+    """Why the search stops now (the first stop rule met), or None."""
+    stop = config.stop
+    if stop.iterations is not None and state.iteration >= stop.iterations:
+        return f"{state.iteration} iterations"
+    if stop.candidates is not None and state.episodes >= stop.candidates:
+        return f"{state.episodes} candidates"
+    if stop.wall_seconds is not None and state.wall_seconds >= stop.wall_seconds:
+        return f"{state.wall_seconds:.0f} s"
+    return None
+
+
+class RLSearch:
+    """The agent's training loop with candidate collection, checkpoints and resume (no baselines, no fine-tune).
+
+    Usable on its own (the benchmark does): `RLSearch(config, n_groups).run()` returns the SearchState.
+    """
+
+    def __init__(
+        self,
+        config: SearchConfig,
+        n_groups: int,
+        *,
+        resume: bool = False,
+        progress: bool = True,
+        on_iteration: Callable[[dict], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.n_groups = n_groups
+        self.out = Path(config.output.dir)
+        self.ckpt_dir = self.out / CHECKPOINT_DIR
+        self.candidates_path = self.out / CANDIDATES_FILE
+        self.resume = resume
+        self.progress = progress
+        self.on_iteration = on_iteration
+        self.state = SearchState(top_k_size=config.search.top_k)
+        self.algo = None
+        self._fh = None
+        self._next_id = 0  # ids of candidates.jsonl rows stay unique across resumes
+
+    # -- resume
+
+    def _load_previous(self) -> bool:
+        """Load the checkpointed state and every candidate written so far; True when an agent checkpoint exists."""
+        state_path = self.ckpt_dir / STATE_FILE
+        has_agent = (self.ckpt_dir / AGENT_DIR).exists() and state_path.exists()
+        saved = json.loads(state_path.read_text()) if state_path.exists() else {}
+        records = read_jsonl(self.ckpt_dir / CACHE_FILE)
+        seen = {tuple(r["kept_channels"]) for r in records}
+        # candidates evaluated after the last checkpoint were written too: keep them (no re-evaluation)
+        written = read_jsonl(self.candidates_path)
+        self._next_id = max((int(r.get("id", -1)) for r in written), default=-1) + 1
+        extra = [r for r in written if tuple(r["kept_channels"]) not in seen]
+        for rec in records + extra:
+            key = tuple(int(c) for c in rec["kept_channels"])
+            if key not in self.state.cache:
+                self.state.cache[key] = cache_entry(rec)
+                self.state.update_top_k(self.state.cache[key])
+        if has_agent:
+            for name in ("iteration", "episodes", "evaluations", "cache_hits", "eval_seconds", "wall_seconds"):
+                setattr(self.state, name, type(getattr(self.state, name))(saved.get(name, 0)))
+            self.state.history = list(saved.get("history", []))
+        return has_agent
+
+    def _warm_cache_file(self) -> Path | None:
+        if not self.state.cache or not self.config.search.cache:
+            return None
+        return write_jsonl(self.ckpt_dir / WARM_CACHE_FILE, self.state.cache.values())
+
+    # -- main loop
+
+    def build(self) -> None:
+        has_agent = False
+        if self.resume:
+            has_agent = self._load_previous()
+            if not has_agent:
+                log.warning("no agent checkpoint in %s: starting the agent afresh (evaluated candidates are kept)", self.ckpt_dir)
+        algo_config = build_algorithm_config(self.config, self.n_groups, env_config(self.config, self._warm_cache_file()))
+        quiet_ray_notices()
+        self.algo = algo_config.build_algo()
+        if has_agent:
+            self.algo.restore_from_path(str((self.ckpt_dir / AGENT_DIR).resolve()))
+
+    def run(self) -> SearchState:
+        if self.algo is None:
+            self.build()
+        self.out.mkdir(parents=True, exist_ok=True)
+        if not self.resume and self.candidates_path.exists():
+            self.candidates_path.unlink()
+        self._fh = open(self.candidates_path, "a")
+        state = self.state
+        # the agent's networks are tiny: one thread avoids oversubscribing the cores the env runners use
+        # (with 2+ threads on a busy machine a PPO update was measured 30x slower)
+        threads = torch.get_num_threads()
+        if self.config.resources.torch_threads:
+            torch.set_num_threads(self.config.resources.torch_threads)
+        total = self.config.stop.iterations
+        bar = tqdm(total=total, initial=min(state.iteration, total or state.iteration), desc="search",
+                   unit="it", disable=not self.progress, dynamic_ncols=True)
+        start = time.perf_counter() - state.wall_seconds
+        last_ckpt = state.iteration
+        completed = False
+        try:
+            while stop_reason(self.config, state) is None:
+                t_iter = time.perf_counter()
+                result = self.algo.train()
+                state.iteration += 1
+                records = result.get("env_runners", {}).get(CANDIDATES_KEY, [])
+                if not isinstance(records, list):
+                    records = []
+                new = self._ingest(records)
+                self._share(new)
+                state.wall_seconds = time.perf_counter() - start
+                metrics = self._metrics(result, records, time.perf_counter() - t_iter)
+                state.history.append(metrics)
+                bar.update(1)
+                best = state.best
+                bar.set_postfix(
+                    best=f"{best['reward']:.4f}" if best else "-",
+                    flops=f"{best['macs_ratio']:.3f}" if best else "-",
+                    cand_s=f"{metrics['candidates_per_second']:.1f}",
+                )
+                if self.on_iteration is not None:
+                    self.on_iteration(dict(metrics))
+                if state.iteration - last_ckpt >= self.config.output.checkpoint_every:
+                    self.save_checkpoint()
+                    last_ckpt = state.iteration
+            completed = True
+        except KeyboardInterrupt:
+            # an orderly interrupt checkpoints what it has; a crash or a kill resumes from the last checkpoint
+            state.wall_seconds = time.perf_counter() - start
+            try:
+                self.save_checkpoint()
+            except Exception as exc:  # the interrupt wins; the previous checkpoint is intact
+                log.warning("could not checkpoint on interrupt: %s", exc)
+            raise
+        finally:
+            torch.set_num_threads(threads)
+            bar.close()
+            if completed:
+                state.wall_seconds = time.perf_counter() - start
+                if state.iteration != last_ckpt or not (self.ckpt_dir / AGENT_DIR).exists():
+                    self.save_checkpoint()
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
+        return state
+
+    def stop(self) -> None:
+        if self.algo is not None:
+            try:
+                self.algo.stop()
+            finally:
+                self.algo = None
+
+    # -- helpers
+
+    def _ingest(self, records: list[dict]) -> list[dict]:
+        new = []
+        for rec in records:
+            rec = plain(dict(rec))
+            rec["id"] = self._next_id
+            self._next_id += 1
+            rec["iteration"] = self.state.iteration
+            rec["time"] = round(time.time(), 3)
+            if self.state.add(rec):
+                new.append(self.state.cache[tuple(int(c) for c in rec["kept_channels"])])
+            ordered = {k: rec[k] for k in RECORD_KEYS_FIRST if k in rec}
+            ordered.update({k: v for k, v in rec.items() if k not in ordered})
+            self._fh.write(dumps(ordered) + "\n")
+        self._fh.flush()
+        return new
+
+    def _share(self, new: list[dict]) -> None:
+        """Give every env runner the candidates evaluated elsewhere (one cache for the whole search)."""
+        if not new or not self.config.search.cache or self.config.resources.num_env_runners == 0:
+            return
+        payload = [cache_entry(r) for r in new]
+        self.algo.env_runner_group.foreach_env_runner(lambda _runner: share_cache(payload), local_env_runner=False)
+
+    def _metrics(self, result: dict, records: list[dict], seconds: float) -> dict:
+        state = self.state
+        rewards = [float(r["reward"]) for r in records if r.get("reward") is not None]
+        evaluated = [r for r in records if not r.get("cache_hit")]
+        best = state.best or {}
+        wall = max(state.wall_seconds, 1e-9)
+        timers = result.get("timers") or {}
+        return {
+            "iteration": state.iteration,
+            "candidates": state.episodes,
+            "evaluations": state.evaluations,
+            "cache_hits": state.cache_hits,
+            "iteration_candidates": len(records),
+            "iteration_evaluations": len(evaluated),
+            "reward_mean": float(np.mean(rewards)) if rewards else float("nan"),
+            "reward_max": float(np.max(rewards)) if rewards else float("nan"),
+            "best_reward": best.get("reward", float("nan")),
+            "best_macs_ratio": best.get("macs_ratio", float("nan")),
+            "best_params_ratio": best.get("params_ratio", float("nan")),
+            "best_entropy": best.get("entropy", float("nan")),
+            "best_accuracy": best.get("accuracy") if best.get("accuracy") is not None else float("nan"),
+            "candidates_per_second": state.episodes / wall,
+            "evaluations_per_second": state.evaluations / wall,
+            "iteration_seconds": seconds,
+            "sampling_seconds": float(timers.get("env_runner_sampling_timer", float("nan"))),
+            "learner_seconds": float(timers.get("learner_update_timer", float("nan"))),
+            "wall_seconds": state.wall_seconds,
+            "eval_seconds": state.eval_seconds,
+        }
+
+    def save_checkpoint(self) -> Path:
+        """Agent (RLlib checkpoint), candidate cache and top-k, written atomically (tmp dir then rename)."""
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        agent_dir = self.ckpt_dir / AGENT_DIR
+        tmp = self.ckpt_dir / (AGENT_DIR + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        self.algo.save_to_path(str(tmp.resolve()))
+        old = self.ckpt_dir / (AGENT_DIR + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        if agent_dir.exists():
+            os.replace(agent_dir, old)
+        os.replace(tmp, agent_dir)
+        write_jsonl(self.ckpt_dir / CACHE_FILE, self.state.cache.values())
+        write_json(self.ckpt_dir / STATE_FILE, self.state.to_json())
+        if old.exists():
+            shutil.rmtree(old)
+        return self.ckpt_dir
