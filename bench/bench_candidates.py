@@ -19,7 +19,7 @@ import time
 import torch
 
 from entropy_search import PruningSpace, create_model
-from entropy_search.evaluate import CandidateEvaluator
+from entropy_search.problem import CandidateEvaluator
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:

@@ -24,9 +24,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import entropy_search.entropy as ent  # noqa: E402
-from entropy_search.entropy import DEFAULT_SAMPLE, EntropyProbe, network_entropy  # noqa: E402
+import entropy_search.problem.entropy as ent  # noqa: E402
 from entropy_search.models import create_model  # noqa: E402
+from entropy_search.problem.entropy import DEFAULT_SAMPLE, EntropyProbe, network_entropy  # noqa: E402
 
 
 class NaiveProbe:

@@ -19,13 +19,16 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from entropy_search.adaptive_bn import recalibrate_batchnorm
-from entropy_search.baselines import random_counts
-from entropy_search.checkpoint import build_model, load_checkpoint
 from entropy_search.data import eval_batch, load_data
-from entropy_search.envs.pruning_env import Budget
-from entropy_search.evaluate import CandidateEvaluator
-from entropy_search.space import PruningSpace
+from entropy_search.problem import (
+    Budget,
+    CandidateEvaluator,
+    PruningSpace,
+    build_model,
+    load_checkpoint,
+    random_counts,
+    recalibrate_batchnorm,
+)
 from entropy_search.train import evaluate, train
 
 LAYERS = ("bn", "bn_relu", "last_stage")

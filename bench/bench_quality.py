@@ -82,7 +82,7 @@ def _row(result: dict, reward: str, kind: str) -> dict:
 
 def _entropy_spearman(folder: Path) -> float | None:
     """The entropy reward's rank agreement with held-out accuracy over one search's distinct candidates."""
-    from entropy_search.rewards import proxy_agreement
+    from entropy_search.problem import proxy_agreement
 
     path = folder / "candidates.jsonl"
     if not path.exists():

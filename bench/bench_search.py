@@ -32,7 +32,7 @@ def bench_runners(model: str, runners: list[int], eval_seconds: float, iteration
     import ray
 
     from entropy_search.config import load_config
-    from entropy_search.search import RLSearch
+    from entropy_search.rl import RLSearch
 
     rows = []
     ray.init(address="local", num_cpus=max(max(runners) + 1, 2), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
@@ -82,9 +82,9 @@ def bench_runners(model: str, runners: list[int], eval_seconds: float, iteration
 
 
 def _n_groups(config) -> int:
-    from entropy_search.envs.pruning_env import build_context
+    from entropy_search.problem import setup
 
-    return build_context(config.env_config()).budget.n
+    return setup(config).budget.n
 
 
 def bench_env(model: str, candidates: int, batch: int, threads: int, device: str = "cpu") -> dict:
@@ -93,11 +93,18 @@ def bench_env(model: str, candidates: int, batch: int, threads: int, device: str
     evaluation measured in the same run."""
     import torch
 
-    from entropy_search.envs import Budget, PruningEnv, make_context
-    from entropy_search.evaluate import CandidateEvaluator
+    from entropy_search.config import load_config
+    from entropy_search.envs import PruningEnv
     from entropy_search.models import create_model, model_spec
-    from entropy_search.rewards import compute_reward
-    from entropy_search.space import PruningSpace
+    from entropy_search.problem import (
+        Budget,
+        CandidateCache,
+        CandidateEvaluator,
+        Network,
+        Problem,
+        PruningSpace,
+        compute_reward,
+    )
 
     torch.set_num_threads(threads)
     spec = model_spec(model)
@@ -125,8 +132,9 @@ def bench_env(model: str, candidates: int, batch: int, threads: int, device: str
         return out
 
     evaluator.evaluate = timed_evaluate
-    ctx = make_context(space, budget, evaluator, {"cache": False, "reward": "entropy"})
-    env = PruningEnv({}, context=ctx)
+    cache = CandidateCache(space, evaluator, "entropy", enabled=False)
+    problem = Problem(Network(net, example), None, space, budget, evaluator, cache, load_config({}, resolve_paths=False))
+    env = PruningEnv(problem=problem)
     rng = np.random.default_rng(0)
     action_sets = [rng.uniform(-1, 1, budget.n) for _ in range(candidates)]
 

@@ -427,6 +427,21 @@ def _known_keys(root: type[BaseModel], loc: tuple) -> list[str]:
     return sorted(fields) if fields else []
 
 
+def read_yaml_mapping(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    """The mapping at the top of a YAML file (empty file: {}); ConfigError naming `what` and the file when it is
+    missing, not YAML, or not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
 def config_from_dict(data: dict[str, Any] | None) -> SearchConfig:
     """Validate a (nested) dict into a SearchConfig, raising ConfigError naming the key on any problem."""
     data = data or {}
@@ -459,15 +474,7 @@ def load_config(
     elif path_or_dict is None:
         data = {}
     else:
-        path = Path(path_or_dict)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        data = read_yaml_mapping(path_or_dict, "config file")
     if overrides:
         data = _deep_merge(data, _nest(overrides))
     config = config_from_dict(data)

@@ -19,7 +19,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 from ray import tune
 
@@ -33,6 +32,7 @@ from ..config import (
     config_from_dict,
     format_validation_error,
     load_config,
+    read_yaml_mapping,
 )
 from ..errors import ConfigError
 from ..ray_runtime import search_bundles
@@ -335,14 +335,7 @@ def load_sweep_config(
         origin = None
     else:
         origin = Path(path_or_dict)
-        if not origin.is_file():
-            raise ConfigError(f"sweep config not found: {origin}")
-        try:
-            data = yaml.safe_load(origin.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{origin}: not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{origin}: expected a mapping at the top level")
+        data = read_yaml_mapping(origin, "sweep config")
         data.setdefault("name", origin.stem)
     for key, value in (overrides or {}).items():
         _set_dotted(data, str(key), value)
@@ -351,12 +344,10 @@ def load_sweep_config(
         base_path = Path(base)
         if not base_path.is_absolute() and origin is not None:
             base_path = origin.parent / base_path
-        if not base_path.is_file():
-            raise ConfigError(f"base: search config not found: {base_path}")
         try:
-            data["base"] = yaml.safe_load(base_path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"base: {base_path}: not valid YAML: {exc}") from None
+            data["base"] = read_yaml_mapping(base_path, "search config")
+        except ConfigError as exc:
+            raise ConfigError(f"base: {exc}") from None
     try:
         sweep = SweepConfig.model_validate(data)
     except ValidationError as exc:
