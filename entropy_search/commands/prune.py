@@ -63,8 +63,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def read_policy(path: str | Path) -> list[float]:
-    """Keep ratios from a JSON list, {"keep": [...]}, or a search result's {"best_policy": {"keep": [...]}}."""
+def read_policy(path: str | Path, group_names: list[str] | None = None) -> list[float]:
+    """Keep ratios from a JSON list, {"keep": [...]}, a search result (its "best_policy": {group name: ratio})
+    or such a {group name: ratio} mapping itself (then `group_names` gives the order)."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -75,6 +76,16 @@ def read_policy(path: str | Path) -> list[float]:
     if isinstance(data, dict):
         data = data.get("best_policy", data)
         data = data.get("keep", data) if isinstance(data, dict) else data
+    if isinstance(data, dict) and group_names is not None:
+        missing = [name for name in group_names if name not in data]
+        unknown = [name for name in data if name not in group_names]
+        if missing or unknown:
+            raise EntropySearchError(
+                f"policy file {path} does not fit this network's channel groups"
+                + (f"; missing: {', '.join(missing)}" if missing else "")
+                + (f"; unknown: {', '.join(unknown)}" if unknown else "")
+            )
+        data = [data[name] for name in group_names]
     if not isinstance(data, list):
         raise EntropySearchError(f"policy file {path} holds no list of keep ratios")
     return data
@@ -100,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     space = PruningSpace(model, example, round_to=args.round_to)
 
     if args.policy is not None:
-        keep, how = space.check_keep(read_policy(args.policy)), f"policy {args.policy}"
+        keep, how = space.check_keep(read_policy(args.policy, [g.name for g in space.groups])), f"policy {args.policy}"
     elif args.keep is not None:
         keep, how = space.check_keep([args.keep] * len(space.groups)), f"uniform keep {args.keep:g}"
     else:

@@ -1,6 +1,6 @@
 """What the RL agent must beat, under the same FLOPs budget and the same number of candidate evaluations.
 
-* `uniform_candidate`: one keep ratio for every group, the largest that meets the target (one candidate).
+* `uniform_counts` / `uniform_baseline`: one keep ratio for every group, the largest that meets the target (one candidate).
 * `random_search`: random actions in [-1, 1] with AMC's action clipping (`Budget`, as the environment), as
   many distinct candidates as the agent evaluated; the best by reward wins.
 

@@ -1,4 +1,4 @@
-"""Spatial entropy of activation maps (DESIGN.md, "Spatial entropy") and the network's mean entropy.
+"""Spatial entropy of activation maps (docs/design.md, "Spatial entropy") and the network's mean entropy.
 
 Estimators, per map `A` (one image, one channel), all in nats:
 

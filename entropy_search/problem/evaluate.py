@@ -23,6 +23,7 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..errors import EntropySearchError
 from ..jsonio import plain
@@ -73,20 +74,25 @@ class CandidateEvaluator:
         self.calibration = calibration.to(device) if calibration is not None and len(calibration) else None
         self.entropy_options = dict(layers=entropy_layers, bins=bins, method=method, sample=sample, seed=seed)
         self.probe = EntropyProbe(self.model, **self.entropy_options)
+        self.classifier_name = space.classifier_name
+        # the unpruned network's outputs on the same images, once: what the label-free comparisons measure against
+        with torch.no_grad():
+            logits, features = self._run(self.model, dict(self.model.named_modules()).get(self.classifier_name))
+        self.reference_log_probs = torch.log_softmax(logits.float(), dim=1)
+        self.reference_features = features
 
     def evaluate(self, keep: Sequence[float]) -> dict:
         """Entropy over kept channels, held-out accuracy (None without labels), MACs, params, kept channels."""
         keep = self.space.check_keep(keep)
         counts = self.space.kept_channels(keep)
         start = time.perf_counter()
-        entropy, accuracy = self._forward(keep)
+        measured = self._forward(keep)
         seconds = time.perf_counter() - start
         macs, params = self.space.macs_of_counts(counts), self.space.params_of_counts(counts)
         return {
             "keep": keep,
             "kept_channels": counts,
-            "entropy": entropy,
-            "accuracy": accuracy,
+            **measured,
             "macs": macs,
             "params": params,
             "macs_ratio": macs / self.space.base_macs,
@@ -94,7 +100,7 @@ class CandidateEvaluator:
             "eval_seconds": seconds,
         }
 
-    def _forward(self, keep: list[float]) -> tuple[float, float | None]:
+    def _forward(self, keep: list[float]) -> dict:
         if self.mode == "pruned":
             model = self.space.prune(keep).eval()
             probe = EntropyProbe(model, **self.entropy_options)
@@ -104,14 +110,54 @@ class CandidateEvaluator:
             probe.set_kept(self.space.kept_by_module(keep) if self.mode == "masked" else None)
             context = self.space.sliced(keep) if self.mode == "sliced" else self.space.masked(keep)
         probe.reset()
-        correct = 0
         with torch.no_grad(), context as model, recalibrated_batchnorm(model, self.calibration), probe:
-            for i in range(0, len(self.x), self.chunk_size):
-                logits = model(self.x[i : i + self.chunk_size])
-                if self.y is not None:
-                    correct += int((logits.argmax(1) == self.y[i : i + self.chunk_size]).sum())
-        accuracy = correct / len(self.x) if self.y is not None else None
-        return probe.value(), accuracy
+            logits, features = self._run(model, dict(model.named_modules()).get(self.classifier_name))
+        if self.mode != "masked" and features is not None and features.shape[1] != self.reference_features.shape[1]:
+            kept = self.space.classifier_input_indices(keep)
+            if kept is not None:  # the candidate's features in the unpruned network's coordinates, zeros elsewhere
+                full = features.new_zeros(features.shape[0], self.reference_features.shape[1])
+                features = full.index_copy_(1, kept.to(features.device), features)
+        return {
+            "entropy": probe.value(),
+            "accuracy": int((logits.argmax(1) == self.y).sum()) / len(self.y) if self.y is not None else None,
+            **reference_comparison(self.reference_log_probs, self.reference_features, logits, features),
+        }
+
+    def _run(self, model: nn.Module, classifier: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits of `model` on the evaluation batch and the input of its classifier (the penultimate
+        features, flattened per image; None when the classifier is not found)."""
+        captured: list[torch.Tensor] = []
+        handle = None
+        if classifier is not None:
+            handle = classifier.register_forward_pre_hook(lambda _m, args: captured.append(args[0].flatten(1)))
+        try:
+            logits = torch.cat([model(self.x[i : i + self.chunk_size]) for i in range(0, len(self.x), self.chunk_size)])
+        finally:
+            if handle is not None:
+                handle.remove()
+        return logits, (torch.cat(captured).float() if captured else None)
+
+
+def reference_comparison(reference_log_probs: torch.Tensor, reference_features: torch.Tensor | None,
+                         logits: torch.Tensor, features: torch.Tensor | None) -> dict:
+    """How far a candidate's outputs are from the unpruned network's on the same images (no labels):
+
+    - ``kl``: mean over images of KL(p_unpruned || p_candidate) = sum_c p0_c (log p0_c - log p_c), nats;
+    - ``agreement``: share of images whose top-1 class is the unpruned network's;
+    - ``feature_error``: ||F - F0|| / ||F0|| (Frobenius) of the classifier's input features, the candidate's
+      pruned features counted as zeros.
+    """
+    log_probs = torch.log_softmax(logits.float(), dim=1)
+    kl = (reference_log_probs.exp() * (reference_log_probs - log_probs)).sum(1).mean()
+    out = {
+        "kl": float(kl.clamp_min(0.0)),
+        "agreement": float((log_probs.argmax(1) == reference_log_probs.argmax(1)).float().mean()),
+        "feature_error": None,
+    }
+    if reference_features is not None and features is not None and features.shape == reference_features.shape:
+        norm = float(reference_features.norm())
+        out["feature_error"] = float((features - reference_features).norm()) / norm if norm > 0 else None
+    return out
 
 
 class SimulatedEvaluator:
@@ -134,6 +180,9 @@ class SimulatedEvaluator:
             "kept_channels": counts,
             "entropy": float(np.dot(weights, keep) / weights.sum()) + 0.1 * float(np.std(keep)),
             "accuracy": float(0.5 + 0.5 * np.mean(np.sqrt(keep))),
+            "agreement": float(0.5 + 0.5 * np.mean(np.sqrt(keep))),
+            "kl": float(np.mean(1.0 - np.sqrt(keep))),
+            "feature_error": float(np.mean(1.0 - np.asarray(keep))),
             "macs": macs,
             "params": params,
             "macs_ratio": macs / self.space.base_macs,

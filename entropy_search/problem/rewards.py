@@ -5,6 +5,8 @@
 - ``accuracy`` (AMC's R_err): held-out top-1 accuracy in [0, 1] (a split of the training set,
   never the test set).
 - ``accuracy_flops`` (AMC's R_FLOPs): ``-(1 - accuracy) * log(macs)``, MACs of one forward pass.
+- ``kl`` (label-free): minus KL(p_unpruned || p_candidate) of the softmax outputs on the same images.
+- ``feature`` (label-free): minus the relative error of the classifier's input features.
 
 `compute_reward` picks one by name from a candidate's measurements dict, which may hold more keys
 (every candidate records entropy, accuracy, MACs, ... whatever the reward).
@@ -21,11 +23,15 @@ from scipy.stats import spearmanr
 from ..errors import EntropySearchError
 
 __all__ = [
+    "LABEL_FREE_REWARDS",
     "REWARDS",
     "accuracy_flops_reward",
     "accuracy_reward",
+    "choose_default_reward",
     "compute_reward",
     "entropy_reward",
+    "feature_reward",
+    "kl_reward",
     "proxy_agreement",
     "required_measurements",
 ]
@@ -49,11 +55,33 @@ def accuracy_flops_reward(accuracy: float, macs: float) -> float:
     return -(1.0 - _accuracy(accuracy)) * math.log(macs)
 
 
+def kl_reward(kl: float) -> float:
+    """Minus the KL divergence (nats) from the unpruned network's softmax to the candidate's on the same
+    unlabeled images: how much of the network's function is left, without labels."""
+    value = _finite("kl", kl)
+    if value < 0:
+        raise EntropySearchError(f"measurement 'kl' must be >= 0, got {kl!r}")
+    return -value
+
+
+def feature_reward(feature_error: float) -> float:
+    """Minus the relative error of the classifier's input features against the unpruned network's (label-free)."""
+    value = _finite("feature_error", feature_error)
+    if value < 0:
+        raise EntropySearchError(f"measurement 'feature_error' must be >= 0, got {feature_error!r}")
+    return -value
+
+
 REWARDS: dict[str, Callable[..., float]] = {
     "entropy": entropy_reward,
     "accuracy": accuracy_reward,
     "accuracy_flops": accuracy_flops_reward,
+    "kl": kl_reward,
+    "feature": feature_reward,
 }
+
+#: Rewards that need no labels (the paper's spatial entropy, and the comparisons with the unpruned network).
+LABEL_FREE_REWARDS = ("entropy", "kl", "feature")
 
 
 def required_measurements(name: str) -> tuple[str, ...]:
@@ -115,3 +143,24 @@ def proxy_agreement(records: Sequence[Mapping[str, float | None]]) -> dict[str, 
         "entropy_reward_vs_accuracy": rho([-float(r["entropy"]) for r in both], [float(r["accuracy"]) for r in both]),
         "reward_vs_accuracy": rho([float(r["reward"]) for r in rewarded], [float(r["accuracy"]) for r in rewarded]),
     }
+
+
+def choose_default_reward(spearman: Mapping[str, Mapping[str, float | None]], *, threshold: float = 0.6,
+                          candidates: Sequence[str] = LABEL_FREE_REWARDS) -> str | None:
+    """The protocol's choice of the default reward (docs/design.md, "Rewards"): `spearman[case][reward]` is the
+    rank correlation of a label-free reward with held-out accuracy on a development case. A reward qualifies
+    when it reaches `threshold` on every case; the paper's `entropy` wins if it qualifies, else the qualifying
+    reward with the best worst case (ties: the order of `candidates`). None when no reward qualifies."""
+    if not spearman:
+        return None
+
+    def worst(reward: str) -> float:
+        values = [case.get(reward) for case in spearman.values()]
+        return min(float(v) if v is not None and math.isfinite(float(v)) else -math.inf for v in values)
+
+    qualified = [r for r in candidates if worst(r) >= threshold]
+    if not qualified:
+        return None
+    if "entropy" in qualified:
+        return "entropy"
+    return max(qualified, key=lambda r: (worst(r), -list(candidates).index(r)))

@@ -170,9 +170,8 @@ def train_baseline(
         net = create_model(model, num_classes=splits.num_classes, in_channels=splits.in_channels, **model_kwargs)
     except TypeError as exc:
         raise ConfigError(f"model {model!r} does not accept {model_kwargs}: {exc}") from None
-    if progress:
-        print(f"training {model} on {splits.name} ({len(splits.train)} train / {len(splits.heldout)} held-out / "
-              f"{len(splits.test)} test images) for {epochs} epochs on {dev}", flush=True)
+    print(f"training {model} on {splits.name} ({len(splits.train)} train / {len(splits.heldout)} held-out / "
+          f"{len(splits.test)} test images) for {epochs} epochs on {dev}", flush=True)
     start = time.perf_counter()
     history = train(net, splits.train, epochs=epochs, device=device, seed=seed, progress=progress,
                     desc=f"baseline {model}", **(train_options or {}))

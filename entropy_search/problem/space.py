@@ -114,6 +114,7 @@ class PruningSpace:
         try:
             order, outputs = self._trace(example_input)
             self.classifier = order[-1] if order else None
+            self.classifier_name = self._names[self.classifier] if self.classifier is not None else None
             ignored = list(ignored_layers) if ignored_layers is not None else [self.classifier]
             self._ignored_names = [self._names[m] for m in ignored if m is not None]
             with torch.enable_grad():
@@ -419,6 +420,21 @@ class PruningSpace:
             graph.get_pruning_group(root, fn, idxs=drop).prune()
         model.train(was_training)
         return model
+
+    def classifier_input_indices(self, keep: Sequence[float]) -> torch.Tensor | None:
+        """Which input features of the classifier (the last conv/linear layer) a candidate keeps, ascending, as
+        indices into the unpruned network's features; None when it keeps them all. The sliced and pruned
+        networks feed the classifier exactly these features, in this order."""
+        if self.classifier is None:
+            return None
+        weight = next((t for t in self._tensors if t.module is self.classifier and t.name == "weight"), None)
+        if weight is None:
+            return None
+        indices = self.kept_indices(keep)
+        inputs = [(g, imap) for dim, g, imap in weight.dims if dim == 1]
+        if all(indices[g].numel() == self.groups[g].channels for g, _ in inputs):
+            return None
+        return torch.cat([imap[indices[g]].reshape(-1) for g, imap in inputs]).sort().values
 
     def kept_by_module(self, keep: Sequence[float]) -> dict[str, torch.Tensor]:
         """Kept channel indices of every module that produces a group's channels (for measuring only kept maps)."""
