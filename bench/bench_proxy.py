@@ -78,7 +78,8 @@ def measure(args) -> dict:
                        heldout_fraction=float((ckpt.config or {}).get("heldout_fraction", 0.1)))
     model = build_model(ckpt).eval()
     space = PruningSpace(model, ckpt.example_input())
-    budget = Budget(space, args.flops_target, args.min_keep, args.flops_floor)
+    budget = Budget(space, args.flops_target, args.min_keep, args.flops_floor, action_space=args.action_space,
+                    action_spread=args.action_spread)
     budget.check()
     x, y = eval_batch(splits, args.eval_batch, split="heldout", seed=args.seed)
     calibration, _ = eval_batch(splits, args.calibration, split="train", seed=args.seed)
@@ -117,6 +118,7 @@ def measure(args) -> dict:
     result = {
         "case": args.case or f"{ckpt.model_name}/{splits.name}@{args.flops_target:g}",
         "model": ckpt.model_name, "data": splits.name, "flops_target": args.flops_target, "flops_floor": args.flops_floor,
+        "action_space": args.action_space, "action_spread": args.action_spread,
         "candidates": len(rows), "finetuned": len(tuned), "finetune_steps": args.finetune_steps,
         "eval_batch": len(x), "heldout_images": len(splits.heldout), "calibration": len(calibration),
         "macs_ratio": [min(r["macs_ratio"] for r in rows), max(r["macs_ratio"] for r in rows)],
@@ -142,7 +144,8 @@ def measure(args) -> dict:
 
 def report(result: dict) -> str:
     lines = [f"# {result['case']}: {result['candidates']} candidates drawn as the search draws them (MACs ratio "
-             f"{result['macs_ratio'][0]:.3f}-{result['macs_ratio'][1]:.3f}, floor {result['flops_floor']}), "
+             f"{result['macs_ratio'][0]:.3f}-{result['macs_ratio'][1]:.3f}, floor {result['flops_floor']}, "
+             f"{result['action_space']} actions, spread {result['action_spread']:g}), "
              f"{result['collapsed']:.0%} collapsed (held-out accuracy < 2x chance); {result['finetuned']} fine-tuned "
              f"{result['finetune_steps']} steps; held-out batch {result['eval_batch']} of {result['heldout_images']} images",
              f"{'reward':<12}{'vs held-out':>12}{'vs fine-tuned':>15}"]
@@ -177,6 +180,8 @@ def main(argv=None) -> int:
     parser.add_argument("--flops-target", type=float, default=0.5)
     parser.add_argument("--flops-floor", type=float, default=0.9)
     parser.add_argument("--min-keep", type=float, default=0.1)
+    parser.add_argument("--action-space", choices=("absolute", "relative"), default="absolute")
+    parser.add_argument("--action-spread", type=float, default=1.0)
     parser.add_argument("--candidates", type=int, default=100)
     parser.add_argument("--finetuned", type=int, default=12, help="candidates also fine-tuned briefly (evenly spread)")
     parser.add_argument("--finetune-steps", type=int, default=100)

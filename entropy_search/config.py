@@ -131,6 +131,12 @@ class SearchSettings(Section):
     min_keep: UnitFraction = 0.1
     """Smallest keep ratio of a group; the action is mapped to a keep ratio in [min_keep, 1]."""
 
+    action_space: Literal["relative", "absolute"] = "absolute"
+    """How an action in [-1, 1] becomes a keep ratio: `absolute` maps it linearly to [min_keep, 1] (AMC's); `relative` scales the uniform keep ratio the remaining budget allows the undecided groups by 2**(action x action_spread), so that random actions stay around the uniform solution instead of starving the last groups."""
+
+    action_spread: PositiveFloat = 1.0
+    """`relative` action space: an action of +-1 multiplies the uniform keep ratio by 2**(+-action_spread)."""
+
     round_to: PositiveInt = 1
     """Kept channel counts are rounded to a multiple of this (8 suits GPUs, 1 tiny networks)."""
 
@@ -296,6 +302,25 @@ class FinetuneConfig(Section):
     """Batch size of the fine-tuning."""
 
 
+class SelectionConfig(Section):
+    """The final stage: which finalist is delivered (docs/design.md, "The final stage")."""
+
+    enabled: bool = True
+    """Successive halving over the agent's top-k, the best random-search candidate and the uniform candidate (same budget), judged by held-out accuracy after short fine-tunes; the survivor, fully fine-tuned, is the delivered network. Off: the agent's best is delivered."""
+
+    rung_steps: PositiveInt = 30
+    """SGD steps of every finalist in the first rung; each later rung trains the survivors eta times longer (cumulative)."""
+
+    eta: Annotated[int, Field(ge=2)] = 2
+    """1/eta of the finalists continue at each rung."""
+
+    batch_size: PositiveInt = 128
+    """Batch size of the short fine-tunes."""
+
+    lr: PositiveFloat = 0.01
+    """Learning rate of the short fine-tunes (SGD, cosine schedule per rung)."""
+
+
 class OutputConfig(Section):
     """Where results and checkpoints go."""
 
@@ -335,6 +360,9 @@ class SearchConfig(Section):
 
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     """Fine-tuning of the best candidates."""
+
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    """The final stage choosing the delivered network among the finalists."""
 
     output: OutputConfig = Field(default_factory=OutputConfig)
     """Output folder and checkpointing."""

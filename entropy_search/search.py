@@ -42,6 +42,7 @@ from .problem import (
     proxy_agreement,
     random_search,
     setup,
+    successive_halving,
     uniform_baseline,
 )
 from .ray_runtime import check_fits, env_runner_bundles, start_ray
@@ -55,7 +56,10 @@ def prepare(config: SearchConfig, *, progress: bool = True) -> Problem:
     """The problem on the driver, before Ray starts: the baseline checkpoint (trained when missing), data,
     channel groups, a reachable budget and a local evaluator."""
     ensure_checkpoint(config, progress=progress)
-    return setup(config)
+    problem = setup(config)
+    for note in problem.notes:
+        print(f"note: {note}", flush=True)
+    return problem
 
 
 def policy_of(space: PruningSpace, record: dict) -> dict:
@@ -79,6 +83,28 @@ def finalize_record(problem: Problem, config: SearchConfig, record: dict, *, lab
         "analytic_macs_match": measured["macs"] == record.get("macs"),
     }
     return out, pruned
+
+
+def select_delivered(problem: Problem, config: SearchConfig, state: SearchState, baselines: dict) -> dict:
+    """The final stage's successive halving over the finalists (the agent's top-k, random search's best, the
+    uniform candidate; duplicates once, agent first); the agent's best alone when `selection.enabled` is off."""
+    finalists: dict[tuple[int, ...], tuple[str, list[float]]] = {}
+    for rank, record in enumerate(state.top_k):
+        finalists.setdefault(tuple(record["kept_channels"]), (f"top{rank + 1}", record["keep"]))
+    for name in ("random", "uniform"):
+        record = (baselines.get(name) or {}).get("best")
+        if record is not None:
+            finalists.setdefault(tuple(record["kept_channels"]), (name, record["keep"]))
+    candidates = list(finalists.values())
+    if not config.selection.enabled or len(candidates) <= 1:
+        return {"enabled": config.selection.enabled, "finalists": [label for label, _ in candidates],
+                "winner": candidates[0][0] if candidates else None, "rungs": [], "seconds": 0.0}
+    sel = config.selection
+    out = successive_halving(problem.space, problem.splits, candidates, calibration=problem.evaluator.calibration,
+                             rung_steps=sel.rung_steps, eta=sel.eta, batch_size=sel.batch_size, lr=sel.lr,
+                             seed=config.seed)
+    problem.model.to("cpu")
+    return {"enabled": True, "finalists": [label for label, _ in candidates], **out}
 
 
 def run_search(
@@ -166,22 +192,31 @@ def finish_search(
     }
     problem.model.to("cpu")
     t_ft = time.perf_counter()
-    top_k, best_model = [], None
+    top_k, finalized = [], {}
     for rank, record in enumerate(state.top_k):
         final, pruned = finalize_record(problem, config, record, label=f"top{rank + 1}", progress=progress)
         final["rank"] = rank + 1
         top_k.append(final)
-        if rank == 0:
-            best_model = pruned
+        finalized[final["label"]] = (final, pruned)
     if config.baselines.enabled and config.baselines.finetune:
         for name, res in baselines.items():
             if res.get("best") is not None:
-                res["final"], _ = finalize_record(problem, config, res["best"], label=name, progress=progress)
+                res["final"], pruned = finalize_record(problem, config, res["best"], label=name, progress=progress)
+                finalized[name] = (res["final"], pruned)
     finetune_seconds = time.perf_counter() - t_ft
+
+    # ---- the final stage: the finalists under the same budget, successive halving on held-out accuracy
+    selection = select_delivered(problem, config, state, baselines)
+    winner = selection["winner"]
+    if winner not in finalized:  # a baseline whose fine-tune was switched off
+        record = next(res["best"] for name, res in baselines.items() if name == winner)
+        finalized[winner] = finalize_record(problem, config, record, label=winner, progress=progress)
+    delivered, delivered_model = finalized[winner] if winner is not None else (None, None)
     files = {"candidates": str(out / CANDIDATES_FILE), "config": str(out / CONFIG_FILE),
              "checkpoint": str(out / CHECKPOINT_DIR)}
-    if best_model is not None:
-        files.update(export(best_model, problem.space.example_input, out, "best_pruned", onnx=config.output.export_onnx))
+    if delivered_model is not None:
+        files.update(export(delivered_model, problem.space.example_input, out, "best_pruned",
+                            onnx=config.output.export_onnx))
 
     best = top_k[0] if top_k else None
     result = {
@@ -196,7 +231,9 @@ def finish_search(
         "best": best,
         "top_k": top_k,
         "baselines": baselines,
-        "comparison": _comparison(best, baselines),
+        "selection": selection,
+        "delivered": delivered,
+        "comparison": _comparison(best, baselines, delivered),
         # does the reward rank the candidates as held-out accuracy does? (every candidate the agent evaluated)
         "proxy": proxy_agreement(list(state.cache.values())),
         "cost": {
@@ -241,9 +278,13 @@ def _user_error(exc: Exception, search: RLSearch | None) -> Exception:
     )
 
 
-def _comparison(best: dict | None, baselines: dict) -> dict:
-    """Agent vs baselines in one place: reward, FLOPs, test accuracy after fine-tuning."""
+def _comparison(best: dict | None, baselines: dict, delivered: dict | None = None) -> dict:
+    """Agent vs baselines (and the delivered network) in one place: reward, FLOPs, test accuracy after fine-tuning."""
     rows = {}
+    if delivered:
+        rows["delivered"] = {k: delivered.get(k) for k in
+                             ("reward", "macs_ratio", "heldout_accuracy", "test_accuracy_after_finetune")}
+        rows["delivered"]["label"] = delivered.get("label")
     if best:
         rows["agent"] = {k: best.get(k) for k in ("reward", "macs_ratio", "heldout_accuracy", "test_accuracy_after_finetune")}
     for name, res in baselines.items():

@@ -132,6 +132,10 @@ def final_metrics(result: Mapping[str, Any]) -> dict[str, float]:
         m[f"{name}_heldout_accuracy"] = rec.get("accuracy")
         m[f"{name}_test_accuracy"] = fin.get("test_accuracy_after_finetune")
         m[f"{name}_evaluations"] = res.get("evaluations")
+    delivered = result.get("delivered") or {}
+    m["delivered_test_accuracy"] = delivered.get("test_accuracy_after_finetune")
+    m["delivered_macs_ratio"] = delivered.get("macs_ratio")
+    m["delivered_heldout_accuracy"] = delivered.get("heldout_accuracy")
     proxy = result.get("proxy") or {}
     m["proxy_entropy_spearman"] = proxy.get("entropy_reward_vs_accuracy")
     m["proxy_reward_spearman"] = proxy.get("reward_vs_accuracy")
@@ -152,7 +156,8 @@ SUMMARY_COLUMNS = (
     ("test FT", "test_accuracy", "%"),
     ("uniform FT", "uniform_test_accuracy", "%"),
     ("random FT", "random_test_accuracy", "%"),
-    ("entropy~acc", "proxy_entropy_spearman", ".2f"),
+    ("delivered FT", "delivered_test_accuracy", "%"),
+    ("proxy", "proxy_reward_spearman", ".2f"),
     ("cand", "cost_candidates", ".0f"),
     ("cand/s", "cost_candidates_per_second", ".1f"),
     ("min", "cost_total_seconds", "min"),
@@ -219,7 +224,8 @@ def aggregate_rows(rows: Sequence[Mapping[str, Any]], over: str = "seed") -> lis
 def format_aggregate(agg: Sequence[Mapping[str, Any]], *, markdown: bool = False) -> str:
     axes = axis_names(agg)
     cols = [c for c in SUMMARY_COLUMNS if c[1] in ("macs_ratio", "heldout_accuracy", "test_accuracy",
-                                                    "uniform_test_accuracy", "random_test_accuracy")]
+                                                    "uniform_test_accuracy", "random_test_accuracy",
+                                                    "delivered_test_accuracy")]
     headers = [a.split(".")[-1] for a in axes] + ["n"] + [c[0] for c in cols]
     body = []
     for row in agg:

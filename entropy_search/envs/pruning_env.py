@@ -155,16 +155,14 @@ class PruningEnv(gym.Env):
             raise RuntimeError("step() called after the episode ended; call reset()")
         a = float(np.asarray(action, dtype=np.float64).reshape(-1)[0])
         g = self._t
-        desired_keep = self.budget.keep_of_action(a)
-        desired = self.budget.count_of(g, desired_keep)
-        count = self.budget.clip(g, self._counts, desired)
+        count, desired_keep, clipped = self.budget.step(self._counts, a)
         self._counts.append(count)
         self._actions.append(a)
         self._desired.append(desired_keep)
         self._prev = count / self.budget.groups[g].channels
         self._t += 1
         if self._t < self.n_groups:
-            return self._obs(), 0.0, False, False, {"group": g, "keep": self._prev, "clipped": count != desired}
+            return self._obs(), 0.0, False, False, {"group": g, "keep": self._prev, "clipped": clipped}
         record, hit = self.problem.evaluate(self._counts)
         self.episodes += 1
         info = dict(record)

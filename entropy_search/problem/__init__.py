@@ -15,6 +15,7 @@ from .evaluate import CandidateCache, CandidateEvaluator, SimulatedEvaluator, ca
 from .finalize import export, finalize
 from .macs import count_macs, count_params
 from .rewards import LABEL_FREE_REWARDS, REWARDS, choose_default_reward, compute_reward, proxy_agreement
+from .selection import successive_halving
 from .setup import Network, Problem, ensure_checkpoint, load_network, load_splits, setup, train_baseline
 from .space import ChannelGroup, PruningSpace
 
@@ -53,6 +54,7 @@ __all__ = [
     "save_checkpoint",
     "setup",
     "spatial_entropy",
+    "successive_halving",
     "train_baseline",
     "uniform_baseline",
     "uniform_counts",

@@ -44,11 +44,10 @@ def uniform_counts(budget: Budget, iterations: int = 60) -> tuple[float, list[in
 
 
 def random_counts(budget: Budget, rng: np.random.Generator) -> list[int]:
-    """One random candidate: uniform actions in [-1, 1], clipped group by group as the environment does."""
+    """One random candidate: uniform actions in [-1, 1], mapped and clipped group by group as the environment does."""
     counts: list[int] = []
-    for g in range(budget.n):
-        keep = budget.keep_of_action(float(rng.uniform(-1.0, 1.0)))
-        counts.append(budget.clip(g, counts, budget.count_of(g, keep)))
+    for _ in range(budget.n):
+        counts.append(budget.step(counts, float(rng.uniform(-1.0, 1.0)))[0])
     return counts
 
 

@@ -81,10 +81,24 @@ class MacsForm:
         return rest + linear * v + self.B[g, g] * v * v
 
 
-class Budget:
-    """AMC action clipping on rounded channel counts for one pruning space and FLOPs target."""
+#: How an action in [-1, 1] becomes a desired keep ratio (docs/design.md, "Budget").
+ACTION_SPACES = ("relative", "absolute")
 
-    def __init__(self, space: PruningSpace, flops_target: float, min_keep: float, flops_floor: float = 0.0) -> None:
+
+class Budget:
+    """AMC action clipping on rounded channel counts for one pruning space and FLOPs target.
+
+    `action_space` "absolute" maps an action linearly to a keep ratio in [min_keep, 1] (AMC's); "relative"
+    scales the uniform keep ratio that the remaining budget allows the groups still to decide by
+    2**(action * action_spread), so that action 0 everywhere gives the uniform solution and random actions
+    stay around it instead of spending the budget early and starving the last groups."""
+
+    def __init__(self, space: PruningSpace, flops_target: float, min_keep: float, flops_floor: float = 0.0,
+                 *, action_space: str = "absolute", action_spread: float = 1.0) -> None:
+        if action_space not in ACTION_SPACES:
+            raise ConfigError(f"search.action_space: {action_space!r}; known: {', '.join(ACTION_SPACES)}")
+        self.action_space = action_space
+        self.action_spread = float(action_spread)
         self.space = space
         self.flops_target = float(flops_target)
         self.flops_floor = float(flops_floor)
@@ -127,6 +141,40 @@ class Budget:
         """Map an action in [-1, 1] (clipped there) to a keep ratio in [min_keep, 1]."""
         a = float(np.clip(action, -1.0, 1.0)) if math.isfinite(action) else -1.0
         return self.min_keep + (a + 1.0) / 2.0 * (1.0 - self.min_keep)
+
+    def uniform_rest(self, decided: Sequence[int], iterations: int = 30) -> float:
+        """The largest keep ratio r in [min_keep, 1] such that the groups after `decided`, all at ratio r (rounded),
+        keep the candidate within the target; min_keep when even that does not fit."""
+        g = len(decided)
+
+        def fits(r: float) -> bool:
+            counts = list(decided) + [self.count_of(h, r) for h in range(g, self.n)]
+            return self.macs(counts) <= self.target_macs
+
+        if fits(1.0):
+            return 1.0
+        lo, hi = self.min_keep, 1.0
+        if not fits(lo):
+            return lo
+        for _ in range(iterations):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return lo
+
+    def desired_keep(self, g: int, decided: Sequence[int], action: float) -> float:
+        """Group g's keep ratio asked for by `action` in [-1, 1] (clipped there), before the budget's clipping."""
+        a = float(np.clip(action, -1.0, 1.0)) if math.isfinite(action) else -1.0
+        if self.action_space == "absolute":
+            return self.keep_of_action(a)
+        return float(min(1.0, max(self.min_keep, self.uniform_rest(decided) * 2.0 ** (a * self.action_spread))))
+
+    def step(self, decided: Sequence[int], action: float) -> tuple[int, float, bool]:
+        """Decide the next group's count from an action: (count, desired keep ratio, whether the budget clipped it)."""
+        g = len(decided)
+        keep = self.desired_keep(g, decided, action)
+        desired = self.count_of(g, keep)
+        count = self.clip(g, decided, desired)
+        return count, keep, count != desired
 
     def clip(self, g: int, decided: Sequence[int], desired: int) -> int:
         """Group g's count: the option nearest below `desired` within the bounds that keep the episode on budget.

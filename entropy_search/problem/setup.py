@@ -50,6 +50,8 @@ class Problem:
     evaluator: CandidateEvaluator | SimulatedEvaluator
     cache: CandidateCache
     config: SearchConfig = field(repr=False)
+    notes: list[str] = field(default_factory=list)
+    """What the user should know about this problem (said once by the driver), e.g. a small held-out split."""
 
     @property
     def model(self) -> nn.Module:
@@ -86,7 +88,8 @@ def load_splits(config: SearchConfig, ckpt: Checkpoint) -> DataSplits:
 def build_budget(space: PruningSpace, config: SearchConfig) -> Budget:
     """The search's budget on `space`; ConfigError when its target is out of reach."""
     s = config.search
-    budget = Budget(space, s.flops_target, s.min_keep, s.flops_floor)
+    budget = Budget(space, s.flops_target, s.min_keep, s.flops_floor, action_space=s.action_space,
+                    action_spread=s.action_spread)
     budget.check()
     return budget
 
@@ -129,7 +132,13 @@ def setup(config: SearchConfig) -> Problem:
     else:
         evaluator = make_evaluator(network.model, space, splits, config)
     cache = CandidateCache(space, evaluator, config.search.reward, enabled=config.search.cache)
-    return Problem(network, splits, space, budget, evaluator, cache, config)
+    notes = []
+    if splits is not None and len(splits.heldout) < config.data.eval_batch:
+        n = len(splits.heldout)
+        notes.append(f"data.eval_batch is {config.data.eval_batch}, but the held-out split of {splits.name} has {n} "
+                     f"images: every candidate is measured on those {n} (held-out accuracy moves in steps of "
+                     f"{100 / max(n, 1):.2f} points)")
+    return Problem(network, splits, space, budget, evaluator, cache, config, notes)
 
 
 def train_baseline(

@@ -1,0 +1,87 @@
+"""The final stage's choice of the network delivered to the user (docs/design.md, "The final stage").
+
+The search's top-k, the best random-search candidate and the uniform candidate, all under the same budget,
+go through successive halving on short fine-tunes judged by held-out accuracy (never the test split):
+every finalist is pruned for real, its BN statistics re-estimated, fine-tuned for `rung_steps` SGD steps
+and measured; the best 1/eta continue with eta times more steps, until one is left. The user then gets
+the survivor, fully fine-tuned, so a search never hands back a network that short fine-tunes judged worse
+than uniform pruning.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Subset
+
+from ..data import DataSplits
+from ..errors import EntropySearchError
+from ..train import evaluate, train
+from .adaptive_bn import recalibrate_batchnorm
+from .space import PruningSpace
+
+
+def successive_halving(
+    space: PruningSpace,
+    splits: DataSplits,
+    finalists: Sequence[tuple[str, Sequence[float]]],
+    *,
+    calibration: torch.Tensor | None,
+    rung_steps: int,
+    eta: int = 2,
+    batch_size: int = 128,
+    lr: float = 0.01,
+    seed: int = 0,
+    device: str = "auto",
+) -> dict:
+    """Successive halving over `finalists` ((label, keep ratios), in order of preference for ties).
+
+    Returns {"winner": label, "rungs": [{"steps", "heldout_accuracy": {label: acc}, "continue": [...],
+    "eliminated": [...]}], "seconds"}; each rung's steps are cumulative (a survivor keeps training)."""
+    if not finalists:
+        raise EntropySearchError("successive halving needs at least one finalist")
+    if eta < 2 or rung_steps < 1:
+        raise EntropySearchError(f"successive halving needs eta >= 2 and rung_steps >= 1, got {eta} and {rung_steps}")
+    if len(splits.heldout) == 0:
+        raise EntropySearchError(f"the held-out split of {splits.name} is empty: the final stage has nothing to judge by")
+    t0 = time.perf_counter()
+    if len(finalists) == 1:
+        return {"winner": finalists[0][0], "rungs": [], "seconds": 0.0}
+    models = {}
+    for label, keep in finalists:
+        pruned = space.prune(keep)
+        if calibration is not None:
+            recalibrate_batchnorm(pruned, calibration)
+        models[label] = pruned
+    alive = [label for label, _ in finalists]
+    rungs: list[dict] = []
+    steps_done, rung = 0, 0
+    rng = np.random.default_rng(seed)
+    while True:
+        steps = rung_steps * eta**rung
+        images = _subset(len(splits.train), (steps - steps_done) * batch_size, rng)
+        scores = {}
+        for label in alive:
+            train(models[label], Subset(splits.train, images), epochs=1, lr=lr, batch_size=batch_size, seed=seed + rung,
+                  progress=False, device=device)
+            scores[label] = evaluate(models[label], splits.heldout, device=device)
+        keep_n = max(1, math.ceil(len(alive) / eta)) if len(alive) > 1 else 1
+        ranked = sorted(alive, key=lambda lb: -scores[lb])  # stable: ties keep the order of preference
+        survivors, eliminated = ranked[:keep_n], ranked[keep_n:]
+        rungs.append({"steps": steps, "heldout_accuracy": scores, "continue": survivors, "eliminated": eliminated})
+        steps_done, rung = steps, rung + 1
+        alive = [lb for lb in alive if lb in survivors]
+        if len(alive) == 1:
+            return {"winner": alive[0], "rungs": rungs, "seconds": time.perf_counter() - t0}
+
+
+def _subset(n: int, wanted: int, rng: np.random.Generator) -> list[int]:
+    """`wanted` indices of a data set of `n` items, as whole shuffled passes over it plus a partial one."""
+    out: list[int] = []
+    while len(out) < wanted:
+        out.extend(rng.permutation(n)[: wanted - len(out)].tolist())
+    return out
