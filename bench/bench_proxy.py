@@ -39,6 +39,7 @@ from entropy_search.problem import (
     PruningSpace,
     build_model,
     choose_default_reward,
+    collapse_rate,
     compute_reward,
     load_checkpoint,
     random_counts,
@@ -48,7 +49,6 @@ from entropy_search.train import evaluate, train
 
 LAYERS = ("bn", "bn_relu", "last_stage")
 METHODS = ("cooccurrence", "histogram", "mass")
-CHANCE_FACTOR = 2.0  # a candidate whose held-out accuracy is under 2x chance has collapsed
 
 
 def short_finetune_accuracy(space: PruningSpace, keep, splits, calibration, steps: int, seed: int) -> float:
@@ -114,7 +114,6 @@ def measure(args) -> dict:
                                                        calibration, args.finetune_steps, args.seed)
     tuned = [r for r in rows if "finetuned" in r]
     acc = [r["accuracy"] for r in rows]
-    chance = 1.0 / splits.num_classes
     result = {
         "case": args.case or f"{ckpt.model_name}/{splits.name}@{args.flops_target:g}",
         "model": ckpt.model_name, "data": splits.name, "flops_target": args.flops_target, "flops_floor": args.flops_floor,
@@ -122,7 +121,7 @@ def measure(args) -> dict:
         "candidates": len(rows), "finetuned": len(tuned), "finetune_steps": args.finetune_steps,
         "eval_batch": len(x), "heldout_images": len(splits.heldout), "calibration": len(calibration),
         "macs_ratio": [min(r["macs_ratio"] for r in rows), max(r["macs_ratio"] for r in rows)],
-        "collapsed": sum(a < CHANCE_FACTOR * chance for a in acc) / len(acc),
+        "collapsed": collapse_rate(acc, splits.num_classes),
         "measure_seconds": measure_s, "finetune_seconds": time.perf_counter() - t1,
         "vs_heldout": {}, "vs_finetuned": {},
         "accuracy_vs_finetuned": spearman([r["accuracy"] for r in tuned], [r["finetuned"] for r in tuned]),

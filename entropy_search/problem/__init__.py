@@ -14,7 +14,14 @@ from .entropy import EntropyProbe, network_entropy, spatial_entropy
 from .evaluate import CandidateCache, CandidateEvaluator, SimulatedEvaluator, cache_entry
 from .finalize import export, finalize
 from .macs import count_macs, count_params
-from .rewards import LABEL_FREE_REWARDS, REWARDS, choose_default_reward, compute_reward, proxy_agreement
+from .rewards import (
+    LABEL_FREE_REWARDS,
+    REWARDS,
+    choose_default_reward,
+    collapse_rate,
+    compute_reward,
+    proxy_agreement,
+)
 from .selection import successive_halving
 from .setup import Network, Problem, ensure_checkpoint, load_network, load_splits, setup, train_baseline
 from .space import ChannelGroup, PruningSpace
@@ -36,6 +43,7 @@ __all__ = [
     "build_model",
     "cache_entry",
     "choose_default_reward",
+    "collapse_rate",
     "compute_reward",
     "count_macs",
     "count_params",

@@ -514,6 +514,24 @@ class EntropyProbe:
             raise EntropySearchError("no activation map was measured: run a forward pass with the probe attached")
         return float(torch.stack([self._sums[n] for n in names]).sum()) / count
 
+    def normalized_value(self) -> float | None:
+        """Mean over the measured maps of each map's entropy divided by the most its layer's maps can have:
+        log(min(outcomes, bins)) (neighbour pairs and G^2 for co-occurrence, positions and G for the
+        histogram, log(positions) for mass). Frees the mean of the cap small late-stage maps put on it.
+        None when no measured layer's maps can have any entropy (1 x 1)."""
+        total, count = 0.0, 0
+        for name in self._included():
+            if not self._counts[name]:
+                continue
+            h, w = self._resolution[name]
+            outcomes, bins = _outcomes(h, w, self.bins, self.method)
+            cap = math.log(h * w) if self.method == "mass" else math.log(min(outcomes, bins)) if outcomes > 0 else 0.0
+            if cap <= 0:
+                continue
+            total += float(self._sums[name]) / cap
+            count += self._counts[name]
+        return total / count if count else None
+
     def per_layer(self) -> dict[str, float]:
         """Mean entropy of each measured layer (for logging which layers drive the value)."""
         return {n: float(self._sums[n]) / self._counts[n] for n in self._included() if self._counts[n]}

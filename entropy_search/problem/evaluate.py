@@ -119,6 +119,7 @@ class CandidateEvaluator:
                 features = full.index_copy_(1, kept.to(features.device), features)
         return {
             "entropy": probe.value(),
+            "entropy_normalized": probe.normalized_value(),
             "accuracy": int((logits.argmax(1) == self.y).sum()) / len(self.y) if self.y is not None else None,
             **reference_comparison(self.reference_log_probs, self.reference_features, logits, features),
         }
@@ -179,6 +180,7 @@ class SimulatedEvaluator:
             "keep": keep,
             "kept_channels": counts,
             "entropy": float(np.dot(weights, keep) / weights.sum()) + 0.1 * float(np.std(keep)),
+            "entropy_normalized": float(np.mean(keep)),
             "accuracy": float(0.5 + 0.5 * np.mean(np.sqrt(keep))),
             "agreement": float(0.5 + 0.5 * np.mean(np.sqrt(keep))),
             "kl": float(np.mean(1.0 - np.sqrt(keep))),

@@ -7,6 +7,8 @@
 - ``accuracy_flops`` (AMC's R_FLOPs): ``-(1 - accuracy) * log(macs)``, MACs of one forward pass.
 - ``kl`` (label-free): minus KL(p_unpruned || p_candidate) of the softmax outputs on the same images.
 - ``feature`` (label-free): minus the relative error of the classifier's input features.
+- ``entropy_normalized`` (label-free, a study): minus the spatial entropy with each map's entropy divided
+  by the most its size and level count allow.
 
 `compute_reward` picks one by name from a candidate's measurements dict, which may hold more keys
 (every candidate records entropy, accuracy, MACs, ... whatever the reward).
@@ -28,7 +30,9 @@ __all__ = [
     "accuracy_flops_reward",
     "accuracy_reward",
     "choose_default_reward",
+    "collapse_rate",
     "compute_reward",
+    "entropy_normalized_reward",
     "entropy_reward",
     "feature_reward",
     "kl_reward",
@@ -55,6 +59,12 @@ def accuracy_flops_reward(accuracy: float, macs: float) -> float:
     return -(1.0 - _accuracy(accuracy)) * math.log(macs)
 
 
+def entropy_normalized_reward(entropy_normalized: float) -> float:
+    """Minus the spatial entropy with each map's entropy divided by the most its size allows (a study of the
+    paper's reward without the cap small maps put on it)."""
+    return -_finite("entropy_normalized", entropy_normalized)
+
+
 def kl_reward(kl: float) -> float:
     """Minus the KL divergence (nats) from the unpruned network's softmax to the candidate's on the same
     unlabeled images: how much of the network's function is left, without labels."""
@@ -78,10 +88,11 @@ REWARDS: dict[str, Callable[..., float]] = {
     "accuracy_flops": accuracy_flops_reward,
     "kl": kl_reward,
     "feature": feature_reward,
+    "entropy_normalized": entropy_normalized_reward,
 }
 
 #: Rewards that need no labels (the paper's spatial entropy, and the comparisons with the unpruned network).
-LABEL_FREE_REWARDS = ("entropy", "kl", "feature")
+LABEL_FREE_REWARDS = ("entropy", "kl", "feature", "entropy_normalized")
 
 
 def required_measurements(name: str) -> tuple[str, ...]:
@@ -164,3 +175,12 @@ def choose_default_reward(spearman: Mapping[str, Mapping[str, float | None]], *,
     if "entropy" in qualified:
         return "entropy"
     return max(qualified, key=lambda r: (worst(r), -list(candidates).index(r)))
+
+
+def collapse_rate(accuracies: Sequence[float | None], num_classes: int, *, factor: float = 2.0) -> float | None:
+    """Share of candidates that collapsed: held-out accuracy under `factor` x chance (1 / num_classes).
+    None when no candidate has an accuracy."""
+    values = [float(a) for a in accuracies if a is not None]
+    if not values:
+        return None
+    return sum(a < factor / num_classes for a in values) / len(values)

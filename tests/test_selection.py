@@ -1,0 +1,69 @@
+"""The final stage (successive halving of the finalists) and the relative action space."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from entropy_search.data import eval_batch, load_data
+from entropy_search.errors import ConfigError
+from entropy_search.problem import (
+    Budget,
+    PruningSpace,
+    build_model,
+    load_checkpoint,
+    random_counts,
+    successive_halving,
+    uniform_counts,
+)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory, train_digits_checkpoint):
+    ckpt = load_checkpoint(train_digits_checkpoint(tmp_path_factory.mktemp("sel") / "baseline.pt", 8))
+    model = build_model(ckpt)
+    splits = load_data("digits", seed=0)
+    return PruningSpace(model, ckpt.example_input()), splits
+
+
+def test_successive_halving_keeps_the_finalist_that_is_known_best(digits):
+    space, splits = digits
+    n = len(space.groups)
+    finalists = [("starved", [0.1] * n), ("whole", [1.0] * n), ("half", [0.5] * n), ("thin", [0.2] * n)]
+    calibration, _ = eval_batch(splits, 128, split="train", seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = successive_halving(space, splits, finalists, calibration=calibration, rung_steps=3, eta=2, seed=0,
+                                 device="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert out["winner"] == "whole"  # the unpruned network, the answer known in advance
+    first, last = out["rungs"][0], out["rungs"][-1]
+    assert set(first["heldout_accuracy"]) == {"starved", "whole", "half", "thin"}
+    assert len(first["continue"]) == 2 and "starved" in first["eliminated"]
+    assert last["continue"] == ["whole"] and last["steps"] == 3 * 2 ** (len(out["rungs"]) - 1)
+    # one finalist: nothing to train
+    assert successive_halving(space, splits, finalists[:1], calibration=None, rung_steps=3)["rungs"] == []
+
+
+def test_relative_actions_of_zero_give_the_uniform_candidate(digits):
+    space, _ = digits
+    budget = Budget(space, 0.4, 0.1, 0.0, action_space="relative")
+    counts: list[int] = []
+    for _ in range(budget.n):
+        counts.append(budget.step(counts, 0.0)[0])
+    assert counts == uniform_counts(budget)[1]
+    assert budget.macs(counts) <= budget.target_macs
+
+
+def test_relative_actions_stay_on_budget_and_spend_it(digits):
+    space, _ = digits
+    budget = Budget(space, 0.3, 0.1, 0.97, action_space="relative")
+    rng = np.random.default_rng(0)
+    ratios = [budget.macs_ratio(random_counts(budget, rng)) for _ in range(50)]
+    assert max(ratios) <= 0.3 + 1e-12
+    assert min(ratios) >= 0.3 * 0.97 - 0.02  # the floor, within what rounding allows on 4 small groups
+    with pytest.raises(ConfigError, match="action_space"):
+        Budget(space, 0.3, 0.1, action_space="sideways")
