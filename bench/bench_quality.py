@@ -1,5 +1,6 @@
-"""Quality of the search (issue 3): entropy-rewarded vs accuracy-rewarded agent vs uniform and random
-pruning at the same FLOPs, after fine-tuning, over seeds; mean and spread.
+"""Quality of the search: the agent under each reward (the paper's entropy, the label-free kl, accuracy) vs
+uniform and random pruning at the same FLOPs, and the network the final stage delivers, after the same
+fine-tuning, over seeds; mean and spread.
 
 Each (target, reward, seed) is one `entropy-search search` in its own process and output folder; a
 finished run (its result.json exists) is not run again, so an interrupted benchmark continues where it
@@ -36,8 +37,7 @@ PRESETS: dict[str, dict] = {
                       "finetune.epochs=1", "search.top_k=1", "model.train_epochs=2"],
     },
 }
-ROWS = [("entropy", "agent"), ("accuracy", "agent"), ("entropy", "uniform"), ("entropy", "random"),
-        ("accuracy", "random")]
+KINDS = ("delivered", "agent", "random")
 
 
 def run_dir(out: Path, target: float, reward: str, seed: int) -> Path:
@@ -70,8 +70,8 @@ def _stats(values: list[float]) -> str:
 
 
 def _row(result: dict, reward: str, kind: str) -> dict:
-    if kind == "agent":
-        best = result["best"]
+    if kind in ("agent", "delivered"):
+        best = result["best"] if kind == "agent" else (result.get("delivered") or result["best"])
         return {"macs": best["macs_ratio"], "heldout": best["heldout_accuracy"],
                 "before": best["test_accuracy_before_finetune"], "after": best["test_accuracy_after_finetune"]}
     res = result["baselines"][kind]
@@ -80,26 +80,11 @@ def _row(result: dict, reward: str, kind: str) -> dict:
             "before": final.get("test_accuracy_before_finetune"), "after": final.get("test_accuracy_after_finetune")}
 
 
-def _entropy_spearman(folder: Path) -> float | None:
-    """The entropy reward's rank agreement with held-out accuracy over one search's distinct candidates."""
-    from entropy_search.problem import proxy_agreement
-
-    path = folder / "candidates.jsonl"
-    if not path.exists():
-        return None
-    distinct = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            distinct[tuple(row["kept_channels"])] = row
-    return proxy_agreement(list(distinct.values()))["entropy_reward_vs_accuracy"]
-
-
 def report(args) -> str:
     lines = []
     for target in args.targets:
         results = {}
-        for reward in ("entropy", "accuracy"):
+        for reward in args.rewards:
             for seed in args.seeds:
                 path = run_dir(args.out, target, reward, seed) / "result.json"
                 if path.exists():
@@ -110,33 +95,35 @@ def report(args) -> str:
         seeds = sorted({s for _, s in results})
         lines.append(f"\n{args.preset}: flops_target {target:g} ({1 / target:.1f}x), seeds {seeds}, "
                      f"unpruned test accuracy {100 * statistics.fmean(base):.2f}%")
-        lines.append("| candidate | reward it was picked by | runs | MACs ratio | held-out acc. in search (%) "
+        lines.append("| candidate | reward | runs | MACs ratio | held-out acc. in search (%) "
                      "| test acc. before fine-tune (%) | test acc. after fine-tune (%) |")
         lines.append("|---|---|---|---|---|---|---|")
-        for reward, kind in ROWS:
+        table = [(reward, kind) for reward in args.rewards for kind in KINDS] + [(args.rewards[0], "uniform")]
+        for reward, kind in table:
             rows = [_row(r, reward, kind) for (rw, _), r in sorted(results.items()) if rw == reward]
             if not rows:
                 continue
-            picked = "-" if kind == "uniform" else reward
             macs = [r["macs"] for r in rows if r["macs"] is not None]
             lines.append(
-                f"| {kind} | {picked} | {len(rows)} | {statistics.fmean(macs):.3f} | {_stats([r['heldout'] for r in rows])} "
+                f"| {kind} | {'-' if kind == 'uniform' else reward} | {len(rows)} | "
+                f"{statistics.fmean(macs):.3f} | {_stats([r['heldout'] for r in rows])} "
                 f"| {_stats([r['before'] for r in rows])} | {_stats([r['after'] for r in rows])} |"
             )
-        per_seed = []
-        for seed in seeds:
-            ent = results.get(("entropy", seed))
-            if ent:
-                per_seed.append(_row(ent, "entropy", "agent")["after"] - _row(ent, "entropy", "uniform")["after"])
-        rhos = [_entropy_spearman(run_dir(args.out, target, rw, sd)) for rw, sd in sorted(results)]
-        rhos = [r for r in rhos if r is not None]
-        if rhos:
-            lines.append(f"Spearman rank correlation of the entropy reward with held-out accuracy over each search's "
-                         f"distinct candidates ({len(rhos)} searches): {statistics.fmean(rhos):+.2f} "
-                         f"(range {min(rhos):+.2f} to {max(rhos):+.2f}; 1 = ranks them as accuracy does)")
-        if per_seed:
-            lines.append(f"entropy agent minus uniform after fine-tuning, per seed (points): "
-                         f"{', '.join(f'{100 * d:+.2f}' for d in per_seed)}")
+        for reward in args.rewards:
+            runs = [(seed, results[(reward, seed)]) for seed in seeds if (reward, seed) in results]
+            if not runs:
+                continue
+            gaps = [_row(r, reward, "delivered")["after"] - _row(r, reward, "uniform")["after"] for _, r in runs]
+            wins = [(r["best"]["reward"], r["baselines"]["random"]["best"]["reward"]) for _, r in runs]
+            winners = [(r.get("delivered") or {}).get("label", "top1") for _, r in runs]
+            rhos = [((r.get("proxy") or {}).get("reward_vs_accuracy")) for _, r in runs]
+            rhos = [x for x in rhos if x is not None]
+            lines.append(
+                f"{reward}: delivered minus uniform after fine-tuning per seed (points) "
+                f"{', '.join(f'{100 * g:+.2f}' for g in gaps)}; delivered {', '.join(winners)}; best reward agent vs "
+                f"random {', '.join(f'{a:.4f}/{b:.4f}' for a, b in wins)}"
+                + (f"; Spearman of the reward with held-out accuracy {statistics.fmean(rhos):+.2f}" if rhos else "")
+            )
     return "\n".join(lines)
 
 
@@ -145,6 +132,7 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="digits")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--targets", nargs="+", type=float, default=None, help="default: the preset's")
+    parser.add_argument("--rewards", nargs="+", default=["entropy", "kl", "accuracy"])
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="baseline checkpoint (default: OUT/baseline.pt, trained by the first run if missing)")
     parser.add_argument("--out", type=Path, default=None, help="default: runs/quality/<preset>")
@@ -157,7 +145,7 @@ def main(argv=None) -> int:
     if not args.report_only:
         for target in args.targets:
             for seed in args.seeds:
-                for reward in ("entropy", "accuracy"):
+                for reward in args.rewards:
                     run_one(args, target, reward, seed)
     print(report(args))
     return 0

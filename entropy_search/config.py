@@ -116,8 +116,8 @@ class EntropyConfig(Section):
 class SearchSettings(Section):
     """The pruning problem: reward, FLOPs budget, action range and rounding."""
 
-    reward: Literal["entropy", "kl", "feature", "entropy_normalized", "accuracy", "accuracy_flops"] = "entropy"
-    """`entropy`: minus the spatial entropy of the kept channels (label-free, the paper's); `kl`: minus the KL divergence from the unpruned network's softmax to the candidate's on the same images (label-free); `feature`: minus the relative error of the classifier's input features against the unpruned network's (label-free); `entropy_normalized`: minus the spatial entropy with each map's divided by the most its size allows (label-free; a study of the paper's reward without its structural bias); `accuracy`: held-out top-1 (AMC R_err); `accuracy_flops`: -error*log(FLOPs) (AMC R_FLOPs)."""
+    reward: Literal["entropy", "kl", "feature", "entropy_normalized", "accuracy", "accuracy_flops"] = "kl"
+    """The default, `kl`, is the label-free reward the protocol of bench/bench_proxy.py chose (bench/RESULTS.md). `entropy`: minus the spatial entropy of the kept channels (label-free, the paper's); `kl`: minus the KL divergence from the unpruned network's softmax to the candidate's on the same images (label-free); `feature`: minus the relative error of the classifier's input features against the unpruned network's (label-free); `entropy_normalized`: minus the spatial entropy with each map's divided by the most its size allows (label-free; a study of the paper's reward without its structural bias); `accuracy`: held-out top-1 (AMC R_err); `accuracy_flops`: -error*log(FLOPs) (AMC R_FLOPs)."""
 
     entropy: EntropyConfig = Field(default_factory=EntropyConfig)
     """Settings of the spatial-entropy estimator (used for every candidate, whatever the reward)."""
@@ -125,13 +125,13 @@ class SearchSettings(Section):
     flops_target: UnitFraction = 0.5
     """Budget: every candidate has at most `flops_target` x the baseline's MACs (0.5 = 2x reduction). Met by construction (AMC action clipping)."""
 
-    flops_floor: Probability = 0.9
-    """Candidates also use the budget: their MACs are at least `flops_floor` x the target where the rounding allows (two-sided clipping), so rewards compare networks of about the same cost (a label-free reward could otherwise favour pruning far past the target). 0 = AMC's one-sided clipping."""
+    flops_floor: Probability = 0.97
+    """Candidates also use the budget: their MACs are at least `flops_floor` x the target where the rounding allows (two-sided clipping), so rewards compare networks of the same cost (within 3% by default; a label-free reward could otherwise favour pruning past the target). 0 = AMC's one-sided clipping."""
 
     min_keep: UnitFraction = 0.1
     """Smallest keep ratio of a group; the action is mapped to a keep ratio in [min_keep, 1]."""
 
-    action_space: Literal["relative", "absolute"] = "absolute"
+    action_space: Literal["relative", "absolute"] = "relative"
     """How an action in [-1, 1] becomes a keep ratio: `absolute` maps it linearly to [min_keep, 1] (AMC's); `relative` scales the uniform keep ratio the remaining budget allows the undecided groups by 2**(action x action_spread), so that random actions stay around the uniform solution instead of starving the last groups."""
 
     action_spread: PositiveFloat = 1.0
