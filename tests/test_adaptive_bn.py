@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from entropy_search import PruningSpace, create_model
-from entropy_search.adaptive_bn import recalibrate_batchnorm, recalibrated_batchnorm
-from entropy_search.checkpoint import build_model, load_checkpoint
 from entropy_search.data import eval_batch, load_data
-from entropy_search.evaluate import CandidateEvaluator
+from entropy_search.problem.adaptive_bn import recalibrate_batchnorm, recalibrated_batchnorm
+from entropy_search.problem.checkpoint import build_model, load_checkpoint
+from entropy_search.problem.evaluate import CandidateEvaluator
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from entropy_search.checkpoint import build_model, load_checkpoint, save_checkpoint
 from entropy_search.cli import main
-from entropy_search.flops import count_macs
 from entropy_search.models import create_model
+from entropy_search.problem.checkpoint import build_model, load_checkpoint, save_checkpoint
+from entropy_search.problem.macs import count_macs
 
 
 @pytest.fixture(scope="module")

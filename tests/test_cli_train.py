@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from entropy_search.checkpoint import build_model, load_checkpoint
 from entropy_search.cli import main
+from entropy_search.problem.checkpoint import build_model, load_checkpoint
 
 
 @pytest.fixture(autouse=True)

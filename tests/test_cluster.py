@@ -176,7 +176,7 @@ def test_dockerignore_keeps_the_context_small_but_complete():
         if line.strip() and not line.startswith("#")
     }
     assert {".git", ".venv", "mlruns", "**/__pycache__"} <= ignored
-    assert not ignored & {"entropy_search", "envs", "pyproject.toml", "README.md", "cluster", "tune_configs"}
+    assert not ignored & {"entropy_search", "pyproject.toml", "README.md", "cluster", "tune_configs"}
 
 
 # --- helper scripts -------------------------------------------------------------------------------

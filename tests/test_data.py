@@ -1,4 +1,5 @@
-"""Data loading: the digits splits, and each real loader on small files made here."""
+"""Data loading (`entropy_search.data`): the registry of data sets, the digits splits, and each real loader on
+small files made here."""
 
 from __future__ import annotations
 
@@ -14,7 +15,15 @@ import torch
 import torchvision
 
 from entropy_search import data as data_mod
-from entropy_search.data import DataSplits, default_data_root, eval_batch, load_data, split_heldout
+from entropy_search.data import (
+    DataSplits,
+    default_data_root,
+    eval_batch,
+    list_datasets,
+    load_data,
+    register_dataset,
+    split_heldout,
+)
 from entropy_search.errors import ConfigError, DataUnavailableError, EntropySearchError
 
 
@@ -89,8 +98,72 @@ def test_eval_batch_is_fixed(digits):
 
 
 def test_unknown_dataset_lists_known():
-    with pytest.raises(EntropySearchError, match="cifar10.*imagefolder"):
+    known = ", ".join(list_datasets())
+    with pytest.raises(EntropySearchError, match="cifar10.*imagefolder") as err:
         load_data("mnist3d")
+    assert str(err.value) == f"unknown data set 'mnist3d'; known: {known}"
+    for name in ("imagefolder", "digits:extra", "cifar10:/tmp"):  # an argument only where the data set takes one
+        with pytest.raises(EntropySearchError, match=f"unknown data set '{name}'"):
+            load_data(name)
+
+
+# ---------------------------------------------------------------- the registry
+
+
+def test_shipped_datasets_are_registered():
+    assert list_datasets() == ["digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder:<path>"]
+    import entropy_search
+
+    assert entropy_search.list_datasets is list_datasets and entropy_search.register_dataset is register_dataset
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """The registry as it is, restored after the test."""
+    monkeypatch.setattr(data_mod, "_DATASETS", dict(data_mod._DATASETS))
+
+
+def _tiny(name: str, n: int, heldout_fraction: float, seed: int) -> DataSplits:
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.rand(n, 1, 4, 4, generator=g), torch.arange(n) % 2
+    train_idx, heldout_idx = split_heldout(labels.tolist(), heldout_fraction, seed)
+    full = torch.utils.data.TensorDataset(images, labels)
+    return DataSplits(name, torch.utils.data.Subset(full, train_idx), torch.utils.data.Subset(full, heldout_idx),
+                      torch.utils.data.TensorDataset(images[:4], labels[:4]), num_classes=2, in_channels=1,
+                      image_size=4)
+
+
+def test_register_dataset_with_a_tiny_custom_loader(registry, tmp_path):
+    calls = []
+
+    @register_dataset("tiny", aliases=("tiny-set",), description="four-pixel noise")
+    def tiny(root, *, heldout_fraction, seed, download, image_size, argument):
+        calls.append((root, heldout_fraction, seed, download, image_size, argument))
+        return _tiny("tiny", 20, heldout_fraction, seed)
+
+    assert tiny.__name__ == "tiny"  # the decorator returns the loader itself
+    assert "tiny" in list_datasets() and "tiny-set" not in list_datasets()  # aliases are not listed twice
+    splits = load_data("tiny", tmp_path, heldout_fraction=0.2, seed=3)
+    assert calls == [(tmp_path, 0.2, 3, False, None, "")]
+    assert len(splits.train) == 16 and len(splits.heldout) == 4 and (splits.in_channels, splits.image_size) == (1, 4)
+    x, y = eval_batch(splits, 2, split="heldout")
+    assert x.shape == (2, 1, 4, 4)
+    load_data("tiny-set", tmp_path)
+    assert len(calls) == 2
+
+
+def test_registered_dataset_with_an_argument(registry, tmp_path):
+    seen = []
+
+    @register_dataset("folderish", takes_argument=True)
+    def folderish(root, *, argument, **_):
+        seen.append(argument)
+        return _tiny(f"folderish:{argument}", 8, 0.25, 0)
+
+    assert "folderish:<path>" in list_datasets()
+    assert load_data(f"folderish:{tmp_path}").name == f"folderish:{tmp_path}" and seen == [str(tmp_path)]
+    with pytest.raises(EntropySearchError, match="unknown data set 'folderish'"):
+        load_data("folderish")
 
 
 def test_default_root_from_environment(monkeypatch, tmp_path):

@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-import entropy_search.entropy as ent
-from entropy_search.entropy import EntropyProbe, measured_layers, network_entropy, spatial_entropy
+import entropy_search.problem.entropy as ent
 from entropy_search.errors import EntropySearchError
 from entropy_search.models import create_model
+from entropy_search.problem.entropy import EntropyProbe, measured_layers, network_entropy, spatial_entropy
 
 ROOT = Path(__file__).resolve().parents[1]
 exact_entropy = functools.partial(network_entropy, sample=1.0)

@@ -1,7 +1,9 @@
-"""The pruning environment: budget always met, observation bounds, determinism, cache, check_env."""
+"""The pruning environment (`entropy_search.envs`): the budget's clipping step by step, observation bounds,
+determinism, the per-process problem and its cache, the plain env config, and Gymnasium's check_env."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -9,10 +11,11 @@ import pytest
 import torch
 from gymnasium.utils.env_checker import check_env
 
-from entropy_search.envs import OBS_DIM, Budget, PruningEnv, make_context
-from entropy_search.errors import ConfigError
+from entropy_search.config import config_from_dict, load_config
+from entropy_search.envs import OBS_DIM, PruningEnv, env_config, get_problem, process_stats, share_cache
+from entropy_search.jsonio import write_jsonl
 from entropy_search.models import create_model
-from entropy_search.space import PruningSpace
+from entropy_search.problem import Budget, CandidateCache, Network, Problem, PruningSpace, SimulatedEvaluator
 
 _SPACES: dict = {}
 
@@ -27,13 +30,18 @@ def space_of(name: str, round_to: int = 1) -> PruningSpace:
     return _SPACES[key]
 
 
-def sim_env(name="digits_cnn", target=0.5, min_keep=0.1, round_to=1, cache=True, floor=0.0) -> PruningEnv:
-    """An environment whose evaluation is simulated (no data): for the budget and observation properties."""
+def sim_problem(name="digits_cnn", target=0.5, min_keep=0.1, round_to=1, cache=True, floor=0.0) -> Problem:
+    """A problem whose evaluation is simulated (no data, no checkpoint): for the budget and observation properties."""
     space = space_of(name, round_to)
     budget = Budget(space, target, min_keep, floor)
     budget.check()
-    ctx = make_context(space, budget, None, {"simulate_eval_seconds": 1e-6, "cache": cache})
-    return PruningEnv({}, context=ctx)
+    evaluator = SimulatedEvaluator(space, 1e-6)
+    return Problem(Network(space.model, space.example_input), None, space, budget, evaluator,
+                   CandidateCache(space, evaluator, "entropy", enabled=cache), load_config({}))
+
+
+def sim_env(*args, **kwargs) -> PruningEnv:
+    return PruningEnv(problem=sim_problem(*args, **kwargs))
 
 
 def rollout(env: PruningEnv, actions, seed=None):
@@ -50,78 +58,45 @@ def rollout(env: PruningEnv, actions, seed=None):
     return observations, rewards, infos
 
 
-# ---------------------------------------------------------------- budget
+def clipped(budget: Budget, actions) -> list[int]:
+    """The candidate `Budget` makes of these actions on its own (tests/test_budget.py checks its properties)."""
+    counts: list[int] = []
+    for a in actions:
+        counts.append(budget.step(counts, float(a))[0])
+    return counts
 
 
-@pytest.mark.parametrize(
-    "name, round_to, targets",
-    [
-        ("digits_cnn", 1, (0.05, 0.2, 0.5, 0.9)),
-        ("digits_cnn", 4, (0.1, 0.5)),
-        ("resnet20", 1, (0.1, 0.33, 0.5)),
-        ("resnet20", 8, (0.2, 0.5)),
-        ("mobilenet_v2", 8, (0.2, 0.5)),
-    ],
-)
-def test_budget_always_met_over_random_action_sequences(name, round_to, targets):
+# ---------------------------------------------------------------- the budget, step by step
+
+
+@pytest.mark.parametrize("name, round_to, target, floor", [
+    ("digits_cnn", 1, 0.2, 0.0), ("resnet20", 8, 0.5, 0.9), ("mobilenet_v2", 8, 0.3, 0.0),
+])
+def test_episodes_are_the_budgets_clipping_and_meet_the_target(name, round_to, target, floor):
+    env = sim_env(name, target, 0.1, round_to, floor=floor)
     rng = np.random.default_rng(0)
-    for target in targets:
-        for min_keep, floor in ((0.05, 0.0), (0.2, 0.9)):
-            env = sim_env(name, target, min_keep, round_to, floor=floor)
-            above_floor = 0
-            n = env.n_groups
-            sequences = [np.ones(n), -np.ones(n), np.full(n, 5.0), np.full(n, -7.0)]
-            sequences += [rng.uniform(-1, 1, n) for _ in range(40)]
-            sequences += [rng.choice([-1.0, 1.0], n) for _ in range(10)]
-            sequences += [rng.normal(0, 3, n) for _ in range(10)]  # unclipped Gaussian actions
-            for actions in sequences:
-                _, _, infos = rollout(env, actions)
-                final = infos[-1]
-                assert final["macs"] <= target * env.space.base_macs, (name, target, actions)
-                assert final["macs"] == env.space.macs(final["keep"])  # analytic count of the rounded candidate
-                assert env.space.kept_channels(final["keep"]) == final["kept_channels"]
-                assert all(min_keep - 1e-9 <= k <= 1.0 for k in final["desired_keep"])
-                assert all(0 < k <= 1 for k in final["keep"])
-                above_floor += final["macs"] >= floor * target * env.space.base_macs
-            # the floor is soft (rounding can make it unreachable) but met almost always
-            assert above_floor >= (len(sequences) if round_to == 1 else 0.9 * len(sequences)), (name, target)
-
-
-def test_clipping_keeps_as_much_as_the_budget_allows():
-    """With 'keep everything' actions each group keeps the largest count that leaves the target reachable."""
-    env = sim_env("resnet20", 0.5, 0.1)
-    _, _, infos = rollout(env, np.ones(env.n_groups))
-    counts = infos[-1]["kept_channels"]
-    budget = env.budget
-    for g in range(budget.n):
-        opts = budget.options[g].tolist()
-        i = opts.index(counts[g])
-        if i + 1 < len(opts):
-            trial = counts[:g] + [opts[i + 1]] + budget.min_counts[g + 1:]
-            assert env.space.macs_of_counts(trial) > budget.target_macs
-    assert infos[-1]["macs_ratio"] > 0.45  # the budget is used, not wasted
-
-
-def test_floor_makes_candidates_use_the_budget():
-    """With the floor, even 'prune everything' actions give a network of about the target's cost."""
-    for floor in (0.5, 0.9):
-        env = sim_env("resnet20", 0.5, 0.1, floor=floor)
-        _, _, infos = rollout(env, -np.ones(env.n_groups))
-        assert floor * 0.5 <= infos[-1]["macs_ratio"] <= 0.5
-    env = sim_env("resnet20", 0.5, 0.1, floor=0.0)
-    _, _, infos = rollout(env, -np.ones(env.n_groups))
-    assert infos[-1]["kept_channels"] == env.budget.min_counts  # AMC's one-sided clipping
+    n = env.n_groups
+    for actions in [np.ones(n), -np.ones(n), np.full(n, 5.0)] + [rng.uniform(-1, 1, n) for _ in range(10)]:
+        actions = actions.astype(np.float32)  # what the env sees
+        _, _, infos = rollout(env, actions)
+        final = infos[-1]
+        assert final["kept_channels"] == clipped(env.budget, actions)
+        assert final["macs"] <= target * env.space.base_macs, (name, target, actions)
+        assert final["macs"] == env.space.macs(final["keep"])  # analytic count of the rounded candidate
+        assert env.space.kept_channels(final["keep"]) == final["kept_channels"]
+        assert final["actions"] == pytest.approx(actions.tolist())
+        # each step tells which group it decided, what it kept, and whether the budget clipped it
+        for g, step in enumerate(infos[1:-1]):
+            count, keep, was_clipped = env.budget.step(final["kept_channels"][:g], float(actions[g]))
+            assert final["desired_keep"][g] == keep
+            assert step["group"] == g and step["clipped"] == was_clipped
+            assert step["keep"] == count / env.budget.groups[g].channels
 
 
 def test_nan_action_is_treated_as_min_keep():
     env = sim_env()
     _, _, infos = rollout(env, [float("nan")] * env.n_groups)
     assert infos[-1]["kept_channels"] == env.budget.min_counts
-
-
-def test_unreachable_target_is_a_config_error():
-    with pytest.raises(ConfigError, match="search.flops_target"):
-        sim_env("digits_cnn", target=0.001, min_keep=0.5)
 
 
 # ---------------------------------------------------------------- observations
@@ -140,7 +115,7 @@ def test_observations_are_in_bounds_and_informative():
         assert np.allclose(stack[:, 0], np.arange(env.n_groups) / (env.n_groups - 1), atol=1e-6)  # index
         assert np.all(np.diff(stack[:, 10]) >= -1e-6)  # FLOPs removed so far never decreases
         assert np.all(np.diff(stack[:, 11]) <= 1e-6)  # FLOPs still to come never increases
-    types = {tuple(o[1:4]) for o in env.ctx.static_obs}
+    types = {tuple(o[1:4]) for o in env.static_obs}
     assert len(types) == 2  # conv and depthwise groups are told apart
 
 
@@ -151,18 +126,51 @@ def test_step_after_the_end_raises():
         env.step(np.zeros(1, dtype=np.float32))
 
 
+def test_env_needs_a_config_or_a_problem():
+    with pytest.raises(ValueError, match="env_config"):
+        PruningEnv({})
+    with pytest.raises(ValueError, match="env_config"):
+        PruningEnv()
+
+
+def test_simulated_problem_answers_repeats_from_its_cache():
+    problem = sim_problem()
+    env_a, env_b = PruningEnv(problem=problem), PruningEnv(problem=problem)
+    actions = [0.3, -0.2, 0.5, 0.1]
+    _, _, first = rollout(env_a, actions)
+    _, _, second = rollout(env_b, actions)
+    assert first[-1]["cache_hit"] is False and second[-1]["cache_hit"] is True
+    assert problem.cache.stats["evaluations"] == 1 and problem.cache.stats["cache_hits"] == 1
+    uncached = sim_problem(cache=False)
+    env = PruningEnv(problem=uncached)
+    rollout(env, actions)
+    _, _, again = rollout(env, actions)
+    assert again[-1]["cache_hit"] is False and uncached.cache.stats["evaluations"] == 2
+
+
 # ---------------------------------------------------------------- with the real evaluator
 
 
 @pytest.fixture(scope="module")
-def digits_setup(tmp_path_factory, train_digits_checkpoint):
-    """A (briefly trained) digits CNN saved as a checkpoint, and the env config that points at it."""
-    from entropy_search.config import load_config
+def digits_config(tmp_path_factory, train_digits_checkpoint):
+    """A (briefly trained) digits CNN saved as a checkpoint, and a search config that points at it."""
+    path = train_digits_checkpoint(tmp_path_factory.mktemp("ckpt") / "digits.pt", epochs=2)
+    return load_config({"model": {"checkpoint": str(path)}, "data": {"eval_batch": 128},
+                        "search": {"flops_target": 0.5, "device": "cpu", "reward": "entropy"}})
 
-    path = train_digits_checkpoint(tmp_path_factory.mktemp("ckpt") / "digits.pt", epochs=2, with_metrics=False)
-    config = load_config({"model": {"checkpoint": str(path)}, "data": {"eval_batch": 128},
-                          "search": {"flops_target": 0.5, "device": "cpu"}})
-    return config.env_config()
+
+@pytest.fixture(scope="module")
+def digits_setup(digits_config):
+    """The plain dict an env runner builds its environments from."""
+    return env_config(digits_config)
+
+
+def test_env_config_is_plain_json_and_holds_the_resolved_config(digits_config, tmp_path):
+    cfg = env_config(digits_config)
+    assert json.loads(json.dumps(cfg)) == cfg
+    assert config_from_dict(cfg["config"]) == digits_config
+    assert cfg["warm_cache"] is None
+    assert env_config(digits_config, tmp_path / "warm.jsonl")["warm_cache"] == str(tmp_path / "warm.jsonl")
 
 
 def test_check_env_passes(digits_setup):
@@ -175,22 +183,22 @@ def test_terminal_info_carries_every_measurement(digits_setup):
     _, rewards, infos = rollout(env, np.linspace(-1, 1, env.n_groups))
     info = infos[-1]
     for key in ("keep", "kept_channels", "macs", "params", "macs_ratio", "params_ratio", "entropy", "accuracy",
-                "eval_seconds", "cache_hit", "reward"):
+                "eval_seconds", "cache_hit", "reward", "actions", "desired_keep", "worker"):
         assert key in info, key
-    assert info["reward"] == pytest.approx(-info["entropy"])  # the default reward is minus the entropy
+    assert info["reward"] == pytest.approx(-info["entropy"])  # the entropy reward is minus the entropy
     assert rewards[:-1] == [0.0] * (env.n_groups - 1)
     assert rewards[-1] == info["reward"]
     assert 0.0 <= info["accuracy"] <= 1.0 and info["entropy"] > 0
     assert math.isclose(info["macs_ratio"], info["macs"] / env.space.base_macs)
 
 
-def test_determinism_for_a_fixed_seed_and_actions(digits_setup):
-    from entropy_search.envs.pruning_env import build_context
+def test_determinism_for_a_fixed_seed_and_actions(digits_config):
+    from entropy_search.problem import setup
 
     actions = np.random.default_rng(3).uniform(-1, 1, 4)
     results = []
     for _ in range(2):
-        env = PruningEnv(digits_setup, context=build_context(digits_setup))  # two separate builds
+        env = PruningEnv(problem=setup(digits_config))  # two separate builds
         observations, rewards, infos = rollout(env, actions, seed=123)
         results.append((observations, rewards, infos[-1]))
     (o1, r1, i1), (o2, r2, i2) = results
@@ -200,36 +208,63 @@ def test_determinism_for_a_fixed_seed_and_actions(digits_setup):
         assert i1[key] == i2[key], key
 
 
-def test_cache_hits_and_shared_context(digits_setup):
-    from entropy_search.envs.pruning_env import build_context
+def test_cache_hits_and_shared_problem(digits_config):
+    from entropy_search.problem import setup
 
-    ctx = build_context(digits_setup)
-    env_a, env_b = PruningEnv(digits_setup, context=ctx), PruningEnv(digits_setup, context=ctx)
+    problem = setup(digits_config)
+    env_a, env_b = PruningEnv(problem=problem), PruningEnv(problem=problem)
     actions = [0.3, -0.2, 0.5, 0.1]
     _, _, first = rollout(env_a, actions)
     _, _, second = rollout(env_b, actions)  # another env of the same worker: answered from the cache
     assert first[-1]["cache_hit"] is False and second[-1]["cache_hit"] is True
     assert first[-1]["reward"] == second[-1]["reward"]
-    assert ctx.stats["evaluations"] == 1 and ctx.stats["cache_hits"] == 1
+    assert problem.cache.stats["evaluations"] == 1 and problem.cache.stats["cache_hits"] == 1
     # candidates evaluated on another worker are shared in and then answered from the cache
     other = dict(first[-1], kept_channels=[c - 1 for c in first[-1]["kept_channels"]], reward=42.0)
-    assert ctx.add_to_cache([other]) == 1
-    assert ctx.evaluate(other["kept_channels"])[0]["reward"] == 42.0
+    assert problem.cache.add([other]) == 1
+    assert problem.evaluate(other["kept_channels"])[0]["reward"] == 42.0
 
 
-def test_env_builds_itself_from_the_config_dict_once_per_process(digits_setup):
-    from entropy_search.envs.pruning_env import _CONTEXTS, get_context
+def test_env_builds_its_problem_from_the_config_dict_once_per_process(digits_config, digits_setup):
+    from entropy_search.envs.pruning_env import _PROBLEMS
 
     env1, env2 = PruningEnv(digits_setup), PruningEnv(digits_setup)
-    assert env1.ctx is env2.ctx is get_context(digits_setup)  # network, groups, batches built once
-    assert env1.ctx in _CONTEXTS.values()
-    other = dict(digits_setup, reward="accuracy")
-    assert PruningEnv(other).ctx is not env1.ctx
+    assert env1.problem is env2.problem is get_problem(digits_setup)  # network, groups, batches built once
+    assert env1.problem in _PROBLEMS.values()
+    other = env_config(load_config(digits_config.to_dict(), {"search.reward": "accuracy"}))
+    assert PruningEnv(other).problem is not env1.problem
+
+
+def test_shared_candidates_reach_every_problem_of_the_process(digits_config, digits_setup):
+    problem = get_problem(digits_setup)
+    full = [g.channels for g in problem.space.groups]
+    shared = {"kept_channels": [max(1, c // 3) for c in full], "reward": 7.0, "entropy": 1.0, "cache_hit": False,
+              "worker": 1, "actions": [0.0] * len(full)}
+    before = process_stats()
+    assert share_cache([shared]) >= 1
+    assert share_cache([shared]) == 0  # nothing new the second time
+    record, hit = problem.evaluate(shared["kept_channels"])
+    assert hit and record["reward"] == 7.0
+    assert "worker" not in record and "actions" not in record  # episode keys stay out of the cache
+    after = process_stats()
+    assert after["cache_hits"] == before["cache_hits"] + 1 and after["evaluations"] == before["evaluations"]
+
+
+def test_warm_cache_file_is_loaded_when_the_problem_is_built(digits_config, digits_setup, tmp_path):
+    """A resumed search hands its evaluated candidates to new env runners through a warm-cache file."""
+    groups = get_problem(digits_setup).space.groups
+    counts = [max(1, g.channels // 2) for g in groups]
+    warm = write_jsonl(tmp_path / "warm.jsonl", [{"kept_channels": counts, "reward": -3.0, "entropy": 3.0}])
+    fresh = load_config(digits_config.to_dict(), {"seed": 12})  # a problem no other test built
+    env = PruningEnv(env_config(fresh, warm))
+    record, hit = env.problem.evaluate(counts)
+    assert hit and record["reward"] == -3.0
+    assert env.problem.cache.stats["evaluations"] == 0
 
 
 @pytest.mark.parametrize("reward", ["accuracy", "accuracy_flops"])
-def test_accuracy_rewards(digits_setup, reward):
-    env = PruningEnv(dict(digits_setup, reward=reward))
+def test_accuracy_rewards(digits_config, reward):
+    env = PruningEnv(env_config(load_config(digits_config.to_dict(), {"search.reward": reward})))
     _, rewards, infos = rollout(env, np.zeros(env.n_groups))
     info = infos[-1]
     if reward == "accuracy":

@@ -1,15 +1,26 @@
-"""A candidate's measurements are the same whichever path evaluates it (sliced, masked, pruned)."""
+"""Evaluating a candidate (`entropy_search.problem.evaluate`): the same measurements whichever path evaluates
+it (sliced, masked, pruned), the simulated evaluator of the benchmarks, and the cache every evaluation goes
+through."""
 
 from __future__ import annotations
 
+import json
 import random
+import time
 
+import numpy as np
 import pytest
 import torch
 
 from entropy_search import PruningSpace, count_macs, create_model
 from entropy_search.errors import EntropySearchError
-from entropy_search.evaluate import CandidateEvaluator
+from entropy_search.problem.evaluate import (
+    EPISODE_KEYS,
+    CandidateCache,
+    CandidateEvaluator,
+    SimulatedEvaluator,
+    cache_entry,
+)
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +113,68 @@ def test_auto_mode_picks_the_faster_path_of_the_device(setup):
     assert CandidateEvaluator(space, x, y, mode="masked").mode == "masked"
     with pytest.raises(EntropySearchError, match="unknown evaluation mode"):
         CandidateEvaluator(space, x, y, mode="fast")
+
+
+# ---------------------------------------------------------------- the one evaluation with its cache
+
+
+@pytest.fixture(scope="module")
+def digits_space():
+    torch.manual_seed(0)
+    return PruningSpace(create_model("digits_cnn").eval(), torch.randn(1, 1, 8, 8))
+
+
+def test_cache_evaluates_each_candidate_once_with_its_reward(digits_space):
+    space = digits_space
+    x = torch.randn(32, 1, 8, 8)
+    cache = CandidateCache(space, CandidateEvaluator(space, x, sample=1.0), "entropy")
+    counts = [max(1, g.channels // 2) for g in space.groups]
+    record, hit = cache.evaluate(counts)
+    assert not hit and record["kept_channels"] == counts
+    assert record["keep"] == [c / g.channels for c, g in zip(counts, space.groups)]
+    assert record["reward"] == pytest.approx(-record["entropy"]) and record["accuracy"] is None
+    assert json.loads(json.dumps(record)) == record  # plain JSON values only
+    again, hit = cache.evaluate(tuple(np.int64(c) for c in counts))  # numpy counts are the same key
+    assert hit and again == record
+    again["reward"] = 99.0  # callers get copies: the cache is not theirs to change
+    assert cache.evaluate(counts)[0]["reward"] == record["reward"]
+    assert cache.stats["evaluations"] == 1 and cache.stats["cache_hits"] == 2 and len(cache) == 1
+    assert cache.stats["eval_seconds"] == pytest.approx(record["eval_seconds"])
+
+
+def test_disabled_cache_evaluates_every_time(digits_space):
+    cache = CandidateCache(digits_space, SimulatedEvaluator(digits_space, 0.0), "accuracy", enabled=False)
+    counts = [g.channels for g in digits_space.groups]
+    first, hit1 = cache.evaluate(counts)
+    second, hit2 = cache.evaluate(counts)
+    assert not hit1 and not hit2 and len(cache) == 0 and cache.stats["evaluations"] == 2
+    assert first["reward"] == pytest.approx(first["accuracy"])
+
+
+def test_candidates_from_elsewhere_join_the_cache_without_their_episode(digits_space):
+    cache = CandidateCache(digits_space, SimulatedEvaluator(digits_space, 0.0), "entropy")
+    counts = [1] * len(digits_space.groups)
+    mine, _ = cache.evaluate(counts)
+    theirs = {"kept_channels": [2] * len(counts), "reward": 5.0, "entropy": -5.0, "cache_hit": True, "worker": 7,
+              "actions": [0.1] * len(counts), "desired_keep": [0.2] * len(counts), "iteration": 3, "id": 12}
+    assert cache.add([theirs, dict(mine, reward=123.0)]) == 1  # a known candidate is not replaced
+    assert cache.evaluate(counts)[0]["reward"] == mine["reward"]
+    record, hit = cache.evaluate([2] * len(counts))
+    assert hit and record == {"kept_channels": [2] * len(counts), "reward": 5.0, "entropy": -5.0}
+    assert cache_entry(theirs) == record
+    assert set(EPISODE_KEYS) >= {"cache_hit", "worker", "actions", "desired_keep", "iteration", "id"}
+
+
+def test_simulated_evaluator_sleeps_and_measures_the_candidates_arithmetic(digits_space):
+    space = digits_space
+    keep = [0.5] * len(space.groups)
+    t0 = time.perf_counter()
+    record = SimulatedEvaluator(space, 0.05).evaluate(keep)
+    assert time.perf_counter() - t0 >= 0.05 and record["eval_seconds"] >= 0.05
+    assert record["simulated"] is True and record["kept_channels"] == space.kept_channels(keep)
+    assert record["macs"] == space.macs(keep) and record["params"] == space.params(keep)
+    assert record["macs_ratio"] == pytest.approx(record["macs"] / space.base_macs)
+    full = SimulatedEvaluator(space, 0.0).evaluate([1.0] * len(space.groups))
+    assert full["accuracy"] > record["accuracy"]  # smooth: more channels, higher synthetic accuracy
+    with pytest.raises(EntropySearchError, match="keep ratios"):
+        SimulatedEvaluator(space, 0.0).evaluate([0.5])

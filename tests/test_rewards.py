@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from entropy_search.errors import EntropySearchError
-from entropy_search.rewards import (
+from entropy_search.problem.rewards import (
     REWARDS,
     accuracy_flops_reward,
     accuracy_reward,
@@ -36,8 +36,17 @@ def test_ordering_matches_intent():
     assert accuracy_flops_reward(0.95, 1e8) > accuracy_flops_reward(0.9, 1e8)
 
 
+def test_every_configurable_reward_is_computable():
+    """`search.reward` accepts exactly the rewards `compute_reward` knows."""
+    from typing import get_args
+
+    from entropy_search.config import SearchSettings
+
+    assert set(REWARDS) == set(get_args(SearchSettings.model_fields["reward"].annotation))
+    assert {"entropy", "accuracy", "accuracy_flops"} <= set(REWARDS)
+
+
 def test_compute_reward_by_name():
-    assert set(REWARDS) == {"entropy", "accuracy", "accuracy_flops"}
     assert compute_reward("entropy", MEASURED) == -2.5
     assert compute_reward("accuracy", MEASURED) == 0.9
     assert compute_reward("accuracy_flops", MEASURED) == pytest.approx(-0.1 * math.log(125_750_000))
@@ -67,7 +76,7 @@ def test_bad_measurements(name, measurements, match):
 
 
 def test_proxy_agreement_ranks_candidates_like_accuracy():
-    from entropy_search.rewards import proxy_agreement
+    from entropy_search.problem.rewards import proxy_agreement
 
     aligned = [{"entropy": 3.0 - a, "accuracy": a, "reward": -(3.0 - a)} for a in (0.1, 0.5, 0.7, 0.9)]
     got = proxy_agreement(aligned)

@@ -1,4 +1,5 @@
-"""The RL search end to end on the digits CNN: PPO and SAC with 2 env runners, resume, CLI, errors.
+"""One search (`entropy_search.search`) end to end on the digits CNN: PPO and SAC with 2 env runners, resume,
+CLI, errors; and `finish_search` (baselines, finalists, result) on a hand-made search state without Ray.
 
 One local Ray instance (2 CPUs) serves the whole module; each search takes seconds of agent time.
 """
@@ -10,10 +11,18 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from entropy_search.config import load_config
-from entropy_search.errors import ConfigError
+from entropy_search.errors import ConfigError, EntropySearchError
+from entropy_search.jsonio import read_jsonl
+from entropy_search.rl.rundir import (
+    CACHE_FILE,
+    CANDIDATES_FILE,
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    RESULT_FILE,
+    STATE_FILE,
+)
 
 ray = pytest.importorskip("ray")
 
@@ -39,7 +48,7 @@ def small_config(out: Path, checkpoint: Path, **overrides):
 
 
 def read_candidates(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "candidates.jsonl").read_text().splitlines() if line.strip()]
+    return read_jsonl(out / CANDIDATES_FILE)
 
 
 def check_result(result: dict, config, out: Path) -> None:
@@ -67,15 +76,11 @@ def check_result(result: dict, config, out: Path) -> None:
     assert cost["evaluations"] + cost["cache_hits"] == cost["candidates"]
     assert cost["candidates_per_second"] > 0 and cost["search_seconds"] > 0
     assert result["config"] == config.to_dict()
-    assert load_config(out / "config.yaml") == config
-    assert json.loads((out / "result.json").read_text())["best"]["kept_channels"] == best["kept_channels"]
-    # how the reward ranks the distinct candidates against held-out accuracy (all digits candidates have both)
-    proxy = result["proxy"]
-    assert proxy["candidates"] == len({tuple(c["kept_channels"]) for c in candidates})
-    for rho in (proxy["entropy_reward_vs_accuracy"], proxy["reward_vs_accuracy"]):
-        assert rho is None or -1 <= rho <= 1
-    if config.search.reward == "accuracy" and proxy["reward_vs_accuracy"] is not None:
-        assert proxy["reward_vs_accuracy"] == pytest.approx(1.0)
+    assert load_config(out / CONFIG_FILE) == config
+    assert json.loads((out / RESULT_FILE).read_text())["best"]["kept_channels"] == best["kept_channels"]
+    # how the reward ranks the distinct candidates against held-out accuracy (all digits candidates have both;
+    # the correlation itself is checked on a hand-made case in test_result_proxy_is_the_rank_correlation...)
+    assert result["proxy"]["candidates"] == len({tuple(c["kept_channels"]) for c in candidates})
 
 
 def test_ppo_search_with_two_env_runners(ray_local, checkpoint, tmp_path):
@@ -117,7 +122,7 @@ def test_sac_search(ray_local, checkpoint, tmp_path, runners):
 
 @pytest.mark.parametrize("runners", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_resume_after_interruption_keeps_checkpointed_candidates(ray_local, checkpoint, tmp_path, runners):
-    from entropy_search.search import CHECKPOINT_DIR, run_search
+    from entropy_search.search import run_search
 
     out = tmp_path / "resume"
     config = small_config(out, checkpoint, **{"stop.iterations": 4, "baselines.enabled": False, "finetune.epochs": 0,
@@ -132,9 +137,9 @@ def test_resume_after_interruption_keeps_checkpointed_candidates(ray_local, chec
 
     with pytest.raises(Killed):
         run_search(config, progress=False, on_iteration=die_at_three)
-    state = json.loads((out / CHECKPOINT_DIR / "state.json").read_text())
+    state = json.loads((out / CHECKPOINT_DIR / STATE_FILE).read_text())
     assert state["iteration"] == 2
-    checkpointed = [json.loads(line) for line in (out / CHECKPOINT_DIR / "cache.jsonl").read_text().splitlines()]
+    checkpointed = read_jsonl(out / CHECKPOINT_DIR / CACHE_FILE)
     before = read_candidates(out)
     # one cache entry per distinct candidate (two workers may evaluate the same one at the same time)
     assert len(checkpointed) == len({tuple(c["kept_channels"]) for c in before if c["iteration"] <= 2}) > 0
@@ -164,57 +169,13 @@ def test_resume_after_interruption_keeps_checkpointed_candidates(ray_local, chec
     assert all(c["cache_hit"] for c in resumed if tuple(c["kept_channels"]) in known)
 
 
-def test_baselines_meet_the_budget_with_the_same_arithmetic():
-    import numpy as np
-
-    from entropy_search.baselines import random_search, uniform_baseline, uniform_counts
-    from entropy_search.envs import Budget
-    from entropy_search.models import create_model
-    from entropy_search.space import PruningSpace
-
-    space = PruningSpace(create_model("resnet20").eval(), torch.zeros(1, 3, 32, 32), round_to=4)
-    budget = Budget(space, 0.4, 0.1, 0.9)
-    ratio, counts = uniform_counts(budget)
-    assert space.macs_of_counts(counts) <= 0.4 * space.base_macs
-    bigger = [budget.count_of(g, min(1.0, ratio + 0.02)) for g in range(budget.n)]
-    assert bigger == counts or space.macs_of_counts(bigger) > 0.4 * space.base_macs  # the largest such ratio
-
-    def fake_evaluate(c):
-        return {"kept_channels": list(c), "reward": -float(np.std(c)), "macs": space.macs_of_counts(c)}
-
-    uniform = uniform_baseline(budget, fake_evaluate)
-    assert uniform["evaluations"] == 1 and uniform["best"]["uniform_keep"] == ratio
-    seen = []
-    result = random_search(budget, fake_evaluate, 25, seed=3, on_candidate=seen.append)
-    assert result["evaluations"] == 25 == len({tuple(r["kept_channels"]) for r in seen})
-    assert all(r["macs"] <= 0.4 * space.base_macs for r in seen)
-    assert result["best"]["reward"] == max(r["reward"] for r in seen)
-    again = random_search(budget, fake_evaluate, 25, seed=3)
-    assert again["best"]["kept_channels"] == result["best"]["kept_channels"]  # seeded
-
-
-def test_trial_resources_and_algorithm_config():
-    from entropy_search.search import build_algorithm_config, trial_resources
-
-    config = load_config({"resources": {"num_env_runners": 3, "num_cpus_per_env_runner": 0.5,
-                                        "num_gpus_per_env_runner": 0.25, "num_envs_per_env_runner": 2},
-                          "agent": {"episodes_per_iteration": 12}})
-    assert trial_resources(config) == [{"CPU": 1.0}] + [{"CPU": 0.5, "GPU": 0.25}] * 3
-    algo = build_algorithm_config(config, n_groups=10)
-    assert algo.num_env_runners == 3 and algo.num_gpus_per_env_runner == 0.25
-    assert algo.gamma == 1.0 and algo.rollout_fragment_length == 2 * 10  # whole episodes per env
-    assert algo.train_batch_size_per_learner == 3 * 2 * 2 * 10
-    sac = build_algorithm_config(load_config({"agent": {"algorithm": "sac"}}), n_groups=10)
-    assert type(sac).__name__ == "SACConfig" and sac.gamma == 1.0
-
-
 def test_unreachable_target_fails_before_ray_starts(checkpoint, tmp_path):
     from entropy_search.search import run_search
 
     config = small_config(tmp_path / "bad", checkpoint, **{"search.flops_target": 0.002, "search.min_keep": 0.5})
     with pytest.raises(ConfigError, match="search.flops_target: 0.002 cannot be met"):
         run_search(config, progress=False)
-    assert not (tmp_path / "bad" / "candidates.jsonl").exists()
+    assert not (tmp_path / "bad" / CANDIDATES_FILE).exists()
 
 
 def test_cli_reports_config_errors_in_one_line(tmp_path, capsys):
@@ -239,20 +200,108 @@ def test_cli_smoke_run_trains_a_missing_baseline(ray_local, tmp_path, capsys):
     assert main(["search", str(path), "--smoke", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "candidates/s" in out and "uniform" in out
-    assert "entropy reward vs held-out accuracy: Spearman" in out
-    result = json.loads((tmp_path / "out" / "smoke" / "result.json").read_text())
+    assert f"proxy: the {load_config({}).search.reward} reward vs held-out accuracy, Spearman" in out
+    result = json.loads((tmp_path / "out" / "smoke" / RESULT_FILE).read_text())
     assert (tmp_path / "out" / "smoke" / "baseline.pt").exists()
     assert not real.exists()  # the smoke baseline never takes the real checkpoint's place
     assert result["cost"]["iterations"] == 2
 
 
-def test_summary_reports_the_proxy_and_warns_when_entropy_barely_tracks_accuracy():
+def test_summary_reports_the_proxy_and_warns_when_a_label_free_reward_barely_tracks_accuracy():
     from entropy_search.commands.search import proxy_lines
 
     weak = {"candidates": 40, "entropy_reward_vs_accuracy": 0.04, "reward_vs_accuracy": 0.04}
     lines = proxy_lines(weak, "entropy")
-    assert lines[0] == "entropy reward vs held-out accuracy: Spearman +0.04 over 40 candidates (1 = same ranking)"
-    assert lines[1].startswith("warning:")
-    assert len(proxy_lines(weak, "accuracy")) == 1  # no warning when entropy did not pick the candidate
-    assert len(proxy_lines({**weak, "entropy_reward_vs_accuracy": 0.8}, "entropy")) == 1
-    assert proxy_lines({"candidates": 2, "entropy_reward_vs_accuracy": None}, "entropy") == []
+    assert lines[0] == "proxy: the entropy reward vs held-out accuracy, Spearman +0.04 over 40 candidates (1 = same ranking)"
+    assert len(lines) == 2 and lines[1].startswith("warning: on this network the entropy reward")
+    # rewarded by accuracy: no proxy of its own, the paper's entropy reward for reference, no warning
+    assert proxy_lines(weak, "accuracy") == ["the paper's entropy reward vs held-out accuracy: Spearman +0.04"]
+    strong = {"candidates": 40, "entropy_reward_vs_accuracy": -0.2, "reward_vs_accuracy": 0.9}
+    kl = proxy_lines(strong, "kl")
+    assert kl == ["proxy: the kl reward vs held-out accuracy, Spearman +0.90 over 40 candidates (1 = same ranking)",
+                  "the paper's entropy reward vs held-out accuracy: Spearman -0.20"]
+    assert proxy_lines({"candidates": 2, "entropy_reward_vs_accuracy": None, "reward_vs_accuracy": None}, "entropy") == []
+
+
+# ---------------------------------------------------------------- after the agent, without Ray
+
+
+def hand_made_state(problem, entropies, accuracies, rewards):
+    """A search state holding one distinct candidate per given (entropy, accuracy, reward), in that order."""
+    from entropy_search.rl import SearchState
+
+    state = SearchState(top_k_size=problem.config.search.top_k)
+    full = [g.channels for g in problem.space.groups]
+    for i, (entropy, accuracy, reward) in enumerate(zip(entropies, accuracies, rewards, strict=True)):
+        record, _ = problem.evaluate([max(1, c - i) for c in full])
+        state.add({**record, "entropy": entropy, "accuracy": accuracy, "reward": reward, "cache_hit": False})
+    state.iteration, state.wall_seconds = 1, 2.0
+    return state
+
+
+def test_result_proxy_is_the_rank_correlation_of_the_candidates(checkpoint, tmp_path):
+    """Entropies 1 < 2 < 3 < 4 against accuracies 0.9, 0.8, 0.6, 0.7: minus the entropy ranks the candidates
+    4, 3, 2, 1 and accuracy 4, 3, 1, 2, so Spearman's rho = 1 - 6 * (0 + 0 + 1 + 1) / (4 * (16 - 1)) = 0.8; the
+    search's reward here is the accuracy itself (rho = 1)."""
+    from entropy_search.problem import setup
+    from entropy_search.search import finish_search, policy_of
+
+    config = small_config(tmp_path / "finish", checkpoint, **{"baselines.enabled": False, "finetune.epochs": 0,
+                                                             "selection.enabled": False})
+    problem = setup(config)
+    accuracies = [0.9, 0.8, 0.6, 0.7]
+    state = hand_made_state(problem, [1.0, 2.0, 3.0, 4.0], accuracies, accuracies)
+    result = finish_search(config, problem, state, progress=False)
+    assert result["proxy"] == {"candidates": 4, "entropy_reward_vs_accuracy": pytest.approx(0.8),
+                               "reward_vs_accuracy": pytest.approx(1.0)}
+    # the top-k by reward, finalised; the best exported and its policy named by group
+    assert [t["rank"] for t in result["top_k"]] == [1, 2] and [t["reward"] for t in result["top_k"]] == [0.9, 0.8]
+    best = state.best
+    assert result["best"]["kept_channels"] == best["kept_channels"] and result["best"]["heldout_accuracy"] == 0.9
+    assert result["best_policy"] == policy_of(problem.space, best)
+    assert list(result["best_policy"]) == [g.name for g in problem.space.groups]
+    assert result["best"]["analytic_macs_match"]
+    # without the final stage the agent's best is delivered (and exported)
+    assert result["selection"]["winner"] == "top1" and result["selection"]["rungs"] == []
+    assert result["delivered"] == result["best"]
+    assert result["files"]["pytorch"] == str(tmp_path / "finish" / "best_pruned.pt")
+    agent = {"reward": 0.9, "macs_ratio": best["macs_ratio"], "heldout_accuracy": 0.9,
+             "test_accuracy_after_finetune": result["best"]["test_accuracy_after_finetune"]}
+    assert result["baselines"] == {} and result["comparison"] == {"delivered": {**agent, "label": "top1"},
+                                                                  "agent": agent}
+    assert result["cost"]["iterations"] == 1 and result["cost"]["evaluations"] == 4
+    assert json.loads((tmp_path / "finish" / RESULT_FILE).read_text())["proxy"] == result["proxy"]
+
+
+def test_finish_search_runs_the_baselines_under_the_same_budget(checkpoint, tmp_path):
+    from entropy_search.problem import setup
+    from entropy_search.search import finish_search
+
+    config = small_config(tmp_path / "baselines", checkpoint, **{
+        "baselines.random_candidates": 3, "baselines.finetune": True, "finetune.epochs": 0, "search.top_k": 1,
+        "selection.rung_steps": 2})
+    problem = setup(config)
+    state = hand_made_state(problem, [1.0, 2.0, 3.0], [0.5, 0.6, 0.7], [-1.0, -2.0, -3.0])
+    result = finish_search(config, problem, state, progress=False)
+    uniform, random_ = result["baselines"]["uniform"], result["baselines"]["random"]
+    assert uniform["evaluations"] == 1 and random_["evaluations"] == 3
+    for res in (uniform, random_):
+        assert res["best"]["macs_ratio"] <= 0.5 + 1e-12
+        assert res["final"]["kept_channels"] == res["best"]["kept_channels"]
+        assert result["comparison"][("uniform" if res is uniform else "random")]["test_accuracy_after_finetune"] == (
+            res["final"]["test_accuracy_after_finetune"])
+    assert result["base"]["macs"] == problem.space.base_macs == result["base"]["counted_macs"]
+    # the final stage chose among the agent's best and the baselines' bests, and that one was delivered
+    selection = result["selection"]
+    assert selection["finalists"][0] == "top1" and set(selection["finalists"]) <= {"top1", "random", "uniform"}
+    assert selection["winner"] in selection["finalists"] and result["delivered"]["label"] == selection["winner"]
+
+
+def test_finish_search_without_candidates_says_what_to_change(checkpoint, tmp_path):
+    from entropy_search.problem import setup
+    from entropy_search.rl import SearchState
+    from entropy_search.search import finish_search
+
+    config = small_config(tmp_path / "empty", checkpoint)
+    with pytest.raises(EntropySearchError, match="evaluated no candidate.*stop.iterations"):
+        finish_search(config, setup(config), SearchState(), progress=False)

@@ -120,6 +120,19 @@ def test_kept_channels_rounding():
     assert exact.macs([0.5] * 12) == exact.macs_of_counts(exact.kept_channels([0.5] * 12))
 
 
+def test_round_count_is_the_one_rounding_rule():
+    """`round_count`: keep x channels to the nearest multiple of round_to (halves up), at least one multiple
+    (or every channel of a group smaller than that), never more than the group has."""
+    model = create_model("resnet20").eval()
+    by8 = PruningSpace(model, torch.randn(1, 3, 32, 32), round_to=8)
+    assert [by8.round_count(k, 64) for k in (1.0, 0.5, 0.3, 0.32, 0.01)] == [64, 32, 16, 24, 8]
+    assert [by8.round_count(k, 6) for k in (1.0, 0.5, 0.01)] == [6, 6, 6]  # fewer channels than round_to
+    by1 = PruningSpace(model, torch.randn(1, 3, 32, 32))
+    assert [by1.round_count(k, 10) for k in (0.25, 0.24, 0.01, 1.0)] == [3, 2, 1, 10]
+    keep = [random.Random(5).uniform(0.05, 1.0) for _ in by8.groups]
+    assert by8.kept_channels(keep) == [by8.round_count(k, g.channels) for k, g in zip(keep, by8.groups)]
+
+
 def test_most_important_channels_are_kept():
     model = create_model("digits_cnn").eval()
     space = PruningSpace(model, torch.randn(1, 1, 8, 8))

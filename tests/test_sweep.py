@@ -1,5 +1,6 @@
-"""Ray Tune sweeps tracked in MLflow: a 2-trial sweep on the digits CNN checked against its result
-files, resume without duplicate runs, crashed and interrupted trials, and bad sweep configs.
+"""Ray Tune sweeps tracked in MLflow (`entropy_search.sweep.runner`, `.trainable`): a 2-trial sweep on the
+digits CNN checked against its result files, resume without duplicate runs, crashed and interrupted trials.
+The sweep's schema and its trials' configs are tested in tests/test_sweep_schema.py.
 
 One local Ray instance (2 CPUs) and one temporary MLflow store serve the module.
 """
@@ -19,14 +20,14 @@ import torch
 import yaml
 
 from entropy_search.errors import ConfigError
-from entropy_search.sweep import ITERATION_METRICS, describe, load_sweep_config, run_sweep, trial_bundles
+from entropy_search.jsonio import read_jsonl
+from entropy_search.summary import flatten, read_candidate_table
+from entropy_search.sweep import load_sweep_config, run_sweep
 
 ray = pytest.importorskip("ray")
 mlflow = pytest.importorskip("mlflow")
 
 from entropy_search import tracking  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def test_two_trial_sweep_is_tracked_and_consistent_with_its_results(ray_local, c
         out = Path(sweep.sweep_dir) / data.tags[tracking.TRIAL_NAME_TAG] / "search"
         res = json.loads((out / "result.json").read_text())
         # params = the trial's fully resolved config, flattened
-        assert data.params == tracking.flatten(res["config"])
+        assert data.params == flatten(res["config"])
         assert res["config"]["output"]["dir"] == str(out)
         # per-iteration metrics, one point per iteration
         for key in ("reward_mean", "reward_max", "best_macs_ratio", "best_params_ratio", "best_entropy",
@@ -98,8 +99,8 @@ def test_two_trial_sweep_is_tracked_and_consistent_with_its_results(ray_local, c
             assert [m.step for m in history] == [1, 2], key
         # the candidate table = every candidate of the search; its best row = the logged best
         dl = tmp_path / run_id
-        rows = tracking.read_candidate_table(mlclient.download_artifacts(run_id, "candidates.csv", str(dl)))
-        jsonl = tracking.read_candidates(out / "candidates.jsonl")
+        rows = read_candidate_table(mlclient.download_artifacts(run_id, "candidates.csv", str(dl)))
+        jsonl = read_jsonl(out / "candidates.jsonl")
         assert len(rows) == len(jsonl) == res["cost"]["candidates"] == data.metrics["candidates"] > 0
         best_row = max(rows, key=lambda r: r["reward"])
         assert data.metrics["best_macs_ratio"] == pytest.approx(best_row["macs_ratio"])
@@ -215,85 +216,3 @@ def test_interrupted_sweep_resumes_without_duplicate_runs(checkpoint, store, tmp
     assert all(r.info.status == "FINISHED" for r in after.values())
     assert len(mlclient.get_metric_history(first.info.run_id, "best_reward")) == first_points
     assert after[second.info.run_id].data.metrics["iteration"] == 30
-
-
-# ---------------------------------------------------------------- configs
-
-
-def test_shipped_configs_load_and_describe(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    names = sorted(p.name for p in (REPO / "tune_configs").glob("*.yaml"))
-    assert "quickstart.yaml" in names and len(names) >= 4
-    for path in (REPO / "tune_configs").glob("*.yaml"):
-        sweep = load_sweep_config(path)
-        assert sweep.name == path.stem
-        assert describe(sweep)
-    quick = load_sweep_config(REPO / "tune_configs" / "quickstart.yaml")
-    assert quick.num_trials() == 4
-    assert {a: quick.axes[a].values for a in quick.axes} == {"search.reward": ["entropy", "accuracy"],
-                                                            "search.flops_target": [0.5, 0.3]}
-    bundles = trial_bundles(quick, quick.grid_points()[0])
-    assert sum(b["CPU"] for b in bundles) * (quick.max_concurrent_trials or 1) <= 2
-    for name in ("resnet56_cifar10", "vgg16_cifar10", "mobilenetv2_cifar10"):
-        paper = load_sweep_config(REPO / "tune_configs" / f"{name}.yaml")
-        assert paper.num_trials() == 2 * 3 * 3
-        assert sorted(paper.axes["search.flops_target"].values) == [0.1, 0.2, 0.5]
-        assert paper.axes["seed"].values == [0, 1, 2]
-        assert paper.base["data"]["name"] == "cifar10"
-        assert any(b.get("GPU") for b in trial_bundles(paper, {}))
-
-
-@pytest.mark.parametrize("change, message", [
-    ({"bogus": 1}, r"^bogus: unknown key"),
-    ({"scheduler": {"type": "asha", "metric": "accuracy"}}, r"scheduler\.metric: must be one of"),
-    ({"axes": {"search.flops_target": [0.5, 1.5]}}, r"axes: search\.flops_target: must be in \(0, 1\], got 1\.5"),
-    ({"axes": {"search.rewrd": ["entropy"]}}, r"axes: search\.rewrd: unknown key"),
-    ({"axes": {"output.dir": ["/tmp/x"]}}, r"axes: output\.dir: is set by the sweep .* cannot be an axis"),
-    ({"axes": {"agent.lr": {"uniform": [0.1, 0.01]}}}, r"axes\.agent\.lr.*low must be < high"),
-    ({"axes": {"agent.lr": {"grid": [1e-3], "choice": [1e-4]}}}, r"axes\.agent\.lr.*exactly one"),
-    ({"axes": {"agent.lr": {"loguniform": [0.0, 1.0]}}}, r"axes\.agent\.lr: loguniform: low must be > 0"),
-    ({"axes": {"agent.lr": [0.001, -1]}}, r"axes: agent\.lr: must be > 0, got -1 \(trial agent\.lr=-1\)"),
-    ({"axes": {"seed": 3}}, r"axes\.seed.*list of values"),
-    ({"name": "a b"}, r"^name: use letters"),
-    ({"base": {"agent": {"lr": -1}}}, r"^base\.agent\.lr: must be > 0, got -1"),
-    ({"resources": {"cpus_per_trial": 0}}, r"resources\.cpus_per_trial: must be > 0"),
-    ({"max_concurrent_trials": "two"}, r"max_concurrent_trials"),
-])
-def test_bad_sweep_configs_name_the_key(tmp_path, change, message):
-    data = {"name": "bad", "base": {"stop": {"iterations": 2}}, "storage_path": str(tmp_path)}
-    data.update(change)
-    with pytest.raises(ConfigError, match=message):
-        load_sweep_config(data)
-
-
-def test_cli_errors_are_one_line_with_status_2(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"base": {"search": {"flops_target": 2}}, "storage_path": str(tmp_path)}))
-    for args, expect in (
-        ([str(bad)], "base.search.flops_target: must be in (0, 1], got 2"),
-        ([str(tmp_path / "missing.yaml")], "sweep config not found"),
-        ([str(REPO / "tune_configs" / "quickstart.yaml"), "--set", "axes.seed={grid: []}"], "axes.seed"),
-    ):
-        proc = subprocess.run([sys.executable, "-m", "entropy_search.cli", "sweep", *args], capture_output=True,
-                              text=True, cwd=tmp_path, timeout=120)
-        assert proc.returncode == 2, proc.stderr
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("entropy-search sweep: error: ") and expect in lines[0], lines
-        assert "Traceback" not in proc.stderr
-
-
-def test_overrides_and_dry_run(tmp_path, capsys):
-    from entropy_search.cli import main
-
-    code = main(["sweep", str(REPO / "tune_configs" / "quickstart.yaml"), "--dry-run", "--storage-path", str(tmp_path),
-                 "--set", "axes.seed=[0, 1]", "--set", "base.stop.iterations=3", "--name", "qs2"])
-    assert code == 0
-    out = capsys.readouterr().out
-    assert f"sweep qs2: 8 trial(s) in {tmp_path}/qs2" in out and "axis seed: grid [0, 1]" in out
-    sweep = load_sweep_config(REPO / "tune_configs" / "quickstart.yaml", {"base.stop.iterations": 3})
-    assert sweep.base["stop"]["iterations"] == 3
-
-
-def test_scheduler_metric_is_reported_every_iteration():
-    # ASHA compares a metric the trials report after every iteration
-    assert "best_reward" in ITERATION_METRICS and "reward_mean" in ITERATION_METRICS

@@ -1,5 +1,6 @@
-"""MLflow tracking without Ray: runs found again instead of duplicated, params/metrics/artifacts of a
-trial, the summary table, and the plots. One temporary sqlite store serves the module."""
+"""MLflow tracking (`entropy_search.tracking`) without Ray: runs found again instead of duplicated,
+params/metrics/artifacts of a trial, the sweep's summary read back from MLflow. One temporary sqlite store
+serves the module. The pure tables are tested in tests/test_summary.py, the store's URI in tests/test_store.py."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ mlflow = pytest.importorskip("mlflow")
 
 from entropy_search import tracking  # noqa: E402
 from entropy_search.config import load_config  # noqa: E402
+from entropy_search.summary import flatten, format_table, read_candidate_table  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("no_default_store")
 
@@ -21,8 +23,8 @@ pytestmark = pytest.mark.usefixtures("no_default_store")
 @pytest.fixture(scope="module")
 def fake_search(tmp_path_factory) -> tuple[dict, Path]:
     """What `run_search` leaves behind, without running it: result.json, candidates.jsonl, a model file."""
-    from entropy_search.checkpoint import save_checkpoint
     from entropy_search.models import create_model
+    from entropy_search.problem import save_checkpoint
 
     out = tmp_path_factory.mktemp("search")
     torch.manual_seed(0)
@@ -68,24 +70,6 @@ def fake_search(tmp_path_factory) -> tuple[dict, Path]:
     return result, out
 
 
-def test_resolve_tracking_uri(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking.resolve_tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
-    assert tracking.resolve_tracking_uri("sqlite:///x/m.db") == f"sqlite:///{tmp_path.resolve()}/x/m.db"
-    assert tracking.resolve_tracking_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
-    assert tracking.resolve_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
-    assert tracking.resolve_tracking_uri("store") == str(tmp_path.resolve() / "store")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://head:5000")
-    assert tracking.resolve_tracking_uri() == "http://head:5000"
-    assert tracking.is_local_store("sqlite:////a.db") and not tracking.is_local_store("http://head:5000")
-
-
-def test_flatten():
-    flat = tracking.flatten({"a": {"b": 1, "c": [1, 2], "d": None, "e": {}}, "f": "x"})
-    assert flat == {"a.b": "1", "a.c": "[1, 2]", "a.d": "None", "a.e": "{}", "f": "x"}
-
-
 def test_trial_run_is_found_again_and_logs_everything(store, fake_search):
     result, out = fake_search
     mlclient = tracking.client(store)
@@ -123,7 +107,7 @@ def test_trial_run_is_found_again_and_logs_everything(store, fake_search):
     assert got.info.status == "FINISHED"
     assert got.data.tags["mlflow.parentRunId"] == parent and got.data.tags["env.git_commit"] == "deadbeef"
     assert got.data.tags["entropy_search.restarts"] == "1" and "hardware" in got.data.tags
-    assert got.data.params == tracking.flatten(result["config"])
+    assert got.data.params == flatten(result["config"])
     history = mlclient.get_metric_history(run_id, "best_macs_ratio")
     assert [m.step for m in history] == [1, 2, 3]
     assert "reward_mean" not in got.data.metrics  # NaN is not logged
@@ -132,7 +116,7 @@ def test_trial_run_is_found_again_and_logs_everything(store, fake_search):
     artifacts = {a.path for a in mlclient.list_artifacts(run_id)}
     assert {"candidates.csv", "best_policy.json", "scatter.png", "search"} <= artifacts
     local = Path(mlclient.download_artifacts(run_id, "candidates.csv", str(out / "dl")))
-    rows = tracking.read_candidate_table(local)
+    rows = read_candidate_table(local)
     assert len(rows) == 12 and rows[0]["kept_channels"] == [8, 16] and rows[11]["cache_hit"] is True
     best_row = max(rows, key=lambda r: r["reward"])
     assert best_row["macs_ratio"] == pytest.approx(got.data.metrics["macs_ratio"])
@@ -160,33 +144,10 @@ def test_trial_run_is_found_again_and_logs_everything(store, fake_search):
     assert mlclient.get_run(dead_id).data.tags[tracking.STATUS_NOTE_TAG] == "died"
     rows, paths = tracking.log_sweep_summary(mlclient, exp, parent, out / "summary", title="sw")
     assert [r["status"] for r in rows] == ["FINISHED", "FAILED"]
-    table = tracking.format_table(rows)
+    table = format_table(rows)
     assert "t00000-reward=entropy" in table and "80.00%" in table and "75.00%" in table
     assert {"summary.csv", "summary.md", "summary.json", "comparison.png"} <= {
         a.path for a in mlclient.list_artifacts(parent)}
     assert tracking.find_sweep_run(mlclient, name="sw").info.run_id == parent
     assert tracking.find_sweep_run(mlclient, sweep_dir="/tmp/sw").info.run_id == parent
     assert tracking.find_sweep_run(mlclient, name="nope") is None
-
-
-def test_aggregate_over_seeds():
-    rows = [{"status": "FINISHED", "axes": {"search.reward": r, "seed": s}, "test_accuracy": acc, "macs_ratio": 0.5}
-            for r, s, acc in [("entropy", 0, 0.8), ("entropy", 1, 0.9), ("accuracy", 0, 0.7)]]
-    agg = tracking.aggregate_rows(rows)
-    assert [a["n"] for a in agg] == [2, 1]
-    assert agg[0]["test_accuracy"] == pytest.approx(0.85) and agg[0]["test_accuracy_std"] == pytest.approx(0.05)
-    assert "85.00±5.00" in tracking.format_aggregate(agg)
-
-
-def test_plots_write_pngs(tmp_path, fake_search):
-    from entropy_search.plots import candidate_scatter, sweep_comparison
-
-    result, out = fake_search
-    records = tracking.read_candidates(out / "candidates.jsonl")
-    assert candidate_scatter(records, result, tmp_path / "s.png").stat().st_size > 1000
-    assert candidate_scatter([], None, tmp_path / "empty.png").exists()
-    rows = [{"reward_kind": rw, "flops_target": t, "macs_ratio": t - 0.01, "test_accuracy": 0.8 + 0.1 * t,
-             "heldout_accuracy": 0.7, "uniform_macs_ratio": t, "uniform_test_accuracy": 0.7,
-             "base_test_accuracy": 0.95} for rw in ("entropy", "accuracy") for t in (0.3, 0.5)]
-    assert sweep_comparison(rows, tmp_path / "c.png").stat().st_size > 1000
-    assert sweep_comparison([], tmp_path / "none.png").exists()

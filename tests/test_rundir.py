@@ -1,0 +1,116 @@
+"""The run directory of a search (`entropy_search.rl.rundir`): the resume rule (what must not change, named by
+its first differing key) and when a folder may be used, started over or continued."""
+
+from __future__ import annotations
+
+import pytest
+
+from entropy_search.config import load_config
+from entropy_search.errors import ConfigError
+from entropy_search.rl.rundir import (
+    CANDIDATES_FILE,
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    RESULT_FILE,
+    RESUME_KEYS,
+    STATE_FILE,
+    config_difference,
+    prepare_output_dir,
+    saved_config_difference,
+)
+
+
+def config_in(out, **overrides):
+    return load_config({"output": {"dir": str(out)}}, overrides)
+
+
+# ---------------------------------------------------------------- the resume rule
+
+
+def test_config_difference_names_the_first_differing_key():
+    before = config_in("/tmp/x").to_dict()
+    assert config_difference(before, before) is None
+    assert config_difference(before, config_in("/tmp/x", **{"search.flops_target": 0.4}).to_dict()) == (
+        "search.flops_target (0.5 -> 0.4)")
+    assert config_difference(before, config_in("/tmp/x", **{"search.entropy.bins": 8}).to_dict()) == (
+        "search.entropy.bins (16 -> 8)")
+    assert config_difference(before, config_in("/tmp/x", seed=3).to_dict()) == "seed (0 -> 3)"
+    assert config_difference(before, config_in("/tmp/x", **{"agent.algorithm": "sac"}).to_dict()) == (
+        "agent.algorithm ('ppo' -> 'sac')")
+    # keys are compared in order (model, data, search, seed), and sorted within a section
+    both = config_in("/tmp/x", **{"model.name": "resnet20", "seed": 2, "search.min_keep": 0.2}).to_dict()
+    assert config_difference(before, both) == "model.name ('digits_cnn' -> 'resnet20')"
+    two = config_in("/tmp/x", **{"search.round_to": 4, "search.min_keep": 0.2}).to_dict()
+    assert config_difference(before, two) == "search.min_keep (0.1 -> 0.2)"
+    assert RESUME_KEYS == ("model", "data", "search", "seed")
+
+
+def test_what_may_change_on_resume_is_not_a_difference():
+    before = config_in("/tmp/x").to_dict()
+    later = config_in("/tmp/y", **{"stop.iterations": 50, "agent.lr": 0.01, "resources.num_env_runners": 0,
+                                   "finetune.epochs": 1, "baselines.enabled": False}).to_dict()
+    assert config_difference(before, later) is None
+
+
+def test_a_section_missing_on_one_side_is_named():
+    now = config_in("/tmp/x").to_dict()
+    before = {k: v for k, v in now.items() if k != "data"}
+    assert config_difference(before, now).startswith("data (None -> {")
+
+
+def test_saved_config_difference(tmp_path):
+    config = config_in(tmp_path)
+    assert saved_config_difference(tmp_path, config) == "no saved config"
+    (tmp_path / CONFIG_FILE).write_text("search: [unclosed\n")
+    assert saved_config_difference(tmp_path, config) == "no saved config"
+    config.save(tmp_path / CONFIG_FILE)
+    assert saved_config_difference(tmp_path, config) is None
+    assert saved_config_difference(tmp_path, config_in(tmp_path, **{"search.reward": "accuracy"})) == (
+        f"search.reward ({config.search.reward!r} -> 'accuracy')")
+
+
+# ---------------------------------------------------------------- using a folder
+
+
+def previous_search(out):
+    """What an interrupted search leaves in its folder."""
+    (out / CHECKPOINT_DIR).mkdir(parents=True)
+    (out / CHECKPOINT_DIR / STATE_FILE).write_text("{}")
+    (out / CANDIDATES_FILE).write_text('{"id": 0}\n')
+    (out / RESULT_FILE).write_text("{}")
+    (out / "baseline.pt").write_bytes(b"weights")
+    config_in(out).save(out / CONFIG_FILE)
+
+
+def test_a_new_folder_is_created(tmp_path):
+    out = tmp_path / "a" / "b"
+    assert prepare_output_dir(config_in(out), resume=False, overwrite=False) == out and out.is_dir()
+    assert prepare_output_dir(config_in(out), resume=True, overwrite=False) == out  # nothing to resume: fine
+
+
+def test_a_previous_search_is_not_started_over_without_overwrite(tmp_path):
+    previous_search(tmp_path)
+    with pytest.raises(ConfigError, match=r"holds a previous search; pass --resume .* --overwrite"):
+        prepare_output_dir(config_in(tmp_path), resume=False, overwrite=False)
+    assert (tmp_path / CANDIDATES_FILE).exists() and (tmp_path / CHECKPOINT_DIR).is_dir()
+    only_candidates = tmp_path / "other"
+    only_candidates.mkdir()
+    (only_candidates / CANDIDATES_FILE).write_text("")
+    with pytest.raises(ConfigError, match="previous search"):
+        prepare_output_dir(config_in(only_candidates), resume=False, overwrite=False)
+
+
+def test_overwrite_deletes_the_previous_search_but_not_the_baseline(tmp_path):
+    previous_search(tmp_path)
+    prepare_output_dir(config_in(tmp_path), resume=False, overwrite=True)
+    assert not (tmp_path / CHECKPOINT_DIR).exists()
+    assert not (tmp_path / CANDIDATES_FILE).exists() and not (tmp_path / RESULT_FILE).exists()
+    assert (tmp_path / "baseline.pt").read_bytes() == b"weights"
+
+
+def test_resume_needs_the_same_problem(tmp_path):
+    previous_search(tmp_path)
+    assert prepare_output_dir(config_in(tmp_path, **{"stop.iterations": 99}), resume=True, overwrite=False) == tmp_path
+    with pytest.raises(ConfigError, match=r"--resume: search.flops_target \(0.5 -> 0.3\) changed"):
+        prepare_output_dir(config_in(tmp_path, **{"search.flops_target": 0.3}), resume=True, overwrite=False)
+    assert (tmp_path / CANDIDATES_FILE).exists()

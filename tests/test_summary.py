@@ -1,0 +1,126 @@
+"""Summaries as plain tables (`entropy_search.summary`), no MLflow: a search's result flattened into the
+numbers tracked per trial, the candidate table, the sweep's summary table and its mean ± std over seeds."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+
+from entropy_search.summary import (
+    SUMMARY_COLUMNS,
+    aggregate_rows,
+    best_policy,
+    final_metrics,
+    finite,
+    flatten,
+    format_aggregate,
+    format_table,
+    numeric,
+    read_candidate_table,
+    write_candidate_table,
+    write_summary,
+)
+
+RESULT = {
+    "config": {"search": {"flops_target": 0.5}},
+    "groups": [{"name": "conv1"}, {"name": "conv2"}],
+    "best_policy": {"conv1": 0.5, "conv2": 1.0},
+    "best": {"reward": -1.2, "macs_ratio": 0.45, "params_ratio": 0.6, "macs": 900, "params": 600, "entropy": 1.2,
+             "heldout_accuracy": 0.85, "test_accuracy_before_finetune": 0.7, "test_accuracy_after_finetune": 0.8,
+             "kept_channels": [8, 16]},
+    "base": {"macs": 2000, "params": 1000, "test_accuracy": 0.9, "heldout_accuracy": 0.91, "entropy": 2.0},
+    "baselines": {
+        "uniform": {"best": {"reward": -1.5, "macs_ratio": 0.49, "accuracy": 0.8}, "evaluations": 1,
+                    "final": {"test_accuracy_after_finetune": 0.75}},
+        "random": {"best": {"reward": -1.3, "macs_ratio": 0.47, "accuracy": None}, "evaluations": 11},
+    },
+    "proxy": {"candidates": 12, "entropy_reward_vs_accuracy": 0.4, "reward_vs_accuracy": None},
+    "cost": {"iterations": 3, "candidates": 12, "evaluations": 11, "cache_hits": 1, "search_seconds": 2.0,
+             "candidates_per_second": 6.0, "total_seconds": float("nan")},
+}
+
+
+def test_flatten():
+    flat = flatten({"a": {"b": 1, "c": [1, 2], "d": None, "e": {}}, "f": "x"})
+    assert flat == {"a.b": "1", "a.c": "[1, 2]", "a.d": "None", "a.e": "{}", "f": "x"}
+    assert flatten({"a": {"b": True}}, "base.") == {"base.a.b": "True"}
+
+
+def test_numbers_are_finite_floats_only():
+    assert finite(1) and finite(0.5) and not finite(True) and not finite(float("nan")) and not finite(None)
+    assert not finite(float("inf")) and not finite("1")
+    assert numeric({"a": 1, "b": float("nan"), "c": None, "d": "x", "e": True, "f": 2.5}) == {"a": 1.0, "f": 2.5}
+
+
+def test_final_metrics_flatten_a_result():
+    m = final_metrics(RESULT)
+    assert m["reward"] == -1.2 and m["test_accuracy"] == 0.8 and m["test_accuracy_before_finetune"] == 0.7
+    assert m["heldout_accuracy"] == 0.85 and m["base_test_accuracy"] == 0.9 and m["base_macs"] == 2000
+    assert m["uniform_test_accuracy"] == 0.75 and m["uniform_evaluations"] == 1 and m["uniform_heldout_accuracy"] == 0.8
+    assert m["random_reward"] == -1.3 and "random_test_accuracy" not in m and "random_heldout_accuracy" not in m
+    assert m["proxy_entropy_spearman"] == 0.4 and "proxy_reward_spearman" not in m
+    assert m["cost_candidates"] == 12 and "cost_total_seconds" not in m  # NaN is not a metric
+    assert all(isinstance(v, float) and math.isfinite(v) for v in m.values())
+    assert final_metrics({}) == {}
+
+
+def test_best_policy_names_the_groups():
+    policy = best_policy(RESULT)
+    assert policy["policy"] == {"conv1": 0.5, "conv2": 1.0} and policy["groups"] == ["conv1", "conv2"]
+    assert policy["flops_target"] == 0.5 and policy["macs_ratio"] == 0.45 and policy["kept_channels"] == [8, 16]
+    assert policy["test_accuracy_after_finetune"] == 0.8
+    assert json.loads(json.dumps(policy)) == policy
+
+
+def test_candidate_table_round_trip(tmp_path):
+    records = [{"keep": [0.5, 1.0], "id": i, "reward": -1.0 + i, "kept_channels": [8, 16], "cache_hit": i == 1,
+                "accuracy": None if i == 0 else 0.5, "extra": "x"} for i in range(2)]
+    path = write_candidate_table(records, tmp_path / "c.csv")
+    with open(path) as fh:
+        header = next(csv.reader(fh))
+    assert header == ["id", "reward", "accuracy", "cache_hit", "kept_channels", "keep", "extra"]  # known columns first
+    rows = read_candidate_table(path)
+    assert rows == [{**r, "reward": float(r["reward"])} for r in records]
+    assert write_candidate_table([], tmp_path / "empty.csv").read_text().strip() == "id"
+
+
+def rows():
+    return [{"trial": f"t{i:05d}", "status": status, "axes": {"search.reward": r, "seed": s}, "test_accuracy": acc,
+             "macs_ratio": 0.5, "run_id": f"run{i}"}
+            for i, (r, s, acc, status) in enumerate([("entropy", 0, 0.8, "FINISHED"), ("entropy", 1, 0.9, "FINISHED"),
+                                                      ("accuracy", 0, 0.7, "FINISHED"), ("accuracy", 1, 0.1, "FAILED")])]
+
+
+def test_aggregate_over_seeds():
+    agg = aggregate_rows(rows())
+    assert [a["n"] for a in agg] == [2, 1]  # the failed trial is left out
+    assert agg[0]["axes"] == {"search.reward": "entropy"}
+    assert agg[0]["test_accuracy"] == pytest.approx(0.85) and agg[0]["test_accuracy_std"] == pytest.approx(0.05)
+    assert agg[1]["test_accuracy"] == pytest.approx(0.7) and agg[1]["test_accuracy_std"] == 0.0
+    assert "85.00±5.00" in format_aggregate(agg)
+
+
+def test_summary_table_lists_every_trial_with_its_axes():
+    table = format_table(rows())
+    lines = table.splitlines()
+    assert len(lines) == 5 and lines[0].split()[:3] == ["trial", "reward", "seed"]
+    assert "t00000" in lines[1] and "80.00%" in lines[1] and "0.500" in lines[1]
+    assert "FAILED" in lines[4] and "-" in lines[4].split()
+    md = format_table(rows(), markdown=True).splitlines()
+    assert md[0].startswith("| trial | reward | seed | status") and md[1].startswith("|---|")
+    assert [c[0] for c in SUMMARY_COLUMNS][:2] == ["status", "MACs"]
+
+
+def test_write_summary_writes_every_file(tmp_path):
+    paths = write_summary(rows(), tmp_path / "summary", title="sw")
+    assert set(paths) == {"csv", "md", "json", "png"} and all(p.exists() for p in paths.values())
+    with open(paths["csv"]) as fh:
+        table = list(csv.DictReader(fh))
+    assert [r["trial"] for r in table] == ["t00000", "t00001", "t00002", "t00003"]
+    assert table[0]["search.reward"] == "entropy" and table[0]["run_id"] == "run0"
+    md = paths["md"].read_text()
+    assert md.startswith("# sw\n") and "mean ± std over seeds" in md
+    assert json.loads(paths["json"].read_text())[3]["status"] == "FAILED"
