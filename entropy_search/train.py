@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
+from .data import ArrayDataset
 from .errors import ConfigError
 from .utils import resolve_device, seed_everything
 
@@ -173,8 +174,6 @@ def _workers(dataset: Dataset, num_workers: int | None) -> int:
     disk or per-image augmentation."""
     if num_workers is not None:
         return num_workers
-    from .data import ArrayDataset
-
     base = dataset
     while hasattr(base, "dataset"):  # Subset chains
         base = base.dataset

@@ -139,7 +139,7 @@ class Budget:
 
     def keep_of_action(self, action: float) -> float:
         """Map an action in [-1, 1] (clipped there) to a keep ratio in [min_keep, 1]."""
-        a = float(np.clip(action, -1.0, 1.0)) if math.isfinite(action) else -1.0
+        a = -1.0 if math.isnan(action) else float(np.clip(action, -1.0, 1.0))  # +-inf clip to +-1
         return self.min_keep + (a + 1.0) / 2.0 * (1.0 - self.min_keep)
 
     def uniform_rest(self, decided: Sequence[int], iterations: int = 30) -> float:
@@ -163,7 +163,7 @@ class Budget:
 
     def desired_keep(self, g: int, decided: Sequence[int], action: float) -> float:
         """Group g's keep ratio asked for by `action` in [-1, 1] (clipped there), before the budget's clipping."""
-        a = float(np.clip(action, -1.0, 1.0)) if math.isfinite(action) else -1.0
+        a = -1.0 if math.isnan(action) else float(np.clip(action, -1.0, 1.0))  # +-inf clip to +-1
         if self.action_space == "absolute":
             return self.keep_of_action(a)
         return float(min(1.0, max(self.min_keep, self.uniform_rest(decided) * 2.0 ** (a * self.action_spread))))
