@@ -86,15 +86,17 @@ def finalize_record(problem: Problem, config: SearchConfig, record: dict, *, lab
 
 
 def select_delivered(problem: Problem, config: SearchConfig, state: SearchState, baselines: dict) -> dict:
-    """The final stage's successive halving over the finalists (the agent's top-k, random search's best, the
-    uniform candidate; duplicates once, agent first); the agent's best alone when `selection.enabled` is off."""
+    """The final stage's successive halving over the finalists (the uniform candidate, the agent's top-k, random
+    search's best; duplicates once, in that order of preference); the agent's best when `selection.enabled` is off."""
     finalists: dict[tuple[int, ...], tuple[str, list[float]]] = {}
+    uniform = (baselines.get("uniform") or {}).get("best")
+    if uniform is not None and config.selection.enabled:  # first: ties go to the known-safe choice
+        finalists[tuple(uniform["kept_channels"])] = ("uniform", uniform["keep"])
     for rank, record in enumerate(state.top_k):
         finalists.setdefault(tuple(record["kept_channels"]), (f"top{rank + 1}", record["keep"]))
-    for name in ("random", "uniform"):
-        record = (baselines.get(name) or {}).get("best")
-        if record is not None:
-            finalists.setdefault(tuple(record["kept_channels"]), (name, record["keep"]))
+    record = (baselines.get("random") or {}).get("best")
+    if record is not None:
+        finalists.setdefault(tuple(record["kept_channels"]), ("random", record["keep"]))
     candidates = list(finalists.values())
     if not config.selection.enabled or len(candidates) <= 1:
         return {"enabled": config.selection.enabled, "finalists": [label for label, _ in candidates],

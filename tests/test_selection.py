@@ -17,6 +17,8 @@ from entropy_search.problem import (
     successive_halving,
     uniform_counts,
 )
+from entropy_search.problem.selection import heldout_accuracy_and_loss
+from entropy_search.train import evaluate
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +69,22 @@ def test_relative_actions_stay_on_budget_and_spend_it(digits):
     assert min(ratios) >= 0.3 * 0.97 - 0.02  # the floor, within what rounding allows on 4 small groups
     with pytest.raises(ConfigError, match="action_space"):
         Budget(space, 0.3, 0.1, action_space="sideways")
+
+
+def test_equal_finalists_go_to_the_first_in_the_order_of_preference(digits):
+    space, splits = digits
+    keep = [0.6] * len(space.groups)
+    for first, second in (("uniform", "top1"), ("top1", "uniform")):
+        out = successive_halving(space, splits, [(first, keep), (second, keep)], calibration=None, rung_steps=2,
+                                 seed=0, device="cpu")
+        rung = out["rungs"][0]
+        assert rung["heldout_accuracy"][first] == rung["heldout_accuracy"][second]
+        assert rung["heldout_loss"][first] == pytest.approx(rung["heldout_loss"][second])
+        assert out["winner"] == first
+
+
+def test_heldout_accuracy_and_loss_agree_with_the_evaluator_of_training(digits):
+    space, splits = digits
+    accuracy, loss = heldout_accuracy_and_loss(space.model, splits.heldout, device="cpu")
+    assert accuracy == pytest.approx(evaluate(space.model, splits.heldout, device="cpu"))
+    assert 0 < loss < 2.3  # a trained network beats the uniform guess, log(10)

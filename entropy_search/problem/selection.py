@@ -3,7 +3,10 @@
 The search's top-k, the best random-search candidate and the uniform candidate, all under the same budget,
 go through successive halving on short fine-tunes judged by held-out accuracy (never the test split):
 every finalist is pruned for real, its BN statistics re-estimated, fine-tuned for `rung_steps` SGD steps
-and measured; the best 1/eta continue with eta times more steps, until one is left. The user then gets
+and measured; the best 1/eta continue with eta times more steps, until one is left. Held-out accuracy
+decides; equal accuracies (a small held-out split moves in steps of one image) are decided by the lower
+held-out cross-entropy, then by the order of preference, which puts the uniform candidate first: another
+finalist has to do better than uniform pruning to be delivered instead of it. The user then gets
 the survivor, fully fine-tuned, so a search never hands back a network that short fine-tunes judged worse
 than uniform pruning.
 """
@@ -16,11 +19,12 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Subset
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..data import DataSplits
 from ..errors import EntropySearchError
-from ..train import evaluate, train
+from ..train import select_device, train
 from .adaptive_bn import recalibrate_batchnorm
 from .space import PruningSpace
 
@@ -40,8 +44,9 @@ def successive_halving(
 ) -> dict:
     """Successive halving over `finalists` ((label, keep ratios), in order of preference for ties).
 
-    Returns {"winner": label, "rungs": [{"steps", "heldout_accuracy": {label: acc}, "continue": [...],
-    "eliminated": [...]}], "seconds"}; each rung's steps are cumulative (a survivor keeps training)."""
+    Returns {"winner": label, "rungs": [{"steps", "heldout_accuracy": {label: acc}, "heldout_loss": {label: loss},
+    "continue": [...], "eliminated": [...]}], "seconds"}; each rung's steps are cumulative (a survivor keeps
+    training)."""
     if not finalists:
         raise EntropySearchError("successive halving needs at least one finalist")
     if eta < 2 or rung_steps < 1:
@@ -64,19 +69,36 @@ def successive_halving(
     while True:
         steps = rung_steps * eta**rung
         images = _subset(len(splits.train), (steps - steps_done) * batch_size, rng)
-        scores = {}
+        scores, losses = {}, {}
         for label in alive:
             train(models[label], Subset(splits.train, images), epochs=1, lr=lr, batch_size=batch_size, seed=seed + rung,
                   progress=False, device=device)
-            scores[label] = evaluate(models[label], splits.heldout, device=device)
+            scores[label], losses[label] = heldout_accuracy_and_loss(models[label], splits.heldout, device=device)
         keep_n = max(1, math.ceil(len(alive) / eta)) if len(alive) > 1 else 1
-        ranked = sorted(alive, key=lambda lb: -scores[lb])  # stable: ties keep the order of preference
+        ranked = sorted(alive, key=lambda lb: (-scores[lb], losses[lb]))  # stable: then the order of preference
         survivors, eliminated = ranked[:keep_n], ranked[keep_n:]
-        rungs.append({"steps": steps, "heldout_accuracy": scores, "continue": survivors, "eliminated": eliminated})
+        rungs.append({"steps": steps, "heldout_accuracy": scores, "heldout_loss": losses, "continue": survivors,
+                      "eliminated": eliminated})
         steps_done, rung = steps, rung + 1
         alive = [lb for lb in alive if lb in survivors]
         if len(alive) == 1:
             return {"winner": alive[0], "rungs": rungs, "seconds": time.perf_counter() - t0}
+
+
+def heldout_accuracy_and_loss(model: nn.Module, dataset: Dataset, *, device: str = "auto",
+                              batch_size: int = 512) -> tuple[float, float]:
+    """Top-1 accuracy and mean cross-entropy of `model` on `dataset` (eval mode, no gradient)."""
+    dev = select_device(device)
+    model.to(dev).eval()
+    correct, loss, seen = 0, 0.0, 0
+    with torch.no_grad():
+        for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+            x, y = x.to(dev), y.to(dev)
+            logits = model(x).float()
+            correct += int((logits.argmax(1) == y).sum())
+            loss += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+            seen += len(y)
+    return correct / seen, loss / seen
 
 
 def _subset(n: int, wanted: int, rng: np.random.Generator) -> list[int]:
