@@ -79,7 +79,7 @@ def test_equal_finalists_go_to_the_first_in_the_order_of_preference(digits):
                                  seed=0, device="cpu")
         rung = out["rungs"][0]
         assert rung["heldout_accuracy"][first] == rung["heldout_accuracy"][second]
-        assert rung["heldout_loss"][first] == pytest.approx(rung["heldout_loss"][second])
+        assert rung["heldout_loss"][first] == pytest.approx(rung["heldout_loss"][second])  # recorded, not ranked
         assert out["winner"] == first
 
 

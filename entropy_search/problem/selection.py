@@ -4,9 +4,10 @@ The search's top-k, the best random-search candidate and the uniform candidate, 
 go through successive halving on short fine-tunes judged by held-out accuracy (never the test split):
 every finalist is pruned for real, its BN statistics re-estimated, fine-tuned for `rung_steps` SGD steps
 and measured; the best 1/eta continue with eta times more steps, until one is left. Held-out accuracy
-decides; equal accuracies (a small held-out split moves in steps of one image) are decided by the lower
-held-out cross-entropy, then by the order of preference, which puts the uniform candidate first: another
-finalist has to do better than uniform pruning to be delivered instead of it. The user then gets
+decides (held-out cross-entropy is recorded next to it); equal accuracies (a small held-out split moves in
+steps of one image) are decided by the order of preference, which puts the uniform candidate first: another
+finalist has to do better than uniform pruning to be delivered instead of it. (Breaking ties by the lower
+cross-entropy instead delivered a worse network than uniform in one quickstart trial: bench/RESULTS.md.) The user then gets
 the survivor, fully fine-tuned, so a search never hands back a network that short fine-tunes judged worse
 than uniform pruning.
 """
@@ -75,7 +76,7 @@ def successive_halving(
                   progress=False, device=device)
             scores[label], losses[label] = heldout_accuracy_and_loss(models[label], splits.heldout, device=device)
         keep_n = max(1, math.ceil(len(alive) / eta)) if len(alive) > 1 else 1
-        ranked = sorted(alive, key=lambda lb: (-scores[lb], losses[lb]))  # stable: then the order of preference
+        ranked = sorted(alive, key=lambda lb: -scores[lb])  # stable: ties keep the order of preference
         survivors, eliminated = ranked[:keep_n], ranked[keep_n:]
         rungs.append({"steps": steps, "heldout_accuracy": scores, "heldout_loss": losses, "continue": survivors,
                       "eliminated": eliminated})
