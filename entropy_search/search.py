@@ -230,6 +230,7 @@ def finish_search(
         ],
         "base": base,
         "best_policy": best["policy"] if best else None,
+        "delivered_policy": delivered["policy"] if delivered else None,
         "best": best,
         "top_k": top_k,
         "baselines": baselines,

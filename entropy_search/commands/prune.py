@@ -64,8 +64,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def read_policy(path: str | Path, group_names: list[str] | None = None) -> list[float]:
-    """Keep ratios from a JSON list, {"keep": [...]}, a search result (its "best_policy": {group name: ratio})
-    or such a {group name: ratio} mapping itself (then `group_names` gives the order)."""
+    """Keep ratios from a JSON list, {"keep": [...]}, a search result (the delivered network's policy, else the
+    agent's best: {group name: ratio}) or such a mapping itself (then `group_names` gives the order)."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -74,7 +74,7 @@ def read_policy(path: str | Path, group_names: list[str] | None = None) -> list[
     except (OSError, json.JSONDecodeError) as exc:
         raise EntropySearchError(f"policy file {path} is not valid JSON: {exc}") from None
     if isinstance(data, dict):
-        data = data.get("best_policy", data)
+        data = data.get("delivered_policy") or data.get("best_policy", data)
         data = data.get("keep", data) if isinstance(data, dict) else data
     if isinstance(data, dict) and group_names is not None:
         missing = [name for name in group_names if name not in data]
