@@ -306,19 +306,22 @@ class SelectionConfig(Section):
     """The final stage: which finalist is delivered (docs/design.md, "The final stage")."""
 
     enabled: bool = True
-    """Successive halving over the agent's top-k, the best random-search candidate and the uniform candidate (same budget), judged by held-out accuracy after short fine-tunes; the survivor, fully fine-tuned, is the delivered network. Off: the agent's best is delivered."""
+    """Choose the delivered network among the uniform candidate, the agent's top-k and the best random-search candidate (same budget), by held-out accuracy (never the test split); ties go to uniform. Off: the agent's best is delivered."""
+
+    method: Literal["full", "halving"] = "full"
+    """`full`: judge every finalist by held-out accuracy after its full fine-tune (every finalist is fine-tuned anyway for the comparison with the baselines, so this costs evaluations only); `halving`: successive halving on short fine-tunes (rung_steps, eta), for when fine-tuning every finalist fully costs too much. On digits at 3.3x the short fine-tunes preferred candidates that end below uniform after the full fine-tune (bench/RESULTS.md)."""
 
     rung_steps: PositiveInt = 30
-    """SGD steps of every finalist in the first rung; each later rung trains the survivors eta times longer (cumulative)."""
+    """`halving`: SGD steps of every finalist in the first rung; each later rung trains the survivors eta times longer (cumulative)."""
 
     eta: Annotated[int, Field(ge=2)] = 2
-    """1/eta of the finalists continue at each rung."""
+    """`halving`: 1/eta of the finalists continue at each rung."""
 
     batch_size: PositiveInt = 128
-    """Batch size of the short fine-tunes."""
+    """`halving`: batch size of the short fine-tunes."""
 
     lr: PositiveFloat = 0.01
-    """Learning rate of the short fine-tunes (SGD, cosine schedule per rung)."""
+    """`halving`: learning rate of the short fine-tunes (SGD, cosine schedule per rung)."""
 
 
 class OutputConfig(Section):

@@ -85,28 +85,43 @@ def finalize_record(problem: Problem, config: SearchConfig, record: dict, *, lab
     return out, pruned
 
 
-def select_delivered(problem: Problem, config: SearchConfig, state: SearchState, baselines: dict) -> dict:
-    """The final stage's successive halving over the finalists (the uniform candidate, the agent's top-k, random
-    search's best; duplicates once, in that order of preference); the agent's best when `selection.enabled` is off."""
-    finalists: dict[tuple[int, ...], tuple[str, list[float]]] = {}
+def select_delivered(problem: Problem, config: SearchConfig, state: SearchState, baselines: dict,
+                     finalized: dict, *, progress: bool = True) -> dict:
+    """The final stage over the finalists: the uniform candidate, the agent's top-k and random search's best
+    (duplicates once, in that order of preference; ties go to the earlier). `selection.method: full` judges each
+    by held-out accuracy after its full fine-tune (finalising those not yet finalised into `finalized`);
+    `halving` by successive halving on short fine-tunes. Off: the agent's best."""
+    finalists: dict[tuple[int, ...], tuple[str, dict]] = {}
     uniform = (baselines.get("uniform") or {}).get("best")
     if uniform is not None and config.selection.enabled:  # first: ties go to the known-safe choice
-        finalists[tuple(uniform["kept_channels"])] = ("uniform", uniform["keep"])
+        finalists[tuple(uniform["kept_channels"])] = ("uniform", uniform)
     for rank, record in enumerate(state.top_k):
-        finalists.setdefault(tuple(record["kept_channels"]), (f"top{rank + 1}", record["keep"]))
+        finalists.setdefault(tuple(record["kept_channels"]), (f"top{rank + 1}", record))
     record = (baselines.get("random") or {}).get("best")
     if record is not None:
-        finalists.setdefault(tuple(record["kept_channels"]), ("random", record["keep"]))
+        finalists.setdefault(tuple(record["kept_channels"]), ("random", record))
     candidates = list(finalists.values())
-    if not config.selection.enabled or len(candidates) <= 1:
-        return {"enabled": config.selection.enabled, "finalists": [label for label, _ in candidates],
-                "winner": candidates[0][0] if candidates else None, "rungs": [], "seconds": 0.0}
+    labels = [label for label, _ in candidates]
     sel = config.selection
-    out = successive_halving(problem.space, problem.splits, candidates, calibration=problem.evaluator.calibration,
-                             rung_steps=sel.rung_steps, eta=sel.eta, batch_size=sel.batch_size, lr=sel.lr,
-                             seed=config.seed)
-    problem.model.to("cpu")
-    return {"enabled": True, "finalists": [label for label, _ in candidates], **out}
+    if not sel.enabled or len(candidates) <= 1:
+        return {"enabled": sel.enabled, "method": sel.method, "finalists": labels,
+                "winner": labels[0] if labels else None, "rungs": [], "seconds": 0.0}
+    t0 = time.perf_counter()
+    if sel.method == "halving":
+        out = successive_halving(problem.space, problem.splits, [(lb, rec["keep"]) for lb, rec in candidates],
+                                 calibration=problem.evaluator.calibration, rung_steps=sel.rung_steps, eta=sel.eta,
+                                 batch_size=sel.batch_size, lr=sel.lr, seed=config.seed)
+        problem.model.to("cpu")
+        return {"enabled": True, "method": "halving", "finalists": labels, **out}
+    for label, rec in candidates:
+        if label not in finalized:
+            finalized[label] = finalize_record(problem, config, rec, label=label, progress=progress)
+    scores = {label: finalized[label][0]["heldout_accuracy_after_finetune"] for label in labels}
+    winner = max(labels, key=lambda lb: -1.0 if scores[lb] is None else scores[lb])  # max keeps the first of equals
+    rung = {"epochs": config.finetune.epochs, "heldout_accuracy": scores, "continue": [winner],
+            "eliminated": [lb for lb in labels if lb != winner]}
+    return {"enabled": True, "method": "full", "finalists": labels, "winner": winner, "rungs": [rung],
+            "seconds": time.perf_counter() - t0}
 
 
 def run_search(
@@ -208,9 +223,9 @@ def finish_search(
     finetune_seconds = time.perf_counter() - t_ft
 
     # ---- the final stage: the finalists under the same budget, successive halving on held-out accuracy
-    selection = select_delivered(problem, config, state, baselines)
+    selection = select_delivered(problem, config, state, baselines, finalized, progress=progress)
     winner = selection["winner"]
-    if winner not in finalized:  # a baseline whose fine-tune was switched off
+    if winner is not None and winner not in finalized:  # a baseline whose fine-tune was switched off
         record = next(res["best"] for name, res in baselines.items() if name == winner)
         finalized[winner] = finalize_record(problem, config, record, label=winner, progress=progress)
     delivered, delivered_model = finalized[winner] if winner is not None else (None, None)

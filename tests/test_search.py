@@ -295,6 +295,12 @@ def test_finish_search_runs_the_baselines_under_the_same_budget(checkpoint, tmp_
     selection = result["selection"]
     assert selection["finalists"][0] == "uniform" and set(selection["finalists"]) <= {"top1", "random", "uniform"}
     assert selection["winner"] in selection["finalists"] and result["delivered"]["label"] == selection["winner"]
+    # by default the finalists are judged by held-out accuracy after their full fine-tune; the first of equals wins
+    scores = selection["rungs"][0]["heldout_accuracy"]
+    assert selection["method"] == "full" and set(scores) == set(selection["finalists"])
+    best = max(scores.values())
+    assert selection["winner"] == next(label for label in selection["finalists"] if scores[label] == best)
+    assert result["delivered"]["heldout_accuracy_after_finetune"] == best
 
 
 def test_finish_search_without_candidates_says_what_to_change(checkpoint, tmp_path):

@@ -34,7 +34,8 @@ def finalize(
     progress: bool = True,
 ) -> tuple[dict, nn.Module]:
     """Prune `keep` for real, check its MACs against the analytic count, re-estimate BN statistics on
-    `calibration` (the images the search used; None: keep the baseline's), test, fine-tune, test again.
+    `calibration` (the images the search used; None: keep the baseline's), test, fine-tune, test again, and
+    measure the held-out split too (what the final stage may judge by; the test split is only reported).
 
     Returns (measurements, the pruned and fine-tuned model)."""
     keep = space.check_keep(keep)
@@ -52,6 +53,7 @@ def finalize(
         history = fine_tune(pruned, splits.train, epochs=finetune.epochs, lr=finetune.lr,
                             batch_size=finetune.batch_size, seed=seed, device=device, progress=progress, desc=label)
     after = evaluate(pruned, splits.test, device=device) if finetune.epochs > 0 else before
+    heldout = evaluate(pruned, splits.heldout, device=device) if len(splits.heldout) else None
     measured = {
         "keep": keep,
         "kept_channels": counts,
@@ -63,6 +65,7 @@ def finalize(
         "analytic_macs_match": macs == analytic,
         "test_accuracy_before_finetune": before,
         "test_accuracy_after_finetune": after,
+        "heldout_accuracy_after_finetune": heldout,
         "finetune_epochs": finetune.epochs,
         "finetune_seconds": time.perf_counter() - t0,
         "finetune_history": history,
