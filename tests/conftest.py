@@ -57,3 +57,29 @@ def no_default_store(store):
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+_SPACES: dict = {}
+
+
+def space_of(name: str, round_to: int = 1):
+    """An untrained registry model's pruning space, built once per test session (DepGraph takes a second on
+    the bigger nets)."""
+    from entropy_search.models import create_model
+    from entropy_search.problem import PruningSpace
+
+    key = (name, round_to)
+    if key not in _SPACES:
+        torch.manual_seed(0)
+        shape = (1, 1, 8, 8) if name == "digits_cnn" else (1, 3, 32, 32)
+        _SPACES[key] = PruningSpace(create_model(name).eval(), torch.zeros(shape), round_to=round_to)
+    return _SPACES[key]
+
+
+@pytest.fixture
+def one_thread():
+    """Small models on a shared CPU run far faster on one thread (no OpenMP spinning); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

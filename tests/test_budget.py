@@ -5,23 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
+from conftest import space_of
 
 from entropy_search.errors import ConfigError
-from entropy_search.models import create_model
-from entropy_search.problem import Budget, MacsForm, PruningSpace
-
-_SPACES: dict = {}
-
-
-def space_of(name: str, round_to: int = 1) -> PruningSpace:
-    """Pruning spaces are built once per test session (DepGraph takes a second on the bigger nets)."""
-    key = (name, round_to)
-    if key not in _SPACES:
-        torch.manual_seed(0)
-        shape = (1, 1, 8, 8) if name == "digits_cnn" else (1, 3, 32, 32)
-        _SPACES[key] = PruningSpace(create_model(name).eval(), torch.zeros(shape), round_to=round_to)
-    return _SPACES[key]
+from entropy_search.problem import Budget, MacsForm
 
 
 def episode(budget: Budget, actions) -> tuple[list[int], list[float]]:

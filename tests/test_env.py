@@ -8,26 +8,13 @@ import math
 
 import numpy as np
 import pytest
-import torch
+from conftest import space_of
 from gymnasium.utils.env_checker import check_env
 
 from entropy_search.config import config_from_dict, load_config
 from entropy_search.envs import OBS_DIM, PruningEnv, env_config, get_problem, process_stats, share_cache
 from entropy_search.jsonio import write_jsonl
-from entropy_search.models import create_model
-from entropy_search.problem import Budget, CandidateCache, Network, Problem, PruningSpace, SimulatedEvaluator
-
-_SPACES: dict = {}
-
-
-def space_of(name: str, round_to: int = 1) -> PruningSpace:
-    """Pruning spaces are built once per test session (DepGraph takes a second on the bigger nets)."""
-    key = (name, round_to)
-    if key not in _SPACES:
-        torch.manual_seed(0)
-        shape = (1, 1, 8, 8) if name == "digits_cnn" else (1, 3, 32, 32)
-        _SPACES[key] = PruningSpace(create_model(name).eval(), torch.zeros(shape), round_to=round_to)
-    return _SPACES[key]
+from entropy_search.problem import Budget, CandidateCache, Network, Problem, SimulatedEvaluator
 
 
 def sim_problem(name="digits_cnn", target=0.5, min_keep=0.1, round_to=1, cache=True, floor=0.0) -> Problem:

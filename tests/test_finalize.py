@@ -22,11 +22,8 @@ from entropy_search.train import evaluate
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test here runs on one thread (conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,8 @@ from entropy_search.train import evaluate, fine_tune, train
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Small models on a shared CPU run far faster on one thread (no OpenMP spinning)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test here runs on one thread (conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")
