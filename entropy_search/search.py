@@ -89,8 +89,8 @@ def select_delivered(problem: Problem, config: SearchConfig, state: SearchState,
                      finalized: dict, *, progress: bool = True) -> dict:
     """The final stage over the finalists: the uniform candidate, the agent's top-k and random search's best
     (duplicates once, in that order of preference; ties go to the earlier). `selection.method: full` judges each
-    by held-out accuracy after its full fine-tune (finalising those not yet finalised into `finalized`);
-    `halving` by successive halving on short fine-tunes. Off: the agent's best."""
+    by held-out accuracy after its full fine-tune; `halving` by successive halving on short fine-tunes. Off: the
+    agent's best. Every finalist it needs, and the winner, end up in `finalized` ({label: (record, model)})."""
     finalists: dict[tuple[int, ...], tuple[str, dict]] = {}
     uniform = (baselines.get("uniform") or {}).get("best")
     if uniform is not None and config.selection.enabled:  # first: ties go to the known-safe choice
@@ -100,28 +100,34 @@ def select_delivered(problem: Problem, config: SearchConfig, state: SearchState,
     record = (baselines.get("random") or {}).get("best")
     if record is not None:
         finalists.setdefault(tuple(record["kept_channels"]), ("random", record))
-    candidates = list(finalists.values())
-    labels = [label for label, _ in candidates]
+    records = {label: record for label, record in finalists.values()}
+    labels = list(records)
+
+    def ensure_finalized(label: str) -> None:
+        if label not in finalized:  # a baseline whose fine-tune was switched off
+            finalized[label] = finalize_record(problem, config, records[label], label=label, progress=progress)
+
     sel = config.selection
-    if not sel.enabled or len(candidates) <= 1:
-        return {"enabled": sel.enabled, "method": sel.method, "finalists": labels,
-                "winner": labels[0] if labels else None, "rungs": [], "seconds": 0.0}
     t0 = time.perf_counter()
-    if sel.method == "halving":
-        out = successive_halving(problem.space, problem.splits, [(lb, rec["keep"]) for lb, rec in candidates],
+    if not sel.enabled or len(labels) <= 1:
+        out = {"enabled": sel.enabled, "method": sel.method, "winner": labels[0] if labels else None, "rungs": []}
+    elif sel.method == "halving":
+        out = successive_halving(problem.space, problem.splits, [(lb, records[lb]["keep"]) for lb in labels],
                                  calibration=problem.evaluator.calibration, rung_steps=sel.rung_steps, eta=sel.eta,
                                  batch_size=sel.batch_size, lr=sel.lr, seed=config.seed)
         problem.model.to("cpu")
-        return {"enabled": True, "method": "halving", "finalists": labels, **out}
-    for label, rec in candidates:
-        if label not in finalized:
-            finalized[label] = finalize_record(problem, config, rec, label=label, progress=progress)
-    scores = {label: finalized[label][0]["heldout_accuracy_after_finetune"] for label in labels}
-    winner = max(labels, key=lambda lb: -1.0 if scores[lb] is None else scores[lb])  # max keeps the first of equals
-    rung = {"epochs": config.finetune.epochs, "heldout_accuracy": scores, "continue": [winner],
-            "eliminated": [lb for lb in labels if lb != winner]}
-    return {"enabled": True, "method": "full", "finalists": labels, "winner": winner, "rungs": [rung],
-            "seconds": time.perf_counter() - t0}
+        out = {"enabled": True, "method": "halving", **out}
+    else:
+        for label in labels:
+            ensure_finalized(label)
+        scores = {label: finalized[label][0]["heldout_accuracy_after_finetune"] for label in labels}
+        winner = max(labels, key=lambda lb: -1.0 if scores[lb] is None else scores[lb])  # max keeps the first of equals
+        rung = {"epochs": config.finetune.epochs, "heldout_accuracy": scores, "continue": [winner],
+                "eliminated": [lb for lb in labels if lb != winner]}
+        out = {"enabled": True, "method": "full", "winner": winner, "rungs": [rung]}
+    if out["winner"] is not None:
+        ensure_finalized(out["winner"])
+    return {**out, "finalists": labels, "seconds": time.perf_counter() - t0}
 
 
 def run_search(
@@ -185,6 +191,7 @@ def finish_search(
 
     # ---- baselines under the same budget and number of evaluations
     t_base = time.perf_counter()
+
     def evaluate(counts) -> dict:
         return problem.evaluate(counts)[0]
 
@@ -222,12 +229,9 @@ def finish_search(
                 finalized[name] = (res["final"], pruned)
     finetune_seconds = time.perf_counter() - t_ft
 
-    # ---- the final stage: the finalists under the same budget, successive halving on held-out accuracy
+    # ---- the final stage: which finalist (same budget, same fine-tune) the user gets
     selection = select_delivered(problem, config, state, baselines, finalized, progress=progress)
     winner = selection["winner"]
-    if winner is not None and winner not in finalized:  # a baseline whose fine-tune was switched off
-        record = next(res["best"] for name, res in baselines.items() if name == winner)
-        finalized[winner] = finalize_record(problem, config, record, label=winner, progress=progress)
     delivered, delivered_model = finalized[winner] if winner is not None else (None, None)
     files = {"candidates": str(out / CANDIDATES_FILE), "config": str(out / CONFIG_FILE),
              "checkpoint": str(out / CHECKPOINT_DIR)}

@@ -113,6 +113,12 @@ def fine_tune(model: nn.Module, dataset: Dataset, *, epochs: int, lr: float = 0.
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: EvalData, *, batch_size: int = 512, device: str | torch.device = "auto") -> float:
     """Top-1 accuracy in [0, 1] of `model` on a data set or an `(x, y)` pair of tensors."""
+    return accuracy_and_loss(model, dataset, batch_size=batch_size, device=device)[0]
+
+
+def accuracy_and_loss(model: nn.Module, dataset: EvalData, *, batch_size: int = 512,
+                      device: str | torch.device = "auto") -> tuple[float, float]:
+    """Top-1 accuracy in [0, 1] and mean cross-entropy (nats) of `model` on a data set or an `(x, y)` pair."""
     _check_positive(batch_size=batch_size)
     if isinstance(dataset, tuple):
         dataset = TensorDataset(*dataset)
@@ -126,12 +132,16 @@ def evaluate(model: nn.Module, dataset: EvalData, *, batch_size: int = 512, devi
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=_workers(dataset, None), pin_memory=dev.type == "cuda")
     correct = torch.zeros((), dtype=torch.long, device=dev)
-    for x, y in loader:
-        x, y = _to(x, dev), y.to(dev, non_blocking=True)
-        with _autocast(dev):
-            correct += (model(x).argmax(1) == y).sum()
+    loss = torch.zeros((), dtype=torch.float64, device=dev)
+    with torch.no_grad():
+        for x, y in loader:
+            x, y = _to(x, dev), y.to(dev, non_blocking=True)
+            with _autocast(dev):
+                logits = model(x)
+            correct += (logits.argmax(1) == y).sum()
+            loss += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
     model.train(was_training)
-    return correct.item() / len(dataset)
+    return correct.item() / len(dataset), loss.item() / len(dataset)
 
 
 def configure_threads(threads: int | None, *, device: str | torch.device = "auto", image_size: int = 224) -> int:

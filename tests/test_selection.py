@@ -17,8 +17,7 @@ from entropy_search.problem import (
     successive_halving,
     uniform_counts,
 )
-from entropy_search.problem.selection import heldout_accuracy_and_loss
-from entropy_search.train import evaluate
+from entropy_search.train import accuracy_and_loss, evaluate
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +82,8 @@ def test_equal_finalists_go_to_the_first_in_the_order_of_preference(digits):
         assert out["winner"] == first
 
 
-def test_heldout_accuracy_and_loss_agree_with_the_evaluator_of_training(digits):
+def test_accuracy_and_loss_agree_with_the_accuracy_of_evaluate(digits):
     space, splits = digits
-    accuracy, loss = heldout_accuracy_and_loss(space.model, splits.heldout, device="cpu")
+    accuracy, loss = accuracy_and_loss(space.model, splits.heldout, device="cpu")
     assert accuracy == pytest.approx(evaluate(space.model, splits.heldout, device="cpu"))
     assert 0 < loss < 2.3  # a trained network beats the uniform guess, log(10)

@@ -22,25 +22,12 @@ Evaluate = Callable[[Sequence[int]], dict]
 
 def uniform_counts(budget: Budget, iterations: int = 60) -> tuple[float, list[int]]:
     """The largest single keep ratio r in [min_keep, 1] whose rounded counts meet the target, and those counts."""
-
-    def counts_at(r: float) -> list[int]:
-        return [budget.count_of(g, r) for g in range(budget.n)]
-
-    if budget.macs(counts_at(1.0)) <= budget.target_macs:
-        return 1.0, counts_at(1.0)
-    lo, hi = budget.min_keep, 1.0  # lo feasible (checked by the caller), hi not
-    best = counts_at(lo)
-    if budget.macs(best) > budget.target_macs:
+    ratio = budget.uniform_rest([], iterations)
+    counts = budget.counts_at(ratio)
+    if budget.macs(counts) > budget.target_macs:
         # rounding can make the uniform floor miss a target the per-group minimum meets
-        return lo, list(budget.min_counts)
-    for _ in range(iterations):
-        mid = (lo + hi) / 2
-        counts = counts_at(mid)
-        if budget.macs(counts) <= budget.target_macs:
-            lo, best = mid, counts
-        else:
-            hi = mid
-    return lo, best
+        return ratio, list(budget.min_counts)
+    return ratio, counts
 
 
 def random_counts(budget: Budget, rng: np.random.Generator) -> list[int]:

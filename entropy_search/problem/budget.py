@@ -109,6 +109,7 @@ class Budget:
         self.target_macs = self.flops_target * self.base_macs
         self.floor_macs = self.flops_floor * self.target_macs
         self.full_counts = [g.channels for g in self.groups]
+        self._channels = np.asarray(self.full_counts, dtype=np.int64)
         self.macs = MacsForm(space)
         # the possible channel counts of each group, ascending (the one rounding rule of the space)
         self.options: list[np.ndarray] = []
@@ -142,14 +143,18 @@ class Budget:
         a = -1.0 if math.isnan(action) else float(np.clip(action, -1.0, 1.0))  # +-inf clip to +-1
         return self.min_keep + (a + 1.0) / 2.0 * (1.0 - self.min_keep)
 
+    def counts_at(self, keep: float, start: int = 0) -> list[int]:
+        """Every group from `start` on at the same keep ratio, by the space's rounding rule."""
+        return self.space.round_counts(float(keep), self._channels[start:]).tolist()
+
     def uniform_rest(self, decided: Sequence[int], iterations: int = 30) -> float:
         """The largest keep ratio r in [min_keep, 1] such that the groups after `decided`, all at ratio r (rounded),
-        keep the candidate within the target; min_keep when even that does not fit."""
+        keep the candidate within the target (bisection, `iterations` halvings); min_keep when even that does not
+        fit. With nothing decided it is the uniform candidate's ratio (`baselines.uniform_counts`)."""
         g = len(decided)
 
         def fits(r: float) -> bool:
-            counts = list(decided) + [self.count_of(h, r) for h in range(g, self.n)]
-            return self.macs(counts) <= self.target_macs
+            return self.macs(list(decided) + self.counts_at(r, g)) <= self.target_macs
 
         if fits(1.0):
             return 1.0

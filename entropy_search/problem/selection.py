@@ -20,12 +20,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Subset
 
 from ..data import DataSplits
 from ..errors import EntropySearchError
-from ..train import select_device, train
+from ..train import accuracy_and_loss, train
 from .adaptive_bn import recalibrate_batchnorm
 from .space import PruningSpace
 
@@ -74,7 +73,7 @@ def successive_halving(
         for label in alive:
             train(models[label], Subset(splits.train, images), epochs=1, lr=lr, batch_size=batch_size, seed=seed + rung,
                   progress=False, device=device)
-            scores[label], losses[label] = heldout_accuracy_and_loss(models[label], splits.heldout, device=device)
+            scores[label], losses[label] = accuracy_and_loss(models[label], splits.heldout, device=device)
         keep_n = max(1, math.ceil(len(alive) / eta)) if len(alive) > 1 else 1
         ranked = sorted(alive, key=lambda lb: -scores[lb])  # stable: ties keep the order of preference
         survivors, eliminated = ranked[:keep_n], ranked[keep_n:]
@@ -84,22 +83,6 @@ def successive_halving(
         alive = [lb for lb in alive if lb in survivors]
         if len(alive) == 1:
             return {"winner": alive[0], "rungs": rungs, "seconds": time.perf_counter() - t0}
-
-
-def heldout_accuracy_and_loss(model: nn.Module, dataset: Dataset, *, device: str = "auto",
-                              batch_size: int = 512) -> tuple[float, float]:
-    """Top-1 accuracy and mean cross-entropy of `model` on `dataset` (eval mode, no gradient)."""
-    dev = select_device(device)
-    model.to(dev).eval()
-    correct, loss, seen = 0, 0.0, 0
-    with torch.no_grad():
-        for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-            x, y = x.to(dev), y.to(dev)
-            logits = model(x).float()
-            correct += int((logits.argmax(1) == y).sum())
-            loss += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
-            seen += len(y)
-    return correct / seen, loss / seen
 
 
 def _subset(n: int, wanted: int, rng: np.random.Generator) -> list[int]:

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 import torch_pruning as tp
 from torch import nn
@@ -296,9 +297,14 @@ class PruningSpace:
 
     def round_count(self, keep: float, channels: int) -> int:
         """Channels a group of `channels` keeps at ratio `keep`: the one rounding rule of the space."""
+        return int(self.round_counts(keep, np.int64(channels)))
+
+    def round_counts(self, keep: float | np.ndarray, channels: np.ndarray) -> np.ndarray:
+        """`round_count` for arrays (one ratio for many groups, or one per group): keep x channels rounded to
+        the nearest multiple of `round_to`, at least one multiple (or the whole group when smaller), at most all."""
         m = self.round_to
-        kept = int(math.floor(keep * channels / m + 0.5)) * m
-        return min(max(kept, min(m, channels), 1), channels)
+        kept = np.floor(np.asarray(keep, dtype=np.float64) * channels / m + 0.5).astype(np.int64) * m
+        return np.minimum(np.maximum(kept, np.maximum(np.minimum(m, channels), 1)), channels)
 
     def counts_to_keep(self, counts: Sequence[int]) -> list[float]:
         """Keep ratios that round to exactly these channel counts."""
