@@ -39,6 +39,7 @@ from .problem import (
     ensure_checkpoint,
     export,
     finalize,
+    guarded_choice,
     proxy_agreement,
     random_search,
     setup,
@@ -48,6 +49,7 @@ from .problem import (
 from .ray_runtime import check_fits, env_runner_bundles, start_ray
 from .rl import RLSearch, SearchState, prepare_output_dir
 from .rl.rundir import CANDIDATES_FILE, CHECKPOINT_DIR, CONFIG_FILE, RESULT_FILE
+from .train import correct_predictions
 from .train import evaluate as test_accuracy
 from .utils import environment_info, seed_everything
 
@@ -88,9 +90,10 @@ def finalize_record(problem: Problem, config: SearchConfig, record: dict, *, lab
 def select_delivered(problem: Problem, config: SearchConfig, state: SearchState, baselines: dict,
                      finalized: dict, *, progress: bool = True) -> dict:
     """The final stage over the finalists: the uniform candidate, the agent's top-k and random search's best
-    (duplicates once, in that order of preference; ties go to the earlier). `selection.method: full` judges each
-    by held-out accuracy after its full fine-tune; `halving` by successive halving on short fine-tunes. Off: the
-    agent's best. Every finalist it needs, and the winner, end up in `finalized` ({label: (record, model)})."""
+    (duplicates once, in that order of preference). `selection.method: full` judges each by its held-out
+    correctness after its full fine-tune: uniform pruning is delivered unless another finalist beats it
+    significantly on the same images (`guarded_choice`); `halving` by successive halving on short fine-tunes.
+    Off: the agent's best. Every finalist it needs, and the winner, end up in `finalized` ({label: (record, model)})."""
     finalists: dict[tuple[int, ...], tuple[str, dict]] = {}
     uniform = (baselines.get("uniform") or {}).get("best")
     if uniform is not None and config.selection.enabled:  # first: ties go to the known-safe choice
@@ -120,9 +123,14 @@ def select_delivered(problem: Problem, config: SearchConfig, state: SearchState,
     else:
         for label in labels:
             ensure_finalized(label)
+        heldout = problem.splits.heldout  # empty: nothing can beat uniform, which is delivered
+        correct = {label: correct_predictions(finalized[label][1], heldout, device=config.search.device)
+                   if len(heldout) else torch.zeros(0, dtype=torch.bool) for label in labels}
+        winner, p_values = guarded_choice(labels, correct, reference="uniform" if "uniform" in labels else None,
+                                          significance=sel.significance)
         scores = {label: finalized[label][0]["heldout_accuracy_after_finetune"] for label in labels}
-        winner = max(labels, key=lambda lb: -1.0 if scores[lb] is None else scores[lb])  # max keeps the first of equals
-        rung = {"epochs": config.finetune.epochs, "heldout_accuracy": scores, "continue": [winner],
+        rung = {"epochs": config.finetune.epochs, "heldout_accuracy": scores, "p_value_vs_uniform": p_values,
+                "significance": sel.significance, "continue": [winner],
                 "eliminated": [lb for lb in labels if lb != winner]}
         out = {"enabled": True, "method": "full", "winner": winner, "rungs": [rung]}
     if out["winner"] is not None:

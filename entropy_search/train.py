@@ -119,6 +119,20 @@ def evaluate(model: nn.Module, dataset: EvalData, *, batch_size: int = 512, devi
 def accuracy_and_loss(model: nn.Module, dataset: EvalData, *, batch_size: int = 512,
                       device: str | torch.device = "auto") -> tuple[float, float]:
     """Top-1 accuracy in [0, 1] and mean cross-entropy (nats) of `model` on a data set or an `(x, y)` pair."""
+    correct, loss = _evaluation_pass(model, dataset, batch_size=batch_size, device=device)
+    return int(correct.sum()) / len(correct), loss / len(correct)
+
+
+def correct_predictions(model: nn.Module, dataset: EvalData, *, batch_size: int = 512,
+                        device: str | torch.device = "auto") -> torch.Tensor:
+    """Whether `model`'s top-1 prediction is right, per item of the data set (a bool tensor on the CPU): what a
+    paired comparison of two networks on the same images needs."""
+    return _evaluation_pass(model, dataset, batch_size=batch_size, device=device)[0]
+
+
+def _evaluation_pass(model: nn.Module, dataset: EvalData, *, batch_size: int,
+                     device: str | torch.device) -> tuple[torch.Tensor, float]:
+    """The one evaluation loop: per-item correctness (bool, CPU) and the summed cross-entropy."""
     _check_positive(batch_size=batch_size)
     if isinstance(dataset, tuple):
         dataset = TensorDataset(*dataset)
@@ -131,17 +145,17 @@ def accuracy_and_loss(model: nn.Module, dataset: EvalData, *, batch_size: int = 
     was_training = model.training
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=_workers(dataset, None), pin_memory=dev.type == "cuda")
-    correct = torch.zeros((), dtype=torch.long, device=dev)
+    correct = []
     loss = torch.zeros((), dtype=torch.float64, device=dev)
     with torch.no_grad():
         for x, y in loader:
             x, y = _to(x, dev), y.to(dev, non_blocking=True)
             with _autocast(dev):
                 logits = model(x)
-            correct += (logits.argmax(1) == y).sum()
+            correct.append(logits.argmax(1) == y)
             loss += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
     model.train(was_training)
-    return correct.item() / len(dataset), loss.item() / len(dataset)
+    return torch.cat(correct).cpu(), loss.item()
 
 
 def configure_threads(threads: int | None, *, device: str | torch.device = "auto", image_size: int = 224) -> int:

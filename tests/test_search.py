@@ -295,12 +295,16 @@ def test_finish_search_runs_the_baselines_under_the_same_budget(checkpoint, tmp_
     selection = result["selection"]
     assert selection["finalists"][0] == "uniform" and set(selection["finalists"]) <= {"top1", "random", "uniform"}
     assert selection["winner"] in selection["finalists"] and result["delivered"]["label"] == selection["winner"]
-    # by default the finalists are judged by held-out accuracy after their full fine-tune; the first of equals wins
-    scores = selection["rungs"][0]["heldout_accuracy"]
+    # by default the finalists are judged by held-out correctness after their full fine-tune: uniform pruning
+    # unless another finalist is more accurate with a significant paired test
+    rung = selection["rungs"][0]
+    scores, p_values = rung["heldout_accuracy"], rung["p_value_vs_uniform"]
     assert selection["method"] == "full" and set(scores) == set(selection["finalists"])
-    best = max(scores.values())
-    assert selection["winner"] == next(label for label in selection["finalists"] if scores[label] == best)
-    assert result["delivered"]["heldout_accuracy_after_finetune"] == best
+    assert set(p_values) == set(selection["finalists"]) - {"uniform"}
+    beating = [lb for lb in p_values if scores[lb] > scores["uniform"] and p_values[lb] < rung["significance"]]
+    expected = max(beating, key=lambda lb: scores[lb]) if beating else "uniform"
+    assert selection["winner"] == expected
+    assert result["delivered"]["heldout_accuracy_after_finetune"] == scores[expected]
 
 
 def test_finish_search_without_candidates_says_what_to_change(checkpoint, tmp_path):

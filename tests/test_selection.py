@@ -1,4 +1,4 @@
-"""The final stage (successive halving of the finalists) and the relative action space."""
+"""The final stage (the guarded choice after the full fine-tune, successive halving) and the relative action space."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ import pytest
 import torch
 
 from entropy_search.data import eval_batch, load_data
-from entropy_search.errors import ConfigError
+from entropy_search.errors import ConfigError, EntropySearchError
 from entropy_search.problem import (
     Budget,
     PruningSpace,
     build_model,
+    guarded_choice,
     load_checkpoint,
+    paired_p_value,
     random_counts,
     successive_halving,
     uniform_counts,
@@ -87,3 +89,39 @@ def test_accuracy_and_loss_agree_with_the_accuracy_of_evaluate(digits):
     accuracy, loss = accuracy_and_loss(space.model, splits.heldout, device="cpu")
     assert accuracy == pytest.approx(evaluate(space.model, splits.heldout, device="cpu"))
     assert 0 < loss < 2.3  # a trained network beats the uniform guess, log(10)
+
+
+def _correct(bits: str) -> torch.Tensor:
+    return torch.tensor([b == "1" for b in bits])
+
+
+def test_paired_p_value_is_the_exact_one_sided_mcnemar_test():
+    # the challenger wins 3 of the 3 images they disagree on: p = (1/2)^3
+    assert paired_p_value(_correct("1110"), _correct("0000")) == pytest.approx(1 / 8)
+    # wins 5, loses 1 (agreements do not count): P(X >= 5 | Bin(6, 1/2)) = (6 + 1) / 64
+    assert paired_p_value(_correct("11111" + "0" + "11"), _correct("00000" + "1" + "11")) == pytest.approx(7 / 64)
+    assert paired_p_value(_correct("0011"), _correct("0011")) == 1.0  # no disagreement: no evidence
+    with pytest.raises(EntropySearchError, match="same images"):
+        paired_p_value(_correct("01"), _correct("011"))
+
+
+def test_guarded_choice_keeps_uniform_unless_another_finalist_beats_it_significantly():
+    uniform = _correct("1" * 90 + "0" * 10)
+    two_more = _correct("1" * 92 + "0" * 8)  # 2 images better: p = 1/4, not significant
+    eight_more = _correct("1" * 98 + "0" * 2)  # 8 better: p = 1/256
+    winner, p = guarded_choice(["uniform", "top1"], {"uniform": uniform, "top1": two_more}, reference="uniform",
+                               significance=0.05)
+    assert winner == "uniform" and p["top1"] == pytest.approx(1 / 4)
+    # the most accurate of those that beat uniform significantly
+    correct = {"uniform": uniform, "top1": two_more, "top2": eight_more, "random": _correct("1" * 97 + "0" * 3)}
+    winner, _ = guarded_choice(list(correct), correct, reference="uniform", significance=0.05)
+    assert winner == "top2"
+    # significance 1.0 is "the most accurate wins"; a less accurate finalist never replaces uniform
+    assert guarded_choice(["uniform", "top1"], {"uniform": uniform, "top1": two_more}, reference="uniform",
+                          significance=1.0)[0] == "top1"
+    worse = _correct("1" * 80 + "0" * 20)
+    assert guarded_choice(["uniform", "top1"], {"uniform": uniform, "top1": worse}, reference="uniform",
+                          significance=1.0)[0] == "uniform"
+    # without uniform among the finalists: the most accurate, the earlier of equals
+    assert guarded_choice(["top1", "top2"], {"top1": two_more, "top2": two_more}, reference=None,
+                          significance=0.05) == ("top1", {})

@@ -22,7 +22,7 @@ from .rewards import (
     compute_reward,
     proxy_agreement,
 )
-from .selection import successive_halving
+from .selection import guarded_choice, paired_p_value, successive_halving
 from .setup import Network, Problem, ensure_checkpoint, load_network, load_splits, setup, train_baseline
 from .space import ChannelGroup, PruningSpace
 
@@ -62,6 +62,8 @@ __all__ = [
     "save_checkpoint",
     "setup",
     "spatial_entropy",
+    "guarded_choice",
+    "paired_p_value",
     "successive_halving",
     "train_baseline",
     "uniform_baseline",

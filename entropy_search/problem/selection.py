@@ -91,3 +91,35 @@ def _subset(n: int, wanted: int, rng: np.random.Generator) -> list[int]:
     while len(out) < wanted:
         out.extend(rng.permutation(n)[: wanted - len(out)].tolist())
     return out
+
+
+def paired_p_value(challenger: torch.Tensor, reference: torch.Tensor) -> float:
+    """One-sided exact McNemar test on the same images: the probability, if the two networks were equally
+    accurate, that the challenger wins at least as many of the images on which they disagree as it did.
+    `challenger` and `reference` are per-image correctness (bool) on the same images, in the same order."""
+    if challenger.shape != reference.shape:
+        raise EntropySearchError(f"paired comparison needs the same images, got {tuple(challenger.shape)} and {tuple(reference.shape)}")
+    wins = int((challenger & ~reference).sum())
+    losses = int((reference & ~challenger).sum())
+    n = wins + losses
+    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n
+
+
+def guarded_choice(labels: Sequence[str], correct: dict[str, torch.Tensor], *, reference: str | None,
+                   significance: float) -> tuple[str, dict[str, float]]:
+    """The finalist to deliver, judged by held-out correctness after fine-tuning (docs/design.md, "The final
+    stage"): `reference` (uniform pruning, the known-safe choice) unless another finalist is more accurate and
+    beats it significantly (one-sided exact McNemar p < `significance`); among those that do, the most
+    accurate, equal accuracies going to the earlier label. Without a reference: the most accurate.
+
+    Returns (winner, {label: p-value against the reference}) (no p-values without a reference)."""
+    if not labels:
+        raise EntropySearchError("the final stage needs at least one finalist")
+    accuracy = {lb: int(correct[lb].sum()) / max(1, correct[lb].numel()) for lb in labels}
+    if reference is None or reference not in labels:
+        return max(labels, key=lambda lb: accuracy[lb]), {}
+    p_values = {lb: paired_p_value(correct[lb], correct[reference]) for lb in labels if lb != reference}
+    better = [lb for lb in labels if lb != reference and accuracy[lb] > accuracy[reference]
+              and p_values[lb] < significance]
+    winner = max(better, key=lambda lb: accuracy[lb]) if better else reference
+    return winner, p_values
