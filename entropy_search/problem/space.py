@@ -59,6 +59,9 @@ class ChannelGroup:
     """MACs of the layers whose output channels are in this group, at full width."""
     members: tuple[str, ...]
     """Modules whose output channels belong to the group."""
+    channels_per_unit: int = 1
+    """Channels pruned together as one unit of `channels`: the group count of a grouped convolution in the group
+    (its groups keep the same positions, as Torch-Pruning prunes them), 1 otherwise."""
 
 
 @dataclass
@@ -70,6 +73,34 @@ class _SlicedTensor:
     is_param: bool
     shape: tuple[int, ...]
     dims: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
+    """(dim, group, unit -> indices map); several groups share a dim after a concatenation."""
+    fixed: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Per sliced dim, the indices no group covers (always kept, e.g. a concatenated input the space does not prune)."""
+
+    def add(self, dim: int, g: int, imap: torch.Tensor) -> None:
+        if not any(d == dim and gi == g for d, gi, _ in self.dims):
+            self.dims.append((dim, g, imap))
+
+    def seal(self, layer: str) -> None:
+        """Record the uncovered indices of every sliced dim (after all groups were added)."""
+        for dim in {d for d, _, _ in self.dims}:
+            covered = torch.cat([imap.reshape(-1) for d, _, imap in self.dims if d == dim])
+            if covered.unique().numel() != covered.numel() or int(covered.max()) >= self.shape[dim]:
+                raise EntropySearchError(f"layer {layer}: channel groups overlap in dim {dim} of its {self.name}")
+            keep = torch.ones(self.shape[dim], dtype=torch.bool)
+            keep[covered] = False
+            self.fixed[dim] = keep.nonzero().view(-1)
+
+    def kept_size(self, dim: int, counts: Sequence[int]) -> int:
+        return sum(counts[g] * imap.shape[1] for d, g, imap in self.dims if d == dim) + self.fixed[dim].numel()
+
+    def kept_index(self, dim: int, indices: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        """Kept indices of `dim`, ascending (the pruned layer's order), for the kept units `indices` of every
+        group; None when it keeps them all."""
+        parts = [(imap, indices[g]) for d, g, imap in self.dims if d == dim]
+        if all(kept.numel() == imap.shape[0] for imap, kept in parts):
+            return None
+        return torch.cat([imap[kept].reshape(-1) for imap, kept in parts] + [self.fixed[dim]]).sort().values
 
 
 @dataclass
@@ -174,11 +205,11 @@ class PruningSpace:
             root, root_fn = root_dep.target.module, root_dep.handler
             channels = self._channels_of(graph, root, root_fn)
             full = graph.get_pruning_group(root, root_fn, idxs=list(range(channels)))
-            producers, consumers = [], []
+            members = []  # (module, is_producer, indices into the module's dim, one row per root channel)
             for dep, idxs in full.items:
                 module = dep.target.module
                 if not isinstance(module, nn.Module) or module not in self._names:
-                    continue  # an operation of the graph (add, relu, reshape), nothing to slice
+                    continue  # an operation of the graph (add, relu, reshape, concat), nothing to slice
                 if not isinstance(module, _SLICEABLE):
                     if any(True for _ in module.parameters(recurse=False)):
                         raise EntropySearchError(
@@ -189,44 +220,58 @@ class PruningSpace:
                 idx = torch.as_tensor([int(i) for i in idxs], dtype=torch.long)
                 if idx.numel() % channels:
                     raise EntropySearchError(f"cannot map channels of {self._names[module]} to its group")
-                imap = idx.view(channels, -1)
-                if graph.is_out_channel_pruning_fn(dep.handler):
-                    producers.append((module, imap))
+                members.append((module, graph.is_out_channel_pruning_fn(dep.handler), idx.view(channels, -1)))
+            units = self._units_of(root, channels, members)
+            producers, consumers = [], []
+            for module, is_producer, imap in members:
+                per_unit = imap[units].reshape(units.shape[0], -1)  # unit -> the module's indices
+                if is_producer:
+                    producers.append((module, per_unit))
+                elif isinstance(module, nn.Conv2d) and module.groups > 1:
+                    if not _is_depthwise(module):  # a grouped conv's weight holds in_channels / groups inputs
+                        width = module.in_channels // module.groups
+                        relative = (imap[units] % width).view(units.shape[0], units.shape[1], -1)
+                        consumers.append((module, relative[:, 0, :]))
                 else:
-                    consumers.append((module, imap))
+                    consumers.append((module, per_unit))
             first = min((m for m, _ in producers), key=lambda m: self._exec_index.get(m, 1 << 30), default=None)
-            found.append((self._exec_index.get(first, 1 << 30), full, root, root_fn, channels, producers, consumers))
+            found.append((self._exec_index.get(first, 1 << 30), full, root, root_fn, units, producers, consumers))
 
         found.sort(key=lambda f: f[0])
         self.groups: list[ChannelGroup] = []
         self._order: list[torch.Tensor] = []
+        self._units: list[torch.Tensor] = []
         self._roots: list[tuple[str, bool]] = []
-        self._mask_modules: list[list[nn.Module]] = []
-        self._depthwise: dict[nn.Module, int] = {}
-        for g, (_, full, root, root_fn, channels, producers, consumers) in enumerate(found):
+        mask_points: dict[nn.Module, list[tuple[int, torch.Tensor]]] = {}
+        self._depthwise: list[nn.Module] = []
+        for g, (_, full, root, root_fn, units, producers, consumers) in enumerate(found):
             for module, imap in producers:
                 for name in ("weight", "bias", "running_mean", "running_var"):
                     t = sliced(module, name)
                     if t is not None:
-                        t.dims.append((0, g, imap))
-                if isinstance(module, nn.Conv2d) and module.groups > 1:
-                    if module.groups != module.in_channels or module.groups != module.out_channels:
-                        raise EntropySearchError(f"grouped conv {self._names[module]} is not supported (depthwise is)")
-                    self._depthwise[module] = g
+                        t.add(0, g, imap)
+                if isinstance(module, nn.Conv2d) and _is_depthwise(module) and module not in self._depthwise:
+                    self._depthwise.append(module)
             for module, imap in consumers:
-                if isinstance(module, nn.Conv2d) and module.groups > 1:
-                    continue  # a depthwise conv's input channels are its output channels
                 if isinstance(module, (nn.Conv2d, nn.Linear)):
-                    sliced(module, "weight").dims.append((1, g, imap))
+                    sliced(module, "weight").add(1, g, imap)
             scores = imp(full)
+            channels = units.numel()
             if scores is None or scores.numel() != channels:
                 raise EntropySearchError(f"importance gave no score for the {channels} channels of group {g}")
-            self._order.append(torch.argsort(scores.detach().float().cpu(), descending=True, stable=True))
+            unit_scores = scores.detach().float().cpu()[units].mean(1)
+            self._order.append(torch.argsort(unit_scores, descending=True, stable=True))
+            self._units.append(units)
             self._roots.append((self._names[root], graph.is_out_channel_pruning_fn(root_fn)))
-            self._mask_modules.append(self._mask_points(graph, [m for m, _ in producers]))
-            self.groups.append(self._describe(g, root, channels, producers, outputs))
+            imaps = dict(producers)
+            for module in self._mask_points(graph, [m for m, _ in producers]):
+                mask_points.setdefault(module, []).append((g, imaps[module]))
+            self.groups.append(self._describe(g, root, units, producers, outputs))
 
         self._tensors = list(tensors.values())
+        for t in self._tensors:
+            t.seal(self._names[t.module])
+        self._masks = [(module, _channel_dim(module), _out_channels(module), parts) for module, parts in mask_points.items()]
         by_module = {(id(t.module), t.name): t for t in self._tensors}
         self._layers: list[_ComputeLayer] = []
         for module in dict.fromkeys(order):
@@ -239,6 +284,30 @@ class PruningSpace:
             if (id(m), n) not in counted
         )
         self.groups = [replace(group, macs=self._group_macs(group.index)) for group in self.groups]
+
+    def _units_of(self, root: nn.Module, channels: int, members) -> torch.Tensor:
+        """Root channels per unit of the group, [units, channels_per_unit]: one channel per unit, except where a
+        grouped convolution takes part: its groups must keep the same positions (Torch-Pruning's rule), so a
+        unit is one position in every group of that conv."""
+        grouped = [(m, p, imap) for m, p, imap in members
+                   if isinstance(m, nn.Conv2d) and m.groups > 1 and not _is_depthwise(m)]
+        if not grouped:
+            return torch.arange(channels).view(channels, 1)
+        module, is_producer, imap = grouped[0]
+        n_groups = module.groups
+        for other, _, _ in grouped[1:]:
+            if other.groups != n_groups:
+                raise EntropySearchError(
+                    f"grouped convs {self._names[module]} ({n_groups} groups) and {self._names[other]} "
+                    f"({other.groups} groups) share channels: not supported")
+        size = module.out_channels if is_producer else module.in_channels
+        if imap.shape[1] != 1 or channels != size:
+            raise EntropySearchError(f"grouped conv {self._names[module]} shares channels with a concatenation or "
+                                     "a reshape: not supported")
+        width = size // n_groups
+        index = imap[:, 0]
+        order = torch.argsort((index % width) * n_groups + index // width, stable=True)
+        return order.view(width, n_groups)
 
     @staticmethod
     def _channels_of(graph, module: nn.Module, fn) -> int:
@@ -259,9 +328,10 @@ class PruningSpace:
             points.append(module)
         return points
 
-    def _describe(self, g: int, root, channels: int, producers, outputs) -> ChannelGroup:
+    def _describe(self, g: int, root, units: torch.Tensor, producers, outputs) -> ChannelGroup:
         computing = [m for m, _ in producers if isinstance(m, (nn.Conv2d, nn.Linear))]
         rep = min(computing, key=lambda m: self._exec_index.get(m, 1 << 30)) if computing else root
+        channels, per_unit = units.shape
         if isinstance(rep, nn.Conv2d):
             shape = outputs[rep][0]
             kind = "depthwise" if any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in computing) else "conv"
@@ -270,7 +340,7 @@ class PruningSpace:
             kind, kernel, stride, size = "linear", 1, 1, 1
             cin, cout = getattr(rep, "in_features", channels), getattr(rep, "out_features", channels)
         members = tuple(self._names[m] for m, _ in producers)
-        return ChannelGroup(g, self._names[root], channels, kind, cin, cout, kernel, stride, size, 0, members)
+        return ChannelGroup(g, self._names[root], channels, kind, cin, cout, kernel, stride, size, 0, members, per_unit)
 
     def _group_macs(self, g: int) -> int:
         return sum(layer.positions * math.prod(layer.weight.shape) for layer in self._layers
@@ -333,8 +403,8 @@ class PruningSpace:
     @staticmethod
     def _kept_numel(t: _SlicedTensor, counts: Sequence[int]) -> int:
         shape = list(t.shape)
-        for dim, g, imap in t.dims:
-            shape[dim] = counts[g] * imap.shape[1]
+        for dim in t.fixed:
+            shape[dim] = t.kept_size(dim, counts)
         return math.prod(shape)
 
     # ------------------------------------------------------------------ applying a candidate
@@ -350,16 +420,18 @@ class PruningSpace:
         """Within the block, `self.model` computes what `self.prune(keep)` computes (pruned channels zeroed)."""
         indices = self.kept_indices(keep)
         handles = []
-        masked = [g for g, kept in enumerate(indices) if kept.numel() != self.groups[g].channels]
-        masks = []
-        for g in masked:  # built on the CPU, moved in one transfer (see `sliced`)
-            mask = torch.zeros(self.groups[g].channels)
-            mask[indices[g]] = 1
-            masks.append(mask)
+        hooked, masks = [], []
+        for module, dim, channels, parts in self._masks:  # built on the CPU, moved in one transfer (see `sliced`)
+            dropped = [imap[_complement(indices[g], imap.shape[0])].reshape(-1) for g, imap in parts
+                       if indices[g].numel() != imap.shape[0]]
+            if dropped:
+                mask = torch.ones(channels)
+                mask[torch.cat(dropped)] = 0
+                hooked.append((module, dim))
+                masks.append(mask)
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
-        for g, mask in zip(masked, _to_devices(masks, [device] * len(masks))):
-            for module in self._mask_modules[g]:
-                handles.append(module.register_forward_hook(_mask_hook(mask)))
+        for (module, dim), mask in zip(hooked, _to_devices(masks, [device] * len(masks))):
+            handles.append(module.register_forward_hook(_mask_hook(mask, dim)))
         try:
             yield self.model
         finally:
@@ -374,32 +446,32 @@ class PruningSpace:
         saved = []
         # Every index this candidate needs, built on the CPU and moved in one transfer per device: one
         # small synchronous copy per layer would make the host wait for the GPU before every slice.
-        wanted: dict[tuple[int, torch.device], torch.Tensor] = {}
+        wanted: list[tuple[_SlicedTensor, int, torch.Tensor]] = []
         for t in self._tensors:
-            store = t.module._parameters if t.is_param else t.module._buffers
-            original = store[t.name]
-            for dim, g, imap in t.dims:
-                if indices[g].numel() * imap.shape[1] != original.shape[dim]:
-                    wanted.setdefault((id(imap), original.device), imap[indices[g]].reshape(-1))
-        device_idx = dict(zip(wanted, _to_devices(list(wanted.values()), [d for _, d in wanted])))
-
-        def index(g: int, imap: torch.Tensor, device: torch.device) -> torch.Tensor:
-            return device_idx[(id(imap), device)]
-
+            for dim in t.fixed:
+                index = t.kept_index(dim, indices)
+                if index is not None:
+                    wanted.append((t, dim, index))
+        devices = [_stored(t).device for t, _, _ in wanted]
+        moved = _to_devices([index for _, _, index in wanted], devices)
+        by_tensor: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        for (t, dim, _), index in zip(wanted, moved):
+            by_tensor.setdefault(id(t), []).append((dim, index))
         try:
             with torch.no_grad():
                 for t in self._tensors:
+                    cuts = by_tensor.get(id(t))
+                    if not cuts:
+                        continue
                     store = t.module._parameters if t.is_param else t.module._buffers
-                    original = store[t.name]
-                    value = original
-                    for dim, g, imap in t.dims:
-                        if indices[g].numel() * imap.shape[1] != value.shape[dim]:
-                            value = value.index_select(dim, index(g, imap, value.device))
+                    original = value = store[t.name]
+                    for dim, index in cuts:
+                        value = value.index_select(dim, index)
                     saved.append((store, t.name, original))
                     store[t.name] = value
-                for module, g in self._depthwise.items():
+                for module in self._depthwise:
                     saved.append((module.__dict__, "groups", module.groups))
-                    module.groups = int(indices[g].numel())
+                    module.groups = int(module.weight.shape[0])
             yield self.model
         finally:
             for store, name, original in reversed(saved):
@@ -418,7 +490,7 @@ class PruningSpace:
             channels = self.groups[g].channels
             if kept.numel() == channels:
                 continue
-            drop = sorted(set(range(channels)) - set(kept.tolist()))
+            drop = sorted(self._units[g][_complement(kept, channels)].reshape(-1).tolist())
             name, is_out = self._roots[g]
             root = modules[name]
             pruner = graph.get_pruner_of_module(root)
@@ -436,18 +508,16 @@ class PruningSpace:
         weight = next((t for t in self._tensors if t.module is self.classifier and t.name == "weight"), None)
         if weight is None:
             return None
-        indices = self.kept_indices(keep)
-        inputs = [(g, imap) for dim, g, imap in weight.dims if dim == 1]
-        if all(indices[g].numel() == self.groups[g].channels for g, _ in inputs):
-            return None
-        return torch.cat([imap[indices[g]].reshape(-1) for g, imap in inputs]).sort().values
+        return weight.kept_index(1, self.kept_indices(keep)) if 1 in weight.fixed else None
 
     def kept_by_module(self, keep: Sequence[float]) -> dict[str, torch.Tensor]:
         """Kept channel indices of every module that produces a group's channels (for measuring only kept maps)."""
+        indices = self.kept_indices(keep)
         out = {}
-        for g, kept in enumerate(self.kept_indices(keep)):
-            for name in self.groups[g].members:
-                out[name] = kept
+        for t in self._tensors:
+            if t.name in ("weight", "running_mean") and 0 in t.fixed and self._names[t.module] not in out:
+                index = t.kept_index(0, indices)
+                out[self._names[t.module]] = torch.arange(t.shape[0]) if index is None else index
         return out
 
     def describe(self) -> str:
@@ -470,8 +540,37 @@ def _to_devices(tensors: list[torch.Tensor], devices: list[torch.device]) -> lis
     return out
 
 
-def _mask_hook(base: torch.Tensor):
-    """Multiply a layer's output by a 0/1 channel mask (`base`, one entry per channel, on the model's device)."""
+def _is_depthwise(module: nn.Conv2d) -> bool:
+    return module.groups > 1 and module.groups == module.in_channels == module.out_channels
+
+
+def _complement(kept: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices in range(n) not in `kept`."""
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[kept] = False
+    return mask.nonzero().view(-1)
+
+
+def _channel_dim(module: nn.Module) -> int:
+    """Where a layer's output keeps its channels: last for linear layers (channels-last blocks), 1 otherwise."""
+    return -1 if isinstance(module, nn.Linear) else 1
+
+
+def _out_channels(module: nn.Module) -> int:
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return module.num_features
+    return module.out_channels
+
+
+def _stored(t: _SlicedTensor) -> torch.Tensor:
+    return (t.module._parameters if t.is_param else t.module._buffers)[t.name]
+
+
+def _mask_hook(base: torch.Tensor, dim: int):
+    """Multiply a layer's output by a 0/1 channel mask (`base`, one entry per channel of `dim`, on the model's
+    device)."""
     cache: dict[tuple, torch.Tensor] = {}
     channels = base.numel()
 
@@ -480,7 +579,9 @@ def _mask_hook(base: torch.Tensor):
         mask = cache.get(key)
         if mask is None:
             mask = base.to(device=output.device, dtype=output.dtype)
-            mask = mask.view(1, channels, *([1] * (output.ndim - 2))) if output.ndim > 2 else mask
+            shape = [1] * output.ndim
+            shape[dim] = channels
+            mask = mask.view(shape)
             cache[key] = mask
         if output.requires_grad:
             return output * mask
