@@ -36,7 +36,7 @@ from ..errors import EntropySearchError
 
 Importance = Callable[[tp.dependency.Group], torch.Tensor]
 
-_SLICEABLE = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
+_SLICEABLE = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
 
 
 @dataclass(frozen=True)
@@ -199,6 +199,10 @@ class PruningSpace:
                 tensors[key] = _SlicedTensor(module, name, name in module._parameters, tuple(t.shape))
             return tensors[key]
 
+        owners = {p: (m, n) for m in self.model.modules() for n, p in m.named_parameters(recurse=False)
+                  if not isinstance(m, _SLICEABLE)}
+        dims = {p: dim for p, dim in graph.unwrapped_parameters}
+        owners = {p: owner for p, owner in owners.items() if p in dims}
         found = []
         for group in raw_groups:
             root_dep = group.items[0].dep
@@ -206,10 +210,17 @@ class PruningSpace:
             channels = self._channels_of(graph, root, root_fn)
             full = graph.get_pruning_group(root, root_fn, idxs=list(range(channels)))
             members = []  # (module, is_producer, indices into the module's dim, one row per root channel)
+            params = []  # (owner module, attribute, dim, indices): parameters outside layers (layer scales)
             for dep, idxs in full.items:
                 module = dep.target.module
+                if isinstance(module, nn.Parameter) and module in owners:
+                    idx = torch.as_tensor([int(i) for i in idxs], dtype=torch.long)
+                    params.append((*owners[module], dims[module] % module.ndim, idx.view(channels, -1)))
+                    continue
                 if not isinstance(module, nn.Module) or module not in self._names:
                     continue  # an operation of the graph (add, relu, reshape, concat), nothing to slice
+                if isinstance(module, nn.LayerNorm):
+                    self._check_layer_norm(module, outputs)
                 if not isinstance(module, _SLICEABLE):
                     if any(True for _ in module.parameters(recurse=False)):
                         raise EntropySearchError(
@@ -235,7 +246,8 @@ class PruningSpace:
                 else:
                     consumers.append((module, per_unit))
             first = min((m for m, _ in producers), key=lambda m: self._exec_index.get(m, 1 << 30), default=None)
-            found.append((self._exec_index.get(first, 1 << 30), full, root, root_fn, units, producers, consumers))
+            params = [(owner, attr, dim, imap[units].reshape(units.shape[0], -1)) for owner, attr, dim, imap in params]
+            found.append((self._exec_index.get(first, 1 << 30), full, root, root_fn, units, producers, consumers, params))
 
         found.sort(key=lambda f: f[0])
         self.groups: list[ChannelGroup] = []
@@ -244,7 +256,8 @@ class PruningSpace:
         self._roots: list[tuple[str, bool]] = []
         mask_points: dict[nn.Module, list[tuple[int, torch.Tensor]]] = {}
         self._depthwise: list[nn.Module] = []
-        for g, (_, full, root, root_fn, units, producers, consumers) in enumerate(found):
+        self._layer_norms: list[nn.LayerNorm] = []
+        for g, (_, full, root, root_fn, units, producers, consumers, params) in enumerate(found):
             for module, imap in producers:
                 for name in ("weight", "bias", "running_mean", "running_var"):
                     t = sliced(module, name)
@@ -252,6 +265,10 @@ class PruningSpace:
                         t.add(0, g, imap)
                 if isinstance(module, nn.Conv2d) and _is_depthwise(module) and module not in self._depthwise:
                     self._depthwise.append(module)
+                if isinstance(module, nn.LayerNorm) and module not in self._layer_norms:
+                    self._layer_norms.append(module)
+            for owner, attr, dim, imap in params:
+                sliced(owner, attr).add(dim, g, imap)
             for module, imap in consumers:
                 if isinstance(module, (nn.Conv2d, nn.Linear)):
                     sliced(module, "weight").add(1, g, imap)
@@ -284,6 +301,20 @@ class PruningSpace:
             if (id(m), n) not in counted
         )
         self.groups = [replace(group, macs=self._group_macs(group.index)) for group in self.groups]
+
+    def _check_layer_norm(self, module: nn.LayerNorm, outputs) -> None:
+        """A layer norm over one channel dim, with weights (what Torch-Pruning prunes exactly)."""
+        name = self._names[module]
+        if len(module.normalized_shape) != 1 or not module.elementwise_affine:
+            raise EntropySearchError(f"layer {name} (LayerNorm over {tuple(module.normalized_shape)}"
+                                     f"{'' if module.elementwise_affine else ', no weights'}) is not supported: "
+                                     "only a layer norm with weights over the channel dim is")
+        channels = module.normalized_shape[0]
+        if type(module).forward is not nn.LayerNorm.forward:  # a channels-first variant (torchvision's LayerNorm2d)
+            shape = outputs[module][0]
+            if len(shape) < 2 or shape[1] != channels:
+                raise EntropySearchError(f"layer {name} ({type(module).__name__}): cannot tell which dim holds its "
+                                         f"{channels} channels (output {tuple(shape)})")
 
     def _units_of(self, root: nn.Module, channels: int, members) -> torch.Tensor:
         """Root channels per unit of the group, [units, channels_per_unit]: one channel per unit, except where a
@@ -321,6 +352,8 @@ class PruningSpace:
         members = set(producers)
         points = []
         for module in producers:
+            if isinstance(module, nn.LayerNorm):
+                continue  # recomputed over the kept channels in `masked`, which zeroes the others
             if not isinstance(module, nn.modules.batchnorm._BatchNorm):
                 nexts = graph.module2node[module].outputs
                 if len(nexts) == 1 and isinstance(nexts[0].module, nn.modules.batchnorm._BatchNorm) and nexts[0].module in members:
@@ -429,9 +462,16 @@ class PruningSpace:
                 mask[torch.cat(dropped)] = 0
                 hooked.append((module, dim))
                 masks.append(mask)
+        norms = []
+        for module in self._layer_norms:
+            kept = next(t for t in self._tensors if t.module is module and t.name == "weight").kept_index(0, indices)
+            if kept is not None:
+                norms.append((module, kept))
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         for (module, dim), mask in zip(hooked, _to_devices(masks, [device] * len(masks))):
             handles.append(module.register_forward_hook(_mask_hook(mask, dim)))
+        for (module, _), kept in zip(norms, _to_devices([k for _, k in norms], [device] * len(norms))):
+            handles.append(module.register_forward_hook(_layer_norm_hook(kept, _channel_dim(module))))
         try:
             yield self.model
         finally:
@@ -472,6 +512,9 @@ class PruningSpace:
                 for module in self._depthwise:
                     saved.append((module.__dict__, "groups", module.groups))
                     module.groups = int(module.weight.shape[0])
+                for module in self._layer_norms:
+                    saved.append((module.__dict__, "normalized_shape", module.normalized_shape))
+                    module.normalized_shape = (int(module.weight.shape[0]),)
             yield self.model
         finally:
             for store, name, original in reversed(saved):
@@ -552,8 +595,27 @@ def _complement(kept: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _channel_dim(module: nn.Module) -> int:
-    """Where a layer's output keeps its channels: last for linear layers (channels-last blocks), 1 otherwise."""
-    return -1 if isinstance(module, nn.Linear) else 1
+    """Where a layer's output keeps its channels: last for linear layers and layer norms (channels-last blocks),
+    1 otherwise (and for a channels-first layer norm such as torchvision's LayerNorm2d)."""
+    if isinstance(module, nn.Linear):
+        return -1
+    if isinstance(module, nn.LayerNorm):
+        return -1 if type(module).forward is nn.LayerNorm.forward else 1
+    return 1
+
+
+def _layer_norm_hook(kept: torch.Tensor, dim: int):
+    """Replace a layer norm's output by the norm over the kept channels only (what the pruned layer computes),
+    zero elsewhere: masking its input alone would still count the pruned channels in its mean and variance."""
+
+    def hook(module: nn.LayerNorm, inputs, output: torch.Tensor) -> torch.Tensor:
+        x = inputs[0].movedim(dim, -1)
+        y = nn.functional.layer_norm(x.index_select(-1, kept), (kept.numel(),), module.weight[kept],
+                                     module.bias[kept] if module.bias is not None else None, module.eps)
+        out = torch.zeros_like(x).index_copy(-1, kept, y.to(x.dtype))
+        return out.movedim(-1, dim)
+
+    return hook
 
 
 def _out_channels(module: nn.Module) -> int:
