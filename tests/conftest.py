@@ -9,6 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# tests/user_models.py is a user's model package: importable here and in the Ray workers this process starts
+_TESTS = str(Path(__file__).resolve().parent)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_TESTS, os.environ.get("PYTHONPATH")) if p)
+
 
 def _train_digits_checkpoint(path: Path, epochs: int) -> Path:
     """A digits CNN trained for `epochs` on one thread (seconds) by `entropy_search.problem.train_baseline`,

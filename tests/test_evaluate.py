@@ -48,6 +48,31 @@ def test_exact_entropy_and_accuracy_agree_across_paths(setup, layers):
         assert 0 < r["macs_ratio"] < 1 and 0 < r["params_ratio"] < 1
 
 
+@pytest.mark.parametrize("name", ["user_models:dense_grouped_net", "tv:densenet121", "tv:regnet_y_400mf",
+                                  "tv:convnext_tiny"])
+def test_every_path_agrees_on_concatenating_grouped_and_layer_norm_models(name, one_thread):
+    """Entropy (all BN outputs), accuracy and the reference rewards, with adaptive BN, on a concatenation
+    (DenseNet), grouped convolutions (RegNet), layer norms (ConvNeXt) and a user model with both of the first."""
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10).eval()
+    channels, size = (1, 8) if name.startswith("user") else (3, 32)
+    space = PruningSpace(model, torch.randn(1, channels, size, size))
+    x, y = torch.randn(8, channels, size, size), torch.randint(0, 10, (8,))
+    calibration = torch.randn(16, channels, size, size)
+    keep = [random.Random(3).uniform(0.2, 1.0) for _ in space.groups]
+    # ConvNeXt has no BN: its entropy is measured at the depthwise convs' outputs (spatial maps, channels first)
+    layers = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1] \
+        if "convnext" in name else "bn"
+    results = {mode: CandidateEvaluator(space, x, y, mode=mode, sample=1.0, entropy_layers=layers,
+                                        calibration=calibration).evaluate(keep)
+               for mode in ("sliced", "masked", "pruned")}
+    ref = results["pruned"]
+    for r in results.values():
+        assert r["entropy"] == pytest.approx(ref["entropy"], rel=1e-5, abs=1e-6)
+        assert r["accuracy"] == ref["accuracy"] and r["macs"] == ref["macs"]
+        assert r["kl"] == pytest.approx(ref["kl"], rel=1e-4, abs=1e-6)
+
+
 def test_sampled_entropy_is_the_same_for_sliced_and_pruned(setup):
     space, x, y = setup
     keep = [0.5] * len(space.groups)

@@ -100,6 +100,26 @@ def test_ppo_search_with_two_env_runners(ray_local, checkpoint, tmp_path):
     assert (tmp_path / "ppo" / "best_pruned.pt").exists()
 
 
+@pytest.mark.slow
+def test_search_on_a_user_model_with_a_concatenation_and_a_grouped_conv(ray_local, tmp_path):
+    """The whole path (baseline training, env runners importing the user's module, adaptive BN, the entropy and
+    kl measurements, baselines, the final stage, export) on `tests/user_models.py`."""
+    from entropy_search.search import run_search
+
+    config = small_config(tmp_path / "user", tmp_path / "user_baseline.pt", **{
+        "model.name": "user_models:dense_grouped_net", "model.train_if_missing": True, "model.train_epochs": 2,
+        "stop.iterations": 2, "search.top_k": 1})
+    result = run_search(config, progress=False)
+    check_result(result, config, tmp_path / "user")
+    kinds = {g["layer_type"] for g in result["groups"]}
+    assert "grouped" in kinds and len(result["groups"]) == 4
+    candidates = read_candidates(tmp_path / "user")
+    assert all(c["entropy"] > 0 and c["kl"] >= 0 for c in candidates)
+    assert result["delivered"]["analytic_macs_match"]
+    workers = {c["worker"] for c in candidates}
+    assert os.getpid() not in workers  # the env runners imported the user's module themselves
+
+
 @pytest.mark.parametrize("runners", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_sac_search(ray_local, checkpoint, tmp_path, runners):
     """SAC on the same env and config; 0 env runners = the env lives in the driver (fast), 2 = as deployed."""

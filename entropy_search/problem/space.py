@@ -22,7 +22,12 @@ positions times the number of weights it keeps, recorded once from a forward of 
 from __future__ import annotations
 
 import copy
+import logging
 import math
+import signal
+import threading
+import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -31,11 +36,19 @@ import numpy as np
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import EntropySearchError
+from .macs import count_macs
 
 Importance = Callable[[tp.dependency.Group], torch.Tensor]
+log = logging.getLogger(__name__)
 
+
+class _UnsupportedGroup(EntropySearchError):
+    """A channel group that cannot be pruned exactly: it stays whole (named in `PruningSpace.fixed_groups`)."""
+
+_LAYER_OPS = ("convolution", "addmm", "mm")  # what conv and linear layers run (FlopCounterMode's op names)
 _SLICEABLE = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
 
 
@@ -48,7 +61,7 @@ class ChannelGroup:
     """Name of the module that roots the group in the dependency graph."""
     channels: int
     layer_type: str
-    """'conv', 'depthwise' (the group holds a depthwise conv) or 'linear'."""
+    """'conv', 'depthwise' (the group holds a depthwise conv), 'grouped' (a grouped conv) or 'linear'."""
     in_channels: int
     out_channels: int
     kernel: int
@@ -134,7 +147,9 @@ class PruningSpace:
         round_to: int = 1,
         importance: str | Importance = "l1",
         ignored_layers: Sequence[nn.Module] | None = None,
+        max_seconds: float = 600.0,
     ) -> None:
+        """`max_seconds` bounds Torch-Pruning's dependency analysis (a clear error instead of a wait without end)."""
         if round_to < 1:
             raise EntropySearchError(f"round_to must be >= 1, got {round_to}")
         self.model = model
@@ -149,17 +164,96 @@ class PruningSpace:
             self.classifier_name = self._names[self.classifier] if self.classifier is not None else None
             ignored = list(ignored_layers) if ignored_layers is not None else [self.classifier]
             self._ignored_names = [self._names[m] for m in ignored if m is not None]
-            with torch.enable_grad():
-                graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
-            raw = list(graph.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]))
+            graph, raw = self._dependency_groups(ignored, max_seconds)
             self._graph = graph
             self._build(graph, raw, order, outputs, importance)
         finally:
             model.train(was_training)
+        self._fixed_macs = 0
         self.base_macs = self.macs([1.0] * len(self.groups))
         self.base_params = self.params([1.0] * len(self.groups))
+        self._check_macs_are_tracked()
 
     # ------------------------------------------------------------------ construction
+
+    def _dependency_groups(self, ignored: list[nn.Module], max_seconds: float):
+        """Torch-Pruning's dependency graph and its channel groups; what it cannot analyse is refused with the
+        layer named (its own exceptions say nothing a user can act on), and the analysis is bounded in time."""
+        deadline = time.monotonic() + max_seconds
+        graph, raw = None, []
+        try:
+            with torch.enable_grad(), warnings.catch_warnings(), _time_limit(max_seconds):
+                warnings.filterwarnings("ignore", message="Unwrapped parameters detected")  # handled in _build
+                graph = tp.DependencyGraph().build_dependency(self.model, example_inputs=self.example_input, verbose=False)
+                for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]):
+                    raw.append(group)
+                    if time.monotonic() > deadline:
+                        raise EntropySearchError(
+                            f"Torch-Pruning's dependency analysis took longer than {max_seconds:g} s ({len(raw)} channel "
+                            f"groups so far, the last rooted at {self._names.get(group.items[0].dep.target.module, '?')}); "
+                            "the model is too large or too entangled for a pruning space")
+        except _AnalysisTimeout:
+            raise EntropySearchError(f"Torch-Pruning's dependency analysis took longer than {max_seconds:g} s "
+                                     f"(stopped{self._where_now()}); the model is too large or too entangled for a "
+                                     "pruning space") from None
+        except EntropySearchError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - anything inside the analysis becomes one clear refusal
+            raise EntropySearchError(f"Torch-Pruning cannot follow the channels of this model{self._where(exc)}: "
+                                     f"{type(exc).__name__}: {exc}") from None
+        return graph, raw
+
+    def _where_now(self) -> str:
+        return self._where(_AnalysisTimeout.last) if _AnalysisTimeout.last is not None else ""
+
+    def _where(self, exc: BaseException) -> str:
+        """' near layer X' for the graph node the analysis failed on (from the traceback), else ''."""
+        tb, node = exc.__traceback__, None
+        while tb is not None:
+            candidate = tb.tb_frame.f_locals.get("node")
+            if candidate is not None and hasattr(candidate, "inputs") and hasattr(candidate, "module"):
+                node = candidate
+            tb = tb.tb_next
+        seen, queue = set(), [node] if node is not None else []
+        while queue:  # the nearest named layer upstream of the failing operation
+            current = queue.pop(0)
+            if id(current) in seen:
+                continue
+            seen.add(id(current))
+            if isinstance(current.module, nn.Module) and current.module in self._names:
+                kind = "" if current is node else f" ({type(node.module).__name__.strip('_')} after it)"
+                return f" near layer {self._names[current.module]}{kind}"
+            queue.extend(current.inputs)
+        return ""
+
+    def _check_macs_are_tracked(self) -> None:
+        """Analytic MACs count conv and linear layers. Work elsewhere (an attention's matrix products) is added as a
+        constant when pruning does not change it (measured on the smallest candidate); otherwise the model is
+        refused, naming the layers, rather than track a budget that is not the network's."""
+        counted = count_macs(self.model, self.example_input)
+        extra = counted - self.base_macs
+        if extra == 0:
+            return
+        smallest = [1 / g.channels for g in self.groups]
+        with self.sliced(smallest):
+            extra_smallest = count_macs(self.model, self.example_input) - self.macs(smallest)
+        if extra_smallest == extra:
+            self._fixed_macs = extra
+            self.base_macs = counted
+            return
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            self.model.eval()
+            self.model(self.example_input)
+        untracked: dict[str, list[str]] = {}
+        for name, ops in counter.get_flop_counts().items():
+            other = sorted(str(op).split(".")[-1] for op in ops if str(op).split(".")[-1] not in _LAYER_OPS)
+            if name != "Global" and other:
+                untracked[name.partition(".")[2] or "the model itself"] = other
+        innermost = [n for n in untracked if not any(o.startswith(n + ".") for o in untracked)]
+        what = ", ".join(f"{n} ({', '.join(untracked[n])})" for n in innermost[:3]) or "operations outside any layer"
+        raise EntropySearchError(f"{extra / 1e6:.2f}M of the model's {counted / 1e6:.2f}M MACs are outside conv and "
+                                 f"linear layers, in {what}, and change with pruning: a budget on them cannot be "
+                                 "tracked; this architecture is not supported")
 
     def _trace(self, x: torch.Tensor) -> tuple[list[nn.Module], dict[nn.Module, list[torch.Size]]]:
         """Forward order of conv/linear layers and the output shapes of every leaf module."""
@@ -204,50 +298,17 @@ class PruningSpace:
         dims = {p: dim for p, dim in graph.unwrapped_parameters}
         owners = {p: owner for p, owner in owners.items() if p in dims}
         found = []
+        self.fixed_groups: list[str] = []
         for group in raw_groups:
-            root_dep = group.items[0].dep
-            root, root_fn = root_dep.target.module, root_dep.handler
-            channels = self._channels_of(graph, root, root_fn)
-            full = graph.get_pruning_group(root, root_fn, idxs=list(range(channels)))
-            members = []  # (module, is_producer, indices into the module's dim, one row per root channel)
-            params = []  # (owner module, attribute, dim, indices): parameters outside layers (layer scales)
-            for dep, idxs in full.items:
-                module = dep.target.module
-                if isinstance(module, nn.Parameter) and module in owners:
-                    idx = torch.as_tensor([int(i) for i in idxs], dtype=torch.long)
-                    params.append((*owners[module], dims[module] % module.ndim, idx.view(channels, -1)))
-                    continue
-                if not isinstance(module, nn.Module) or module not in self._names:
-                    continue  # an operation of the graph (add, relu, reshape, concat), nothing to slice
-                if isinstance(module, nn.LayerNorm):
-                    self._check_layer_norm(module, outputs)
-                if not isinstance(module, _SLICEABLE):
-                    if any(True for _ in module.parameters(recurse=False)):
-                        raise EntropySearchError(
-                            f"layer {self._names[module]} ({type(module).__name__}) shares pruned channels "
-                            "but is not supported (conv, linear and batch norm are)"
-                        )
-                    continue
-                idx = torch.as_tensor([int(i) for i in idxs], dtype=torch.long)
-                if idx.numel() % channels:
-                    raise EntropySearchError(f"cannot map channels of {self._names[module]} to its group")
-                members.append((module, graph.is_out_channel_pruning_fn(dep.handler), idx.view(channels, -1)))
-            units = self._units_of(root, channels, members)
-            producers, consumers = [], []
-            for module, is_producer, imap in members:
-                per_unit = imap[units].reshape(units.shape[0], -1)  # unit -> the module's indices
-                if is_producer:
-                    producers.append((module, per_unit))
-                elif isinstance(module, nn.Conv2d) and module.groups > 1:
-                    if not _is_depthwise(module):  # a grouped conv's weight holds in_channels / groups inputs
-                        width = module.in_channels // module.groups
-                        relative = (imap[units] % width).view(units.shape[0], units.shape[1], -1)
-                        consumers.append((module, relative[:, 0, :]))
-                else:
-                    consumers.append((module, per_unit))
-            first = min((m for m, _ in producers), key=lambda m: self._exec_index.get(m, 1 << 30), default=None)
-            params = [(owner, attr, dim, imap[units].reshape(units.shape[0], -1)) for owner, attr, dim, imap in params]
-            found.append((self._exec_index.get(first, 1 << 30), full, root, root_fn, units, producers, consumers, params))
+            try:
+                found.append(self._analyse_group(graph, group, owners, dims, outputs))
+            except _UnsupportedGroup as exc:
+                self.fixed_groups.append(f"{self._names.get(group.items[0].dep.target.module, '?')}: {exc}")
+        if self.fixed_groups:
+            log.warning("%d channel group(s) stay whole (not prunable exactly): %s", len(self.fixed_groups),
+                        "; ".join(self.fixed_groups[:3]) + (" ..." if len(self.fixed_groups) > 3 else ""))
+        if not found and self.fixed_groups:
+            raise EntropySearchError(f"no channel group of this model can be pruned exactly: {self.fixed_groups[0]}")
 
         found.sort(key=lambda f: f[0])
         self.groups: list[ChannelGroup] = []
@@ -302,18 +363,68 @@ class PruningSpace:
         )
         self.groups = [replace(group, macs=self._group_macs(group.index)) for group in self.groups]
 
+    def _analyse_group(self, graph, group, owners, dims, outputs) -> tuple:
+        """One Torch-Pruning group as (first execution index, full group, root, root handler, units, producers,
+        consumers, parameters); `_UnsupportedGroup` when it holds a layer that cannot be pruned exactly."""
+        root_dep = group.items[0].dep
+        root, root_fn = root_dep.target.module, root_dep.handler
+        channels = self._channels_of(graph, root, root_fn)
+        full = graph.get_pruning_group(root, root_fn, idxs=list(range(channels)))
+        members = []  # (module, is_producer, indices into the module's dim, one row per root channel)
+        params = []  # (owner module, attribute, dim, indices): parameters outside layers (layer scales)
+        for dep, idxs in full.items:
+            module = dep.target.module
+            if isinstance(module, nn.Parameter) and module in owners:
+                idx = torch.as_tensor([int(i) for i in idxs], dtype=torch.long)
+                params.append((*owners[module], dims[module] % module.ndim, idx.view(channels, -1)))
+                continue
+            if not isinstance(module, nn.Module) or module not in self._names:
+                continue  # an operation of the graph (add, relu, reshape, concat), nothing to slice
+            if isinstance(module, nn.LayerNorm):
+                self._check_layer_norm(module, outputs)
+            if not isinstance(module, _SLICEABLE):
+                if any(True for _ in module.parameters(recurse=False)):
+                    raise _UnsupportedGroup(
+                        f"layer {self._names[module]} ({type(module).__name__}) shares pruned channels "
+                        "but is not supported (conv, linear, batch and layer norms are)"
+                    )
+                continue
+            idx = torch.as_tensor([int(i) for i in idxs], dtype=torch.long)
+            if idx.numel() % channels:
+                raise _UnsupportedGroup(f"cannot map channels of {self._names[module]} to its group")
+            members.append((module, graph.is_out_channel_pruning_fn(dep.handler), idx.view(channels, -1)))
+        units = self._units_of(root, channels, members)
+        producers, consumers = [], []
+        for module, is_producer, imap in members:
+            per_unit = imap[units].reshape(units.shape[0], -1)  # unit -> the module's indices
+            if is_producer:
+                producers.append((module, per_unit))
+            elif isinstance(module, nn.Conv2d) and module.groups > 1:
+                if not _is_depthwise(module):  # a grouped conv's weight holds in_channels / groups inputs
+                    width = module.in_channels // module.groups
+                    relative = (imap[units] % width).view(units.shape[0], units.shape[1], -1)
+                    if not torch.equal(relative, relative[:, :1, :].expand_as(relative)):
+                        raise _UnsupportedGroup(f"grouped conv {self._names[module]}: its groups would keep "
+                                                "different positions")
+                    consumers.append((module, relative[:, 0, :]))
+            else:
+                consumers.append((module, per_unit))
+        first = min((m for m, _ in producers), key=lambda m: self._exec_index.get(m, 1 << 30), default=None)
+        params = [(owner, attr, dim, imap[units].reshape(units.shape[0], -1)) for owner, attr, dim, imap in params]
+        return self._exec_index.get(first, 1 << 30), full, root, root_fn, units, producers, consumers, params
+
     def _check_layer_norm(self, module: nn.LayerNorm, outputs) -> None:
         """A layer norm over one channel dim, with weights (what Torch-Pruning prunes exactly)."""
         name = self._names[module]
         if len(module.normalized_shape) != 1 or not module.elementwise_affine:
-            raise EntropySearchError(f"layer {name} (LayerNorm over {tuple(module.normalized_shape)}"
+            raise _UnsupportedGroup(f"layer {name} (LayerNorm over {tuple(module.normalized_shape)}"
                                      f"{'' if module.elementwise_affine else ', no weights'}) is not supported: "
                                      "only a layer norm with weights over the channel dim is")
         channels = module.normalized_shape[0]
         if type(module).forward is not nn.LayerNorm.forward:  # a channels-first variant (torchvision's LayerNorm2d)
             shape = outputs[module][0]
             if len(shape) < 2 or shape[1] != channels:
-                raise EntropySearchError(f"layer {name} ({type(module).__name__}): cannot tell which dim holds its "
+                raise _UnsupportedGroup(f"layer {name} ({type(module).__name__}): cannot tell which dim holds its "
                                          f"{channels} channels (output {tuple(shape)})")
 
     def _units_of(self, root: nn.Module, channels: int, members) -> torch.Tensor:
@@ -328,12 +439,12 @@ class PruningSpace:
         n_groups = module.groups
         for other, _, _ in grouped[1:]:
             if other.groups != n_groups:
-                raise EntropySearchError(
+                raise _UnsupportedGroup(
                     f"grouped convs {self._names[module]} ({n_groups} groups) and {self._names[other]} "
                     f"({other.groups} groups) share channels: not supported")
         size = module.out_channels if is_producer else module.in_channels
         if imap.shape[1] != 1 or channels != size:
-            raise EntropySearchError(f"grouped conv {self._names[module]} shares channels with a concatenation or "
+            raise _UnsupportedGroup(f"grouped conv {self._names[module]} shares channels with a concatenation or "
                                      "a reshape: not supported")
         width = size // n_groups
         index = imap[:, 0]
@@ -367,7 +478,9 @@ class PruningSpace:
         channels, per_unit = units.shape
         if isinstance(rep, nn.Conv2d):
             shape = outputs[rep][0]
-            kind = "depthwise" if any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in computing) else "conv"
+            convs = [m for m in computing if isinstance(m, nn.Conv2d)]
+            kind = ("depthwise" if any(_is_depthwise(m) for m in convs) else
+                    "grouped" if any(m.groups > 1 for m in convs) else "conv")
             cin, cout, kernel, stride, size = rep.in_channels, rep.out_channels, rep.kernel_size[0], rep.stride[0], shape[-2]
         else:
             kind, kernel, stride, size = "linear", 1, 1, 1
@@ -423,7 +536,7 @@ class PruningSpace:
 
     def macs_of_counts(self, counts: Sequence[int]) -> int:
         """MACs from channel counts per group (no rounding, no validation: the inner loop of budget clipping)."""
-        return sum(layer.positions * self._kept_numel(layer.weight, counts) for layer in self._layers)
+        return self._fixed_macs + sum(layer.positions * self._kept_numel(layer.weight, counts) for layer in self._layers)
 
     def params(self, keep: Sequence[float]) -> int:
         """Parameters of the pruned model, equal to `count_params(space.prune(keep))`."""
@@ -539,8 +652,27 @@ class PruningSpace:
             pruner = graph.get_pruner_of_module(root)
             fn = pruner.prune_out_channels if is_out else pruner.prune_in_channels
             graph.get_pruning_group(root, fn, idxs=drop).prune()
+        self._copy_kept_values(indices, modules)
         model.train(was_training)
         return model
+
+    def _copy_kept_values(self, indices: list[torch.Tensor], pruned: dict[str, nn.Module]) -> None:
+        """Torch-Pruning does the surgery (shapes, channel counts, groups); the values come from this space's own
+        indices, so the pruned network computes what `sliced` computes. (Torch-Pruning 1.6.1 keeps a layer norm's
+        channels in set order, not sorted: ConvNeXt's pruned layer norms had their biases permuted.)"""
+        with torch.no_grad():
+            for t in self._tensors:
+                value = _stored(t)
+                for dim in t.fixed:
+                    index = t.kept_index(dim, indices)
+                    if index is not None:
+                        value = value.index_select(dim, index)
+                name = self._names[t.module]
+                target = getattr(pruned[name], t.name)
+                if tuple(target.shape) != tuple(value.shape):
+                    raise EntropySearchError(f"Torch-Pruning pruned {name}.{t.name} to {tuple(target.shape)}, "
+                                             f"this space expects {tuple(value.shape)}")
+                target.copy_(value)
 
     def classifier_input_indices(self, keep: Sequence[float]) -> torch.Tensor | None:
         """Which input features of the classifier (the last conv/linear layer) a candidate keeps, ascending, as
@@ -566,7 +698,9 @@ class PruningSpace:
     def describe(self) -> str:
         lines = [f"{len(self.groups)} channel groups, {self.base_macs / 1e6:.2f}M MACs, {self.base_params / 1e6:.3f}M params"]
         for g in self.groups:
-            lines.append(f"  [{g.index:2d}] {g.name:<28} {g.layer_type:<9} {g.channels:5d} ch  {100 * g.macs / self.base_macs:5.1f}% MACs")
+            width = f"{g.channels:5d} ch" if g.channels_per_unit == 1 else f"{g.channels:5d} x {g.channels_per_unit} ch"
+            lines.append(f"  [{g.index:2d}] {g.name:<28} {g.layer_type:<9} {width}  {100 * g.macs / self.base_macs:5.1f}% MACs")
+        lines += [f"  stays whole: {reason}" for reason in self.fixed_groups]
         return "\n".join(lines)
 
 
@@ -581,6 +715,43 @@ def _to_devices(tensors: list[torch.Tensor], devices: list[torch.device]) -> lis
         for i, part in zip(picks, moved):
             out[i] = part.view(tensors[i].shape)
     return out
+
+
+class _AnalysisTimeout(BaseException):
+    """Raised by the alarm of `_time_limit` inside Torch-Pruning's analysis (BaseException: no library handler
+    swallows it)."""
+
+    last: _AnalysisTimeout | None = None
+
+
+@contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Interrupt the block after `seconds` with `_AnalysisTimeout` (SIGALRM; only in the main thread, where
+    signals are delivered: elsewhere the block runs unbounded and only the group loop checks its deadline)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+    outer, _ = signal.getitimer(signal.ITIMER_REAL)  # someone else's alarm (pytest-timeout) is kept
+    if 0 < outer <= seconds:
+        yield
+        return
+
+    def alarm(_signum, _frame):
+        raise _AnalysisTimeout()
+
+    start = time.monotonic()
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    except _AnalysisTimeout as exc:
+        _AnalysisTimeout.last = exc
+        raise
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if outer > 0:
+            signal.setitimer(signal.ITIMER_REAL, max(1e-3, outer - (time.monotonic() - start)))
 
 
 def _is_depthwise(module: nn.Conv2d) -> bool:

@@ -1,0 +1,34 @@
+"""An example user model, loaded as `user_models:dense_grouped_net` (tests/ is on the workers' PYTHONPATH, see
+conftest.py): a concatenation (DenseNet-style, the block's input concatenated with two branches) and a grouped
+convolution (ResNeXt-style, one of the branches), the two structures torchvision's DenseNets, GoogLeNet, ResNeXts and RegNets are
+made of."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _conv_bn_relu(cin: int, cout: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, groups=groups, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+class DenseGroupedNet(nn.Module):
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 16) -> None:
+        super().__init__()
+        self.stem = _conv_bn_relu(in_channels, width)
+        self.branch = _conv_bn_relu(width, width // 2)
+        self.grouped = _conv_bn_relu(width, width, groups=4)
+        self.head = _conv_bn_relu(2 * width + width // 2, 2 * width, stride=2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.cat([x, self.branch(x), self.grouped(x)], dim=1)
+        return self.fc(torch.flatten(self.pool(self.head(x)), 1))
+
+
+def dense_grouped_net(num_classes: int = 10, in_channels: int = 1, width: int = 16) -> nn.Module:
+    return DenseGroupedNet(num_classes, in_channels, width)
