@@ -87,3 +87,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def assert_exact(space, batch: torch.Tensor, keep) -> None:
+    """The pruning space's promise on one candidate: masked == sliced == physically pruned outputs (1e-4
+    relative), the original model untouched, the classifier's output never pruned, analytic == counted MACs and
+    parameters of the pruned network and of the unpruned one."""
+    from entropy_search import count_macs, count_params
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+    model, x = space.model, space.example_input
+    with torch.no_grad():
+        before = model(batch)
+        pruned = space.prune(keep).eval()
+        expected = pruned(batch)
+        with space.masked(keep):
+            masked = model(batch)
+        with space.sliced(keep):
+            sliced = model(batch)
+        after = model(batch)
+    assert torch.equal(before, after), "the original model must be untouched"
+    assert expected.shape == before.shape, "the classifier output is never pruned"
+    assert rel(masked, expected) < 1e-4 and rel(sliced, expected) < 1e-4
+    assert space.macs(keep) == count_macs(pruned, x) and space.base_macs == count_macs(model, x)
+    assert space.params(keep) == count_params(pruned) and space.base_params == count_params(model)

@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from conftest import assert_exact
 from torch import nn
 
 from entropy_search import PruningSpace, count_macs, count_params, create_model, list_models
@@ -54,25 +55,7 @@ def test_masked_sliced_pruned_agree_and_macs_match_the_counter(case, seed):
     name, model, space, x = case
     rng = random.Random(seed)
     keep = [rng.uniform(0.1, 1.0) for _ in space.groups]
-    batch = _example(name, batch=3)
-    with torch.no_grad():
-        before = model(batch)
-        pruned = space.prune(keep).eval()
-        expected = pruned(batch)
-        with space.masked(keep):
-            masked = model(batch)
-        with space.sliced(keep):
-            sliced = model(batch)
-        after = model(batch)
-    assert _rel(masked, expected) < 1e-4
-    assert _rel(sliced, expected) < 1e-4
-    assert torch.equal(before, after), "the original model must be untouched"
-    assert expected.shape == before.shape, "the classifier output is never pruned"
-    assert space.macs(keep) == count_macs(pruned, x)
-    assert space.params(keep) == count_params(pruned)
-    if seed == 0:
-        assert space.base_macs == count_macs(model, x)
-        assert space.base_params == count_params(model)
+    assert_exact(space, _example(name, batch=3), keep)
 
 
 def test_pruned_model_is_physically_smaller(case):
