@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -182,7 +183,7 @@ class PruningSpace:
         deadline = time.monotonic() + max_seconds
         graph, raw = None, []
         try:
-            with torch.enable_grad(), warnings.catch_warnings(), _time_limit(max_seconds):
+            with torch.enable_grad(), warnings.catch_warnings(), _bounded(max_seconds) as bound:
                 warnings.filterwarnings("ignore", message="Unwrapped parameters detected")  # handled in _build
                 graph = tp.DependencyGraph().build_dependency(self.model, example_inputs=self.example_input, verbose=False)
                 for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]):
@@ -193,8 +194,8 @@ class PruningSpace:
                             f"groups so far, the last rooted at {self._names.get(group.items[0].dep.target.module, '?')}); "
                             "the model is too large or too entangled for a pruning space")
         except _AnalysisTimeout:
-            raise EntropySearchError(f"Torch-Pruning's dependency analysis took longer than {max_seconds:g} s "
-                                     f"(stopped{self._where_now()}); the model is too large or too entangled for a "
+            raise EntropySearchError(f"Torch-Pruning's dependency analysis {bound['reason']} (stopped"
+                                     f"{self._where_now()}); the model is too large or too entangled for a "
                                      "pruning space") from None
         except EntropySearchError:
             raise
@@ -718,40 +719,71 @@ def _to_devices(tensors: list[torch.Tensor], devices: list[torch.device]) -> lis
 
 
 class _AnalysisTimeout(BaseException):
-    """Raised by the alarm of `_time_limit` inside Torch-Pruning's analysis (BaseException: no library handler
+    """Raised by the alarm of `_bounded` inside Torch-Pruning's analysis (BaseException: no library handler
     swallows it)."""
 
     last: _AnalysisTimeout | None = None
 
 
-@contextmanager
-def _time_limit(seconds: float) -> Iterator[None]:
-    """Interrupt the block after `seconds` with `_AnalysisTimeout` (SIGALRM; only in the main thread, where
-    signals are delivered: elsewhere the block runs unbounded and only the group loop checks its deadline)."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
-        yield
-        return
-    outer, _ = signal.getitimer(signal.ITIMER_REAL)  # someone else's alarm (pytest-timeout) is kept
-    if 0 < outer <= seconds:
-        yield
-        return
-
-    def alarm(_signum, _frame):
-        raise _AnalysisTimeout()
-
-    start = time.monotonic()
-    previous = signal.signal(signal.SIGALRM, alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+def _resident_bytes() -> int | None:
     try:
-        yield
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+@contextmanager
+def _bounded(seconds: float, memory_share: float = 0.5) -> Iterator[dict]:
+    """Interrupt the block with `_AnalysisTimeout` after `seconds`, or once the process has grown by more than
+    `memory_share` of the memory available when it started (Torch-Pruning's shape inference grows without bound
+    on some attention models). Checked by SIGALRM every half second, so only in the main thread, where signals
+    are delivered; elsewhere the block runs unbounded (the group loop still checks its deadline). Yields a dict
+    whose "reason" says which bound stopped it."""
+    state: dict = {"reason": None}
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield state
+        return
+    start, base, available = time.monotonic(), _resident_bytes(), _available_bytes()
+    limit = base + memory_share * available if base is not None and available is not None else None
+    outer, _ = signal.getitimer(signal.ITIMER_REAL)  # someone else's alarm (pytest-timeout) still goes off
+    outer_deadline = start + outer if outer > 0 else None
+
+    def check(signum, frame):
+        if outer_deadline is not None and time.monotonic() >= outer_deadline and callable(previous):
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+            previous(signum, frame)
+            return
+        if time.monotonic() - start > seconds:
+            state["reason"] = f"took longer than {seconds:g} s"
+            raise _AnalysisTimeout()
+        resident = _resident_bytes() if limit is not None else None
+        if resident is not None and resident > limit:
+            state["reason"] = f"grew past {(resident - base) / 2**30:.1f} GB"
+            raise _AnalysisTimeout()
+
+    previous = signal.signal(signal.SIGALRM, check)
+    signal.setitimer(signal.ITIMER_REAL, 0.5, 0.5)
+    try:
+        yield state
     except _AnalysisTimeout as exc:
         _AnalysisTimeout.last = exc
         raise
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-        if outer > 0:
-            signal.setitimer(signal.ITIMER_REAL, max(1e-3, outer - (time.monotonic() - start)))
+        if outer_deadline is not None:
+            signal.setitimer(signal.ITIMER_REAL, max(1e-3, outer_deadline - time.monotonic()))
 
 
 def _is_depthwise(module: nn.Conv2d) -> bool:
