@@ -6,7 +6,7 @@ environment, RL driver, sweep, tracking and command line around it (docs/design.
 
 from .data import list_datasets, register_dataset
 from .models import create_model, list_models, register_model
-from .problem import ChannelGroup, PruningSpace, count_macs, count_params, spatial_entropy
+from .problem import ChannelGroup, PruningSpace, count_macs, count_params, load_model, spatial_entropy
 from .version import __version__
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "create_model",
     "list_datasets",
     "list_models",
+    "load_model",
     "register_dataset",
     "register_model",
     "spatial_entropy",

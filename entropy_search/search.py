@@ -245,7 +245,9 @@ def finish_search(
              "checkpoint": str(out / CHECKPOINT_DIR)}
     if delivered_model is not None:
         files.update(export(delivered_model, problem.space.example_input, out, "best_pruned",
-                            onnx=config.output.export_onnx))
+                            onnx=config.output.export_onnx, base=problem.network.checkpoint, keep=delivered["keep"],
+                            round_to=config.search.round_to,
+                            metrics={k: delivered[k] for k in ("test_accuracy_after_finetune", "macs", "params")}))
 
     best = top_k[0] if top_k else None
     result = {

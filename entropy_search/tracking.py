@@ -51,7 +51,7 @@ from .data import load_data
 from .errors import EntropySearchError
 from .jsonio import read_jsonl
 from .plots import candidate_scatter
-from .problem import load_checkpoint
+from .problem import load_checkpoint, load_model
 from .store import local_store_dir, resolve_tracking_uri
 from .summary import (
     best_policy,
@@ -330,7 +330,7 @@ class TrialRun:
 
     def log_model(self, result: Mapping[str, Any], path: str, *, registered_model_name: str | None = None) -> None:
         """The pruned, fine-tuned model with `mlflow.pytorch`, an input example and its signature."""
-        model = torch.load(path, map_location="cpu", weights_only=False).eval()
+        model = load_model(path)
         example = input_example(result)
         with torch.no_grad():
             output = model(torch.from_numpy(example)).numpy()

@@ -3,6 +3,9 @@ MACs, adaptive BN on the search's images, test accuracy before and after fine-tu
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -27,10 +30,14 @@ def _one_thread(one_thread):
 
 
 @pytest.fixture(scope="module")
-def problem(tmp_path_factory, train_digits_checkpoint):
+def digits_checkpoint(tmp_path_factory, train_digits_checkpoint):
+    return train_digits_checkpoint(tmp_path_factory.mktemp("ckpt") / "digits.pt", epochs=3)
+
+
+@pytest.fixture(scope="module")
+def problem(digits_checkpoint):
     """A briefly trained digits CNN, its space and data."""
-    path = train_digits_checkpoint(tmp_path_factory.mktemp("ckpt") / "digits.pt", epochs=3)
-    model = build_model(load_checkpoint(path))
+    model = build_model(load_checkpoint(digits_checkpoint))
     splits = load_data("digits", seed=0)
     return PruningSpace(model, torch.zeros(1, 1, 8, 8)), splits
 
@@ -87,27 +94,40 @@ def test_fine_tuning_is_tested_again_and_seeded(problem):
     assert again["finetune_history"][0]["loss"] == measured["finetune_history"][0]["loss"]
 
 
-def test_export_writes_the_module_and_onnx(problem, tmp_path):
+def test_export_writes_a_safely_loadable_network_and_onnx(problem, digits_checkpoint, tmp_path):
+    """The delivered network is data (model name, keep ratios, weights): it opens with torch.load's default
+    weights_only=True, and `load_model` rebuilds it, in a fresh process, computing what the pruned network did."""
     space, _ = problem
-    pruned = space.prune([0.5] * len(space.groups)).eval()
-    files = export(pruned, space.example_input, tmp_path / "out", "best", onnx=False)
+    keep = [0.5, 0.4, 0.75, 1.0]
+    pruned = space.prune(keep).eval()
+    base = load_checkpoint(digits_checkpoint)
+    files = export(pruned, space.example_input, tmp_path / "out", "best", onnx=False, base=base, keep=keep, round_to=1)
     assert files == {"pytorch": str(tmp_path / "out" / "best.pt")}
     x = torch.randn(5, 1, 8, 8)
-    loaded = torch.load(files["pytorch"], weights_only=False)
-    torch.testing.assert_close(loaded(x), pruned(x))
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(pruned(x).detach(), tmp_path / "y.pt")
+    code = ("import sys, torch; from entropy_search import load_model; "
+            "payload = torch.load(sys.argv[1]); assert payload['keep'] == [0.5, 0.4, 0.75, 1.0]; "
+            "model = load_model(sys.argv[1]); x = torch.load(sys.argv[2]); "
+            "torch.testing.assert_close(model(x), torch.load(sys.argv[3])); print('same outputs')")
+    done = subprocess.run([sys.executable, "-c", code, files["pytorch"], str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "same outputs" in done.stdout, done.stderr[-2000:]
     pytest.importorskip("onnx")
-    files = export(pruned, space.example_input, tmp_path / "out", "best", onnx=True)
+    files = export(pruned, space.example_input, tmp_path / "out", "best", onnx=True, base=base, keep=keep, round_to=1)
     assert files["onnx"] == str(tmp_path / "out" / "best.onnx") and (tmp_path / "out" / "best.onnx").stat().st_size > 0
 
 
-def test_failed_onnx_export_is_recorded_and_the_module_kept(problem, tmp_path, monkeypatch):
+def test_failed_onnx_export_is_recorded_and_the_module_kept(problem, digits_checkpoint, tmp_path, monkeypatch):
     space, _ = problem
-    pruned = space.prune([0.5] * len(space.groups)).eval()
+    keep = [0.5] * len(space.groups)
+    pruned = space.prune(keep).eval()
 
     def broken(*args, **kwargs):
         raise RuntimeError("unsupported operator")
 
     monkeypatch.setattr(torch.onnx, "export", broken)
-    files = export(pruned, space.example_input, tmp_path, "best", onnx=True)
+    files = export(pruned, space.example_input, tmp_path, "best", onnx=True, base=load_checkpoint(digits_checkpoint),
+                   keep=keep, round_to=1)
     assert files["onnx_error"] == "unsupported operator" and "onnx" not in files
     assert (tmp_path / "best.pt").is_file()

@@ -274,3 +274,11 @@ def test_the_import_reader_sees_deferred_and_relative_imports(tmp_path, monkeypa
     assert got == [(["os"], False), (["entropy_search.other"], False), (["entropy_search.other"], False),
                    (["entropy_search.sub.leaf"], True), (["ray"], True)]
     assert [i.targets for i in imports_of("entropy_search.sub")] == [["entropy_search.sub.leaf"]]
+
+
+def test_no_file_of_the_project_unpickles_code():
+    """Every PyTorch file the project reads opens with `weights_only=True` (a checkpoint is data)."""
+    unsafe = "weights_only=" + "False"
+    offenders = [str(path.relative_to(REPO)) for folder in ("entropy_search", "tests", "bench")
+                 for path in (REPO / folder).rglob("*.py") if unsafe in path.read_text()]
+    assert offenders == []

@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 
+from entropy_search import load_model
 from entropy_search.errors import ConfigError
 from entropy_search.jsonio import read_jsonl
 from entropy_search.summary import flatten, read_candidate_table
@@ -120,7 +121,7 @@ def test_two_trial_sweep_is_tracked_and_consistent_with_its_results(ray_local, c
         models = mlclient.search_logged_models([result["experiment_id"]], filter_string=f"source_run_id = '{run_id}'")
         assert len(models) == 1
         loaded = mlflow.pytorch.load_model(models[0].artifact_location)  # a torch.export program: batch-dynamic
-        exported = torch.load(out / "best_pruned.pt", weights_only=False).eval()
+        exported = load_model(out / "best_pruned.pt")
         x = torch.randn(4, 1, 8, 8)
         torch.testing.assert_close(loaded(x), exported(x))
 

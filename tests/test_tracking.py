@@ -13,7 +13,7 @@ import torch
 
 mlflow = pytest.importorskip("mlflow")
 
-from entropy_search import tracking  # noqa: E402
+from entropy_search import load_model, tracking  # noqa: E402
 from entropy_search.config import load_config  # noqa: E402
 from entropy_search.summary import flatten, format_table, read_candidate_table  # noqa: E402
 
@@ -32,7 +32,8 @@ def fake_search(tmp_path_factory) -> tuple[dict, Path]:
     ckpt = out / "baseline.pt"
     save_checkpoint(ckpt, model, model_name="digits_cnn", num_classes=10, in_channels=1, image_size=8, data="digits",
                     config={"seed": 0, "heldout_fraction": 0.1}, metrics={"test_acc": 0.9})
-    torch.save(model, out / "best_pruned.pt")
+    save_checkpoint(out / "best_pruned.pt", model, model_name="digits_cnn", num_classes=10, in_channels=1,
+                    image_size=8, data="digits")
     config = load_config({"model": {"checkpoint": str(ckpt)}, "search": {"flops_target": 0.5},
                           "output": {"dir": str(out)}})
     records = []
@@ -127,7 +128,7 @@ def test_trial_run_is_found_again_and_logs_everything(store, fake_search):
     assert len(models) == 1
     loaded = mlflow.pytorch.load_model(models[0].artifact_location)
     x = torch.randn(3, 1, 8, 8)
-    torch.testing.assert_close(loaded(x), torch.load(out / "best_pruned.pt", weights_only=False)(x))
+    torch.testing.assert_close(loaded(x), load_model(out / "best_pruned.pt")(x))
     from urllib.parse import urlparse
 
     from mlflow.models import Model

@@ -9,7 +9,7 @@ the sweep, tracking and the command line are clients of it.
 from .adaptive_bn import recalibrate_batchnorm, recalibrated_batchnorm
 from .baselines import random_counts, random_search, uniform_baseline, uniform_counts
 from .budget import Budget, MacsForm
-from .checkpoint import Checkpoint, build_model, load_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, build_model, load_checkpoint, load_model, save_checkpoint
 from .entropy import EntropyProbe, network_entropy, spatial_entropy
 from .evaluate import CandidateCache, CandidateEvaluator, SimulatedEvaluator, cache_entry
 from .finalize import export, finalize
@@ -51,6 +51,7 @@ __all__ = [
     "export",
     "finalize",
     "load_checkpoint",
+    "load_model",
     "load_network",
     "load_splits",
     "network_entropy",

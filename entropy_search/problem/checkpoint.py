@@ -179,6 +179,13 @@ def build_model(ckpt: Checkpoint, prune_fn: PruneFn | None = None) -> nn.Module:
     return model.eval()
 
 
+def load_model(path: str | os.PathLike) -> nn.Module:
+    """The network in an entropy-search checkpoint (a baseline, or a pruned network such as a search's
+    `best_pruned.pt`), rebuilt and ready to run (eval mode, CPU). The file is opened with `weights_only=True`:
+    the architecture is data (model name, keep ratios), never pickled code."""
+    return build_model(load_checkpoint(path))
+
+
 def _default_prune_fn(ckpt: Checkpoint) -> PruneFn:
     """`PruningSpace(...).prune(keep)` with the rounding the checkpoint was pruned with."""
     round_to = int(ckpt.config.get("round_to", 1))

@@ -15,6 +15,7 @@ from ..config import FinetuneConfig
 from ..data import DataSplits
 from ..train import evaluate, fine_tune
 from .adaptive_bn import recalibrate_batchnorm
+from .checkpoint import Checkpoint, save_checkpoint
 from .macs import count_macs, count_params
 from .space import PruningSpace
 
@@ -73,14 +74,19 @@ def finalize(
     return measured, pruned.cpu().eval()
 
 
-def export(model: nn.Module, example_input: torch.Tensor, out_dir: str | Path, name: str, *, onnx: bool) -> dict[str, str]:
-    """Write `<name>.pt` (the module) and, when asked, `<name>.onnx`; returns {format: path}. A failed ONNX
-    export is logged and recorded as `onnx_error`: the PyTorch file is the result."""
+def export(model: nn.Module, example_input: torch.Tensor, out_dir: str | Path, name: str, *, onnx: bool,
+           base: Checkpoint, keep: Sequence[float], round_to: int, metrics: dict | None = None) -> dict[str, str]:
+    """Write `<name>.pt`, an entropy-search checkpoint of the pruned network (the base model's name and the keep
+    ratios, so `load_model` rebuilds it; opens with `torch.load`'s default `weights_only=True`), and, when asked,
+    `<name>.onnx`; returns {format: path}. A failed ONNX export is logged and recorded as `onnx_error`: the
+    PyTorch file is the result."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
     path = out_dir / f"{name}.pt"
-    torch.save(model, path)
+    save_checkpoint(path, model, model_name=base.model_name, model_kwargs=base.model_kwargs,
+                    num_classes=base.num_classes, in_channels=base.in_channels, image_size=base.image_size,
+                    data=base.data, config={**base.config, "round_to": round_to}, metrics=metrics, keep=keep)
     files["pytorch"] = str(path)
     if onnx:
         try:
