@@ -193,19 +193,18 @@ class PruningSpace:
                             f"Torch-Pruning's dependency analysis took longer than {max_seconds:g} s ({len(raw)} channel "
                             f"groups so far, the last rooted at {self._names.get(group.items[0].dep.target.module, '?')}); "
                             "the model is too large or too entangled for a pruning space")
-        except _AnalysisTimeout:
-            raise EntropySearchError(f"Torch-Pruning's dependency analysis {bound['reason']} (stopped"
-                                     f"{self._where_now()}); the model is too large or too entangled for a "
-                                     "pruning space") from None
+        except _AnalysisTimeout as exc:
+            failure = (f"Torch-Pruning's dependency analysis {bound['reason']} (stopped{self._where(exc)}); the model "
+                       "is too large or too entangled for a pruning space")
         except EntropySearchError:
             raise
         except Exception as exc:  # noqa: BLE001 - anything inside the analysis becomes one clear refusal
-            raise EntropySearchError(f"Torch-Pruning cannot follow the channels of this model{self._where(exc)}: "
-                                     f"{type(exc).__name__}: {exc}") from None
-        return graph, raw
-
-    def _where_now(self) -> str:
-        return self._where(_AnalysisTimeout.last) if _AnalysisTimeout.last is not None else ""
+            failure = f"Torch-Pruning cannot follow the channels of this model{self._where(exc)}: {type(exc).__name__}: {exc}"
+        else:
+            return graph, raw
+        # raised outside the handler: the failure's frames hold Torch-Pruning's graph (gigabytes for the models
+        # that hit a bound), which a chained exception would keep alive
+        raise EntropySearchError(failure)
 
     def _where(self, exc: BaseException) -> str:
         """' near layer X' for the graph node the analysis failed on (from the traceback), else ''."""
@@ -722,8 +721,6 @@ class _AnalysisTimeout(BaseException):
     """Raised by the alarm of `_bounded` inside Torch-Pruning's analysis (BaseException: no library handler
     swallows it)."""
 
-    last: _AnalysisTimeout | None = None
-
 
 def _resident_bytes() -> int | None:
     try:
@@ -776,9 +773,6 @@ def _bounded(seconds: float, memory_share: float = 0.5) -> Iterator[dict]:
     signal.setitimer(signal.ITIMER_REAL, 0.5, 0.5)
     try:
         yield state
-    except _AnalysisTimeout as exc:
-        _AnalysisTimeout.last = exc
-        raise
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
