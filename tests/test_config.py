@@ -93,6 +93,26 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(top)
 
 
+def test_a_key_given_twice_is_an_error_naming_the_key_and_both_lines(tmp_path, capsys):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("model:\n  name: digits_cnn\nseed: 1\nmodel:\n  name: resnet20\n")
+    with pytest.raises(ConfigError, match=r"key 'model' is given twice \(lines 1 and 4\)"):
+        load_config(twice)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("search:\n  flops_target: 0.5\n  flops_target: 0.3\n")
+    with pytest.raises(ConfigError, match=r"key 'flops_target' is given twice \(lines 2 and 3\)"):
+        load_config(nested)
+    from entropy_search.cli import main
+
+    assert main(["search", str(twice)]) == 2  # one line, exit 2, before anything is trained or started
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "given twice" in err and "Traceback" not in err
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("name: s\nbase: {}\nname: t\n")
+    assert main(["sweep", str(sweep)]) == 2
+    assert "key 'name' is given twice (lines 1 and 3)" in capsys.readouterr().err
+
+
 def test_paths_are_resolved_and_config_round_trips(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = load_config({"output": {"dir": "runs/x"}, "model": {"checkpoint": "b.pt"}})
