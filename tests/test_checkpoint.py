@@ -3,6 +3,8 @@ corrupt, foreign, incomplete and newer files, and pruned models rebuilt from the
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -96,6 +98,23 @@ def test_missing_corrupt_and_foreign_checkpoints(tmp_path, model):
     torch.save({"format": FORMAT, "model_name": "digits_cnn"}, incomplete)
     with pytest.raises(CheckpointError, match="incomplete.*missing"):
         load_checkpoint(incomplete)
+
+
+def test_non_finite_weights_are_refused_at_load_in_one_line(tmp_path, model, capsys):
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.stem[0].weight[0, 0, 0, 0] = float("nan")
+    path = _save(tmp_path / "nan.pt", broken)
+    with pytest.raises(CheckpointError, match=r"stem\.0\.weight has 1 non-finite value"):
+        load_checkpoint(path)
+    from entropy_search.cli import main
+
+    config = tmp_path / "search.yaml"
+    config.write_text(f"model:\n  checkpoint: {path}\noutput:\n  dir: {tmp_path / 'out'}\n")
+    for argv in (["prune", str(path), "--flops-target", "0.5"], ["search", str(config)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "non-finite" in err and "\n" not in err and "Traceback" not in err
 
 
 def test_weights_that_do_not_fit(tmp_path, model):

@@ -128,6 +128,11 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
             f"checkpoint {path} has format version {payload['format_version']}, newer than this entropy-search "
             f"reads ({FORMAT_VERSION}); upgrade entropy-search"
         )
+    for name, tensor in payload["state_dict"].items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"checkpoint {path}: {name} has {bad} non-finite value(s) (NaN or inf); the "
+                                  "network cannot be measured or pruned: retrain it or restore a good checkpoint")
     return Checkpoint(
         path=path,
         model_name=payload["model_name"],
