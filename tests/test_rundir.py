@@ -3,6 +3,8 @@ its first differing key) and when a folder may be used, started over or continue
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from entropy_search.config import load_config
@@ -86,6 +88,25 @@ def test_a_new_folder_is_created(tmp_path):
     out = tmp_path / "a" / "b"
     assert prepare_output_dir(config_in(out), resume=False, overwrite=False) == out and out.is_dir()
     assert prepare_output_dir(config_in(out), resume=True, overwrite=False) == out  # nothing to resume: fine
+
+
+def test_an_output_dir_that_is_a_file_or_cannot_be_written_is_one_clear_error(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "below"):
+        with pytest.raises(ConfigError, match=r"is a file, not a folder"):
+            prepare_output_dir(config_in(out), resume=False, overwrite=False)
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if not os.access(locked, os.W_OK):  # root can write anywhere: nothing to test then
+        with pytest.raises(ConfigError, match=r"cannot be written"):
+            prepare_output_dir(config_in(locked / "run"), resume=False, overwrite=False)
+    from entropy_search.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"output:\n  dir: {tmp_path / 'file'}\n")
+    assert main(["search", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "is a file, not a folder" in err and "Traceback" not in err
 
 
 def test_a_previous_search_is_not_started_over_without_overwrite(tmp_path):

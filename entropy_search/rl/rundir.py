@@ -62,6 +62,9 @@ def prepare_output_dir(config: SearchConfig, *, resume: bool, overwrite: bool) -
     Resume: the saved config must match (`config_difference`). A fresh start in a folder holding a
     previous search needs `overwrite`, which deletes that search's checkpoints, candidates and result."""
     out = Path(config.output.dir)
+    blocking = next((p for p in (out, *out.parents) if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise ConfigError(f"output.dir {out}: {blocking} is a file, not a folder; choose another output.dir")
     if resume:
         if (out / CONFIG_FILE).exists():
             diff = saved_config_difference(out, config)
@@ -76,7 +79,13 @@ def prepare_output_dir(config: SearchConfig, *, resume: bool, overwrite: bool) -
         shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
         for name in (CANDIDATES_FILE, RESULT_FILE):
             (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"output.dir {out} cannot be written: {exc.strerror or exc}") from None
     return out
 
 
