@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import os
 import re
+import urllib.error
+import urllib.request
 from pathlib import Path
+
+from .errors import ConfigError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -44,3 +48,28 @@ def local_store_dir(uri: str) -> Path | None:
     if "://" not in uri and not uri.startswith("sqlite:"):
         return Path(uri)
     return None
+
+
+def check_reachable(uri: str, *, timeout: float = 5.0) -> None:
+    """Fail fast (ConfigError, one line) when the store cannot be used: a tracking server that does not answer
+    its health check, or a local store whose folder cannot be created. Before Ray starts, so that a wrong
+    address costs seconds, not minutes of retries inside the trials."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+                if response.status >= 400:
+                    raise ConfigError(f"tracking server {uri} answered its health check with HTTP {response.status}")
+        except urllib.error.HTTPError as exc:
+            raise ConfigError(f"tracking server {uri} answered its health check with HTTP {exc.code}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise ConfigError(f"tracking server {uri} is not reachable ({reason}); start it, or set "
+                              "mlflow.tracking_uri (--tracking-uri, MLFLOW_TRACKING_URI) to a reachable server or a "
+                              "local store") from None
+        return
+    folder = local_store_dir(uri)
+    if folder is not None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"tracking store {uri}: cannot create {folder} ({exc.strerror or exc})") from None

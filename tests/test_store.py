@@ -3,9 +3,22 @@ which run in other working directories, find the same store."""
 
 from __future__ import annotations
 
+import socket
+import time
 from pathlib import Path
 
-from entropy_search.store import DEFAULT_TRACKING_URI, is_local_store, local_store_dir, resolve_tracking_uri
+import pytest
+
+from entropy_search.errors import ConfigError
+from entropy_search.store import (
+    DEFAULT_TRACKING_URI,
+    check_reachable,
+    is_local_store,
+    local_store_dir,
+    resolve_tracking_uri,
+)
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_resolve_tracking_uri(tmp_path, monkeypatch):
@@ -34,3 +47,27 @@ def test_local_stores_and_their_folders(tmp_path):
     assert local_store_dir("/tmp/mlruns") == Path("/tmp/mlruns")
     assert local_store_dir("http://head:5000") is None
 
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_tracking_server_fails_fast_in_one_line(tmp_path, capsys):
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    with pytest.raises(ConfigError, match="is not reachable"):
+        check_reachable(uri)
+    check_reachable(f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}")  # a local store's folder is created
+    assert (tmp_path / "new").is_dir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="cannot create"):
+        check_reachable(f"sqlite:///{tmp_path / 'file' / 'mlflow.db'}")
+    from entropy_search.cli import main
+
+    t0 = time.monotonic()
+    code = main(["sweep", str(REPO / "tune_configs" / "quickstart.yaml"), "--tracking-uri", uri])
+    assert code == 2 and time.monotonic() - t0 < 10  # before Ray starts or a baseline is trained
+    err = capsys.readouterr().err.strip()
+    assert "not reachable" in err and "\n" not in err and "Traceback" not in err

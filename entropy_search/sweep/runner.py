@@ -43,7 +43,7 @@ from ..plots import sweep_comparison
 from ..problem import PruningSpace, ensure_checkpoint, load_network
 from ..problem.setup import build_budget
 from ..ray_runtime import check_fits, cluster_address, start_ray
-from ..store import resolve_tracking_uri
+from ..store import check_reachable, resolve_tracking_uri
 from ..summary import aggregate_rows, flatten, format_aggregate, format_table
 from .schema import (
     MAX_VALIDATED,
@@ -178,6 +178,7 @@ def run_sweep(
     base_config = configs[0]
 
     tracking_uri = resolve_tracking_uri(sweep.mlflow.tracking_uri)
+    check_reachable(tracking_uri)
     res = sweep.resources
     started = start_ray(res.address, num_cpus=res.num_cpus, num_gpus=res.num_gpus)
     try:
