@@ -339,6 +339,12 @@ class OutputConfig(Section):
     export_onnx: bool = True
     """Also export the best pruned model to ONNX."""
 
+    latency: bool = True
+    """Measure the CPU latency (median of repeated forwards after a warm-up) of the unpruned, uniform and delivered networks with PyTorch, and of the delivered ONNX file with ONNX Runtime (checked against PyTorch's outputs): result.json's `latency`, next to the MAC ratios."""
+
+    latency_batch_sizes: list[PositiveInt] = Field(default_factory=lambda: [1, 32], min_length=1)
+    """Batch sizes the latency is measured at."""
+
 
 class SearchConfig(Section):
     """One RL pruning search."""

@@ -40,10 +40,13 @@ from .problem import (
     export,
     finalize,
     guarded_choice,
+    onnx_latency,
     proxy_agreement,
     random_search,
     setup,
+    speedup,
     successive_halving,
+    torch_latency,
     uniform_baseline,
 )
 from .ray_runtime import check_fits, env_runner_bundles, start_ray
@@ -288,8 +291,30 @@ def finish_search(
         "history": state.history,
         "files": files,
     }
+    if config.output.latency and delivered_model is not None:
+        result["latency"] = measure_latency(problem, finalized, winner, files, config)
     write_json(out / RESULT_FILE, result)
     return result
+
+
+def measure_latency(problem: Problem, finalized: dict, winner: str, files: dict, config: SearchConfig) -> dict:
+    """CPU latency of the unpruned network, uniform pruning and the delivered network (PyTorch eager), and of
+    the delivered ONNX file (ONNX Runtime, checked against PyTorch); measured speed-ups next to MAC ratios."""
+    batches = config.output.latency_batch_sizes
+    example = problem.space.example_input.cpu()
+    base = torch_latency(problem.model.cpu(), example, batch_sizes=batches)
+    out = {"batch_sizes": batches, "unpruned": base, "networks": {}}
+    for label in dict.fromkeys([winner, "uniform"]):
+        if label not in finalized:
+            continue
+        record, model = finalized[label]
+        measured = torch_latency(model.cpu(), example, batch_sizes=batches)
+        out["networks"][label] = {"pytorch": measured, "speedup": speedup(base, measured),
+                                  "macs_ratio": record["macs_ratio"]}
+    if files.get("onnx"):
+        onnx = onnx_latency(files["onnx"], example, batch_sizes=batches, reference=finalized[winner][1])
+        out["networks"][winner]["onnxruntime"] = onnx
+    return out
 
 
 def _user_error(exc: Exception, search: RLSearch | None) -> Exception:

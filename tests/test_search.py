@@ -325,6 +325,12 @@ def test_finish_search_runs_the_baselines_under_the_same_budget(checkpoint, tmp_
     expected = max(beating, key=lambda lb: scores[lb]) if beating else "uniform"
     assert selection["winner"] == expected
     assert result["delivered"]["heldout_accuracy_after_finetune"] == scores[expected]
+    # measured CPU latency of the unpruned, uniform and delivered networks, next to their MAC ratios
+    latency = result["latency"]
+    assert set(latency["networks"]) == {selection["winner"], "uniform"}
+    for row in latency["networks"].values():
+        assert set(row["speedup"]) == {"1", "32"} and all(v > 0 for v in row["speedup"].values())
+        assert 0 < row["macs_ratio"] <= 1.0
 
 
 def test_finish_search_without_candidates_says_what_to_change(checkpoint, tmp_path):

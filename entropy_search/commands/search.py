@@ -136,6 +136,7 @@ def summary(result: dict) -> str:
         lines.append(f"best: test {pct(best['test_accuracy_before_finetune'])} before fine-tune, "
                      f"{pct(best['test_accuracy_after_finetune'])} after")
     lines.extend(proxy_lines(result.get("proxy") or {}, cfg["search"]["reward"]))
+    lines.extend(latency_lines(result.get("latency")))
     lines.append(
         f"cost: {cost['candidates']} candidates ({cost['evaluations']} evaluated, {cost['cache_hits']} cached) in "
         f"{cost['search_seconds']:.1f} s = {cost['candidates_per_second']:.2f} candidates/s "
@@ -143,6 +144,27 @@ def summary(result: dict) -> str:
     )
     lines.append(f"result: {Path(cfg['output']['dir']) / 'result.json'}")
     return "\n".join(lines)
+
+
+def latency_lines(latency: dict | None) -> list[str]:
+    """Measured CPU latency of the unpruned and pruned networks, with the speed-up next to the MAC ratio."""
+    if not latency:
+        return []
+    base = latency["unpruned"]
+    batches = [str(b) for b in latency["batch_sizes"]]
+    times = " / ".join(f"{base['ms'][b]:.2f}" for b in batches)
+    lines = [f"latency ({base['device']}, {base['threads']} threads, batch {' / '.join(batches)}, ms): "
+             f"unpruned {times}"]
+    for label, row in latency["networks"].items():
+        times = " / ".join(f"{row['pytorch']['ms'][b]:.2f}" for b in batches)
+        gains = " / ".join(f"{row['speedup'][b]:.2f}x" for b in batches)
+        line = f"  {label}: {times} (speed-up {gains}, MACs ratio {row['macs_ratio']:.3f})"
+        onnx = row.get("onnxruntime")
+        if onnx:
+            onnx_times = " / ".join(f"{onnx['ms'][b]:.2f}" for b in batches)
+            line += f"; ONNX Runtime {onnx_times} (outputs within {onnx['max_rel_diff_vs_pytorch']:.1e} of PyTorch's)"
+        lines.append(line)
+    return lines
 
 
 # Below this rank correlation a label-free reward says little about accuracy on the user's network

@@ -1,0 +1,88 @@
+"""Measured latency of a network (docs/design.md, "Latency"): what MACs promise, timed. PyTorch eager on the
+network's device and, for an exported ONNX file, ONNX Runtime on the CPU (checked to compute what PyTorch
+computes). Median of repeated forwards after a warm-up, per batch size, with the threads recorded: MAC ratios
+are not speed-ups (memory traffic, kernel shapes and launch costs decide that), so the result reports both."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import EntropySearchError
+
+
+def _median_ms(run, warmup: int, repeats: int, sync=None) -> float:
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        if sync:
+            sync()
+        t0 = time.perf_counter()
+        run()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def torch_latency(model: nn.Module, example_input: torch.Tensor, *, batch_sizes: Sequence[int] = (1, 32),
+                  warmup: int = 3, repeats: int = 15) -> dict:
+    """Median milliseconds per forward of `model` (eval mode, no grad, on its device) at each batch size."""
+    if warmup < 0 or repeats < 1:
+        raise EntropySearchError(f"latency needs warmup >= 0 and repeats >= 1, got {warmup} and {repeats}")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    was_training = model.training
+    model.eval()
+    out = {"runtime": "pytorch", "device": str(device), "threads": torch.get_num_threads(), "ms": {}}
+    try:
+        with torch.no_grad():
+            for batch in batch_sizes:
+                x = example_input[:1].to(device).expand(batch, *example_input.shape[1:]).contiguous()
+                out["ms"][str(batch)] = _median_ms(lambda x=x: model(x), warmup, repeats, sync)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def onnx_latency(path: str | Path, example_input: torch.Tensor, *, batch_sizes: Sequence[int] = (1, 32),
+                 warmup: int = 3, repeats: int = 15, reference: nn.Module | None = None,
+                 threads: int | None = None) -> dict:
+    """Median milliseconds per run of the ONNX file with ONNX Runtime's CPU provider at each batch size; with
+    `reference`, also the largest difference between its outputs and the reference module's (relative to the
+    largest reference output)."""
+    import onnxruntime  # deferred: a heavy optional runtime, only for exported files
+
+    options = onnxruntime.SessionOptions()
+    threads = threads or torch.get_num_threads()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    out = {"runtime": "onnxruntime", "device": "cpu", "threads": threads, "ms": {}}
+    for batch in batch_sizes:
+        x = example_input[:1].expand(batch, *example_input.shape[1:]).contiguous().cpu().numpy()
+        out["ms"][str(batch)] = _median_ms(lambda x=x: session.run(None, {name: x}), warmup, repeats)
+    if reference is not None:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(4, *example_input.shape[1:], generator=g)
+        was_training = reference.training
+        reference.eval()
+        with torch.no_grad():
+            expected = reference.cpu()(x).numpy()
+        reference.train(was_training)
+        got = session.run(None, {name: x.numpy()})[0]
+        out["max_rel_diff_vs_pytorch"] = float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-12))
+    return out
+
+
+def speedup(base: dict, pruned: dict) -> dict[str, float]:
+    """Base latency / pruned latency per batch size (two results of the same runtime)."""
+    return {batch: base["ms"][batch] / pruned["ms"][batch] for batch in pruned["ms"] if batch in base["ms"]}
