@@ -73,6 +73,27 @@ def test_every_path_agrees_on_concatenating_grouped_and_layer_norm_models(name, 
         assert r["kl"] == pytest.approx(ref["kl"], rel=1e-4, abs=1e-6)
 
 
+def test_a_candidate_with_non_finite_outputs_is_measured_as_a_network_that_computes_nothing(one_thread):
+    """NaN or inf activations get defined measurements (accuracy 0, the KL of a uniform softmax, feature error 1,
+    the most entropy the estimator allows) and `nonfinite` says why: every reward ranks the candidate last."""
+    from entropy_search.problem.rewards import compute_reward
+
+    torch.manual_seed(0)
+    space = PruningSpace(create_model("user_models:nan_when_narrow").eval(), torch.randn(1, 1, 8, 8))
+    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    evaluator = CandidateEvaluator(space, x, y, mode="sliced", sample=1.0)
+    broken = evaluator.evaluate([1.0, 0.3])  # 2 channels in the middle: log(-1)
+    healthy = evaluator.evaluate([1.0, 0.5])  # 4 channels: finite
+    assert broken["nonfinite"] == "outputs" and "nonfinite" not in healthy
+    p0 = evaluator.reference_log_probs.exp()
+    uniform_kl = float((p0 * (evaluator.reference_log_probs + np.log(10))).sum(1).mean())
+    assert broken["accuracy"] == 0.0 and broken["feature_error"] == 1.0 and broken["agreement"] == 0.0
+    assert broken["kl"] == pytest.approx(uniform_kl, rel=1e-5)
+    assert broken["entropy"] == pytest.approx(2 * np.log(16)) and broken["entropy_normalized"] == 1.0
+    for reward in ("entropy", "kl", "feature", "accuracy"):
+        assert compute_reward(reward, broken) <= compute_reward(reward, healthy), reward
+
+
 def test_sampled_entropy_is_the_same_for_sliced_and_pruned(setup):
     space, x, y = setup
     keep = [0.5] * len(space.groups)

@@ -120,6 +120,22 @@ def test_search_on_a_user_model_with_a_concatenation_and_a_grouped_conv(ray_loca
     assert os.getpid() not in workers  # the env runners imported the user's module themselves
 
 
+@pytest.mark.slow
+def test_a_search_survives_candidates_whose_activations_are_not_finite(ray_local, tmp_path):
+    from entropy_search.search import run_search
+
+    config = small_config(tmp_path / "nan", tmp_path / "nan_baseline.pt", **{
+        "model.name": "user_models:nan_when_narrow", "model.train_if_missing": True, "model.train_epochs": 1,
+        "stop.iterations": 3, "search.top_k": 1, "search.flops_target": 0.6, "search.flops_floor": 0.0,
+        "search.min_keep": 0.1})
+    result = run_search(config, progress=False)
+    candidates = read_candidates(tmp_path / "nan")
+    broken = [c for c in candidates if c.get("nonfinite")]
+    assert broken, "the test model must produce some non-finite candidates"
+    assert all(c["accuracy"] == 0.0 and c["feature_error"] == 1.0 for c in broken)
+    assert not result["best"].get("nonfinite") and result["delivered"] is not None
+
+
 @pytest.mark.parametrize("runners", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_sac_search(ray_local, checkpoint, tmp_path, runners):
     """SAC on the same env and config; 0 env runners = the env lives in the driver (fast), 2 = as deployed."""

@@ -32,3 +32,24 @@ class DenseGroupedNet(nn.Module):
 
 def dense_grouped_net(num_classes: int = 10, in_channels: int = 1, width: int = 16) -> nn.Module:
     return DenseGroupedNet(num_classes, in_channels, width)
+
+
+class NanWhenNarrow(nn.Module):
+    """A network whose activations are NaN or inf when its middle group keeps 3 channels or fewer (the log of a
+    non-positive number): a candidate the search must survive."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
+        super().__init__()
+        self.stem = _conv_bn_relu(in_channels, 8)
+        self.middle = _conv_bn_relu(8, 8)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.middle(self.stem(x))
+        x = x * torch.log(torch.tensor(float(x.shape[1] - 3)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def nan_when_narrow(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    return NanWhenNarrow(num_classes, in_channels)

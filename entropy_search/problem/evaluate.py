@@ -17,6 +17,8 @@ as the baseline's statistics applied to a different network.
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
@@ -31,6 +33,8 @@ from .adaptive_bn import recalibrated_batchnorm
 from .entropy import EntropyProbe
 from .rewards import compute_reward
 from .space import PruningSpace
+
+log = logging.getLogger(__name__)
 
 EVAL_MODES = ("auto", "sliced", "masked", "pruned")
 #: What `auto` picks on each device: the faster path measured there (bench/RESULTS.md: on the CPU slicing
@@ -117,11 +121,35 @@ class CandidateEvaluator:
             if kept is not None:  # the candidate's features in the unpruned network's coordinates, zeros elsewhere
                 full = features.new_zeros(features.shape[0], self.reference_features.shape[1])
                 features = full.index_copy_(1, kept.to(features.device), features)
-        return {
+        measured = {
             "entropy": probe.value(),
             "entropy_normalized": probe.normalized_value(),
             "accuracy": int((logits.argmax(1) == self.y).sum()) / len(self.y) if self.y is not None else None,
             **reference_comparison(self.reference_log_probs, self.reference_features, logits, features),
+        }
+        broken = [name for name, value in (("outputs", float(logits.float().abs().max())),
+                                           ("entropy", measured["entropy"])) if not math.isfinite(value)]
+        return self._computes_nothing(broken) if broken else measured
+
+    def _computes_nothing(self, broken: list[str]) -> dict:
+        """The measurements of a candidate whose outputs or activations are NaN or inf: those of a network that
+        computes nothing (accuracy 0, a uniform softmax, zero features, maximal spatial entropy), so every
+        reward ranks it last and the search goes on; `nonfinite` says what was not finite."""
+        log.warning("a candidate's %s are not finite (NaN or inf): measured as a network that computes nothing",
+                    " and ".join(broken))
+        classes = self.reference_log_probs.shape[1]
+        p0 = self.reference_log_probs.exp()
+        bins, method = self.entropy_options["bins"], self.entropy_options["method"]
+        most = {"cooccurrence": 2 * math.log(bins), "histogram": math.log(bins)}.get(
+            method, math.log(self.x.shape[-1] * self.x.shape[-2]))
+        return {
+            "entropy": most,
+            "entropy_normalized": 1.0,
+            "accuracy": 0.0 if self.y is not None else None,
+            "kl": float((p0 * (self.reference_log_probs + math.log(classes))).sum(1).mean().clamp_min(0.0)),
+            "agreement": 0.0,
+            "feature_error": 1.0 if self.reference_features is not None else None,
+            "nonfinite": " and ".join(broken),
         }
 
     def _run(self, model: nn.Module, classifier: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor | None]:
