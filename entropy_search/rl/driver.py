@@ -124,21 +124,30 @@ class RLSearch:
     # -- resume
 
     def _load_previous(self) -> bool:
-        """Load the checkpointed state and every candidate written so far; True when an agent checkpoint exists."""
+        """Load the checkpointed state and cache; True when an agent checkpoint exists.
+
+        Exactly once (docs/design.md, "Run directory and resume"): the agent resumes from its checkpoint and
+        replays the iterations after it, so candidates.jsonl is cut back to the checkpoint's iterations (an
+        atomic rewrite) and the replay writes those rows again, once. What was evaluated after the checkpoint is
+        not lost: it stays in the cache, so a replayed candidate is not evaluated twice."""
         state_path = self.ckpt_dir / STATE_FILE
         has_agent = (self.ckpt_dir / AGENT_DIR).exists() and state_path.exists()
         saved = json.loads(state_path.read_text()) if state_path.exists() else {}
+        cut = int(saved.get("iteration", 0)) if has_agent else 0
         records = read_jsonl(self.ckpt_dir / CACHE_FILE)
-        seen = {tuple(r["kept_channels"]) for r in records}
-        # candidates evaluated after the last checkpoint were written too: keep them (no re-evaluation)
         written = read_jsonl(self.candidates_path)
+        kept = [r for r in written if int(r.get("iteration", 0)) <= cut]
+        later = [r for r in written if int(r.get("iteration", 0)) > cut]
+        if later:
+            write_jsonl(self.candidates_path, kept)
         self._next_id = max((int(r.get("id", -1)) for r in written), default=-1) + 1
-        extra = [r for r in written if tuple(r["kept_channels"]) not in seen]
-        for rec in records + extra:
+        for rec in records:
             key = tuple(int(c) for c in rec["kept_channels"])
             if key not in self.state.cache:
                 self.state.cache[key] = cache_entry(rec)
                 self.state.update_top_k(self.state.cache[key])
+        for rec in later:  # evaluated after the checkpoint: cached, not counted (the replay counts it)
+            self.state.cache.setdefault(tuple(int(c) for c in rec["kept_channels"]), cache_entry(rec))
         if has_agent:
             for name in ("iteration", "episodes", "evaluations", "cache_hits", "eval_seconds", "wall_seconds"):
                 setattr(self.state, name, type(getattr(self.state, name))(saved.get(name, 0)))
