@@ -31,6 +31,7 @@ import torch
 from .config import SearchConfig, load_config
 from .errors import EntropySearchError
 from .jsonio import write_json
+from .latency import onnx_latency, speedup, torch_latency
 from .problem import (
     Problem,
     PruningSpace,
@@ -40,13 +41,10 @@ from .problem import (
     export,
     finalize,
     guarded_choice,
-    onnx_latency,
     proxy_agreement,
     random_search,
     setup,
-    speedup,
     successive_halving,
-    torch_latency,
     uniform_baseline,
 )
 from .ray_runtime import check_fits, env_runner_bundles, start_ray

@@ -8,7 +8,7 @@ import torch
 
 from entropy_search import PruningSpace, create_model
 from entropy_search.commands.search import latency_lines
-from entropy_search.problem import onnx_latency, speedup, torch_latency
+from entropy_search.latency import onnx_latency, speedup, torch_latency
 from entropy_search.problem.checkpoint import Checkpoint
 from entropy_search.problem.finalize import export
 

@@ -13,7 +13,6 @@ from .checkpoint import Checkpoint, build_model, load_checkpoint, load_model, sa
 from .entropy import EntropyProbe, network_entropy, spatial_entropy
 from .evaluate import CandidateCache, CandidateEvaluator, SimulatedEvaluator, cache_entry
 from .finalize import export, finalize
-from .latency import onnx_latency, speedup, torch_latency
 from .macs import count_macs, count_params
 from .rewards import (
     LABEL_FREE_REWARDS,
@@ -70,7 +69,4 @@ __all__ = [
     "train_baseline",
     "uniform_baseline",
     "uniform_counts",
-    "onnx_latency",
-    "speedup",
-    "torch_latency",
 ]

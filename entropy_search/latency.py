@@ -1,4 +1,5 @@
-"""Measured latency of a network (docs/design.md, "Latency"): what MACs promise, timed. PyTorch eager on the
+"""Measured latency of a network (docs/design.md, "Latency"): what MACs promise, timed. Outside the `problem`
+package because it drives ONNX Runtime, a deployment runtime, not PyTorch. PyTorch eager on the
 network's device and, for an exported ONNX file, ONNX Runtime on the CPU (checked to compute what PyTorch
 computes). Median of repeated forwards after a warm-up, per batch size, with the threads recorded: MAC ratios
 are not speed-ups (memory traffic, kernel shapes and launch costs decide that), so the result reports both."""
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import EntropySearchError
+from .errors import EntropySearchError
 
 
 def _median_ms(run, warmup: int, repeats: int, sync=None) -> float:
