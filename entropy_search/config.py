@@ -238,6 +238,9 @@ class ResourcesConfig(Section):
     num_cpus_per_env_runner: NonNegativeFloat = 1.0
     """CPUs reserved per env runner."""
 
+    max_env_runner_restarts: NonNegativeInt = 3
+    """An env runner whose process dies (a lost node, the OOM killer, a kill) is restarted by RLlib, up to this many times per runner, and the search goes on; its unfinished episodes are the only loss (result.json's cost.env_runner_restarts counts them). 0: a lost env runner ends the search (continue with --resume)."""
+
     num_gpus_per_env_runner: NonNegativeFloat = 0.0
     """GPUs per env runner; fractions share one GPU between workers (e.g. 0.25 = four workers per GPU)."""
 

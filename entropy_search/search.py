@@ -285,6 +285,8 @@ def finish_search(
             "finetune_seconds": finetune_seconds,
             "total_seconds": time.perf_counter() - t_start,
             "num_env_runners": config.resources.num_env_runners,
+            "env_runners_lost": state.env_runners_lost,
+            "env_runner_restarts": state.env_runner_restarts,
         },
         "history": state.history,
         "files": files,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,32 @@ def test_search_on_a_user_model_with_a_concatenation_and_a_grouped_conv(ray_loca
     assert result["delivered"]["analytic_macs_match"]
     workers = {c["worker"] for c in candidates}
     assert os.getpid() not in workers  # the env runners imported the user's module themselves
+
+
+@pytest.mark.slow
+def test_a_search_survives_a_killed_env_runner(ray_local, checkpoint, tmp_path):
+    """SIGKILL of one env runner's process mid-search: RLlib restarts it, the search finishes, every candidate is
+    recorded once, and the restart is counted."""
+    from entropy_search.search import run_search
+
+    out = tmp_path / "kill"
+    config = small_config(out, checkpoint, **{"stop.iterations": 8, "baselines.enabled": False,
+                                             "finetune.epochs": 0, "search.top_k": 1})
+    killed = []
+
+    def kill_a_runner(metrics):
+        if metrics["iteration"] == 2 and not killed:
+            pid = read_candidates(out)[-1]["worker"]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    result = run_search(config, progress=False, on_iteration=kill_a_runner)
+    candidates = read_candidates(out)
+    assert killed and result["cost"]["iterations"] == 8
+    assert result["cost"]["env_runners_lost"] == 1
+    assert len(candidates) == result["cost"]["candidates"] and len({c["id"] for c in candidates}) == len(candidates)
+    assert {c["iteration"] for c in candidates} == set(range(1, 9))
+    assert killed[0] not in {c["worker"] for c in candidates if c["iteration"] >= 4}
 
 
 @pytest.mark.slow

@@ -141,6 +141,8 @@ def summary(result: dict) -> str:
         f"cost: {cost['candidates']} candidates ({cost['evaluations']} evaluated, {cost['cache_hits']} cached) in "
         f"{cost['search_seconds']:.1f} s = {cost['candidates_per_second']:.2f} candidates/s "
         f"with {cost['num_env_runners']} env runners"
+        + (f" ({cost['env_runners_lost']} lost (their process died), {cost.get('env_runner_restarts', 0)} restarted)"
+           if cost.get("env_runners_lost") else "")
     )
     lines.append(f"result: {Path(cfg['output']['dir']) / 'result.json'}")
     return "\n".join(lines)

@@ -88,7 +88,10 @@ def build_algorithm_config(config: SearchConfig, n_groups: int, env_config: dict
         .learners(num_learners=0, num_gpus_per_learner=res.num_gpus_per_learner)
         .rl_module(model_config=model)
         .callbacks(CandidateCallback)
-        .fault_tolerance(restart_failed_env_runners=False)
+        .fault_tolerance(restart_failed_env_runners=res.max_env_runner_restarts > 0,
+                         max_num_env_runner_restarts=res.max_env_runner_restarts,
+                         num_consecutive_env_runner_failures_tolerance=max(res.max_env_runner_restarts, 1),
+                         delay_between_env_runner_restarts_s=1.0)
         .reporting(min_time_s_per_iteration=0, metrics_num_episodes_for_smoothing=max(agent.episodes_per_iteration, 1))
         .debugging(seed=config.seed, log_level="WARN")
     )

@@ -41,6 +41,8 @@ class SearchState:
     cache_hits: int = 0
     eval_seconds: float = 0.0
     wall_seconds: float = 0.0
+    env_runner_restarts: int = 0
+    env_runners_lost: int = 0
     top_k_size: int = 3
     cache: dict[tuple[int, ...], dict] = field(default_factory=dict)
     top_k: list[dict] = field(default_factory=list)
@@ -77,6 +79,7 @@ class SearchState:
         return {
             "iteration": self.iteration, "episodes": self.episodes, "evaluations": self.evaluations,
             "cache_hits": self.cache_hits, "eval_seconds": self.eval_seconds, "wall_seconds": self.wall_seconds,
+            "env_runner_restarts": self.env_runner_restarts, "env_runners_lost": self.env_runners_lost,
             "top_k": self.top_k, "history": self.history,
         }
 
@@ -120,6 +123,9 @@ class RLSearch:
         self.algo = None
         self._fh = None
         self._next_id = 0  # ids of candidates.jsonl rows stay unique across resumes
+        self._restarts_before = 0  # env runner restarts of the runs before a resume
+        self._workers: set[int] = set()  # processes that evaluated this run's candidates
+        self._healthy = config.resources.num_env_runners  # healthy env runners after the last iteration
 
     # -- resume
 
@@ -149,7 +155,8 @@ class RLSearch:
         for rec in later:  # evaluated after the checkpoint: cached, not counted (the replay counts it)
             self.state.cache.setdefault(tuple(int(c) for c in rec["kept_channels"]), cache_entry(rec))
         if has_agent:
-            for name in ("iteration", "episodes", "evaluations", "cache_hits", "eval_seconds", "wall_seconds"):
+            for name in ("iteration", "episodes", "evaluations", "cache_hits", "eval_seconds", "wall_seconds",
+                         "env_runner_restarts", "env_runners_lost"):
                 setattr(self.state, name, type(getattr(self.state, name))(saved.get(name, 0)))
             self.state.history = list(saved.get("history", []))
         return has_agent
@@ -165,6 +172,7 @@ class RLSearch:
         has_agent = False
         if self.resume:
             has_agent = self._load_previous()
+            self._restarts_before = self.state.env_runner_restarts
             if not has_agent:
                 log.warning("no agent checkpoint in %s: starting the agent afresh (evaluated candidates are kept)", self.ckpt_dir)
         algo_config = build_algorithm_config(self.config, self.n_groups, env_config(self.config, self._warm_cache_file()))
@@ -203,6 +211,14 @@ class RLSearch:
                 new = self._ingest(records)
                 self._share(new)
                 state.wall_seconds = time.perf_counter() - start
+                # env runner processes that took over from one that died (RLlib restarts them): measured from
+                # the records, each of which names the process that evaluated it
+                runners = self.config.resources.num_env_runners
+                state.env_runner_restarts = self._restarts_before + (max(0, len(self._workers) - runners) if runners else 0)
+                healthy = (result.get("fault_tolerance") or {}).get("num_healthy_workers", runners)
+                if healthy < self._healthy:  # runners RLlib took out of service: their process died
+                    state.env_runners_lost += self._healthy - healthy
+                self._healthy = healthy
                 metrics = self._metrics(result, records, time.perf_counter() - t_iter)
                 state.history.append(metrics)
                 bar.update(1)
@@ -255,6 +271,8 @@ class RLSearch:
             self._next_id += 1
             rec["iteration"] = self.state.iteration
             rec["time"] = round(time.time(), 3)
+            if rec.get("worker") is not None:
+                self._workers.add(rec["worker"])
             if self.state.add(rec):
                 new.append(self.state.cache[tuple(int(c) for c in rec["kept_channels"])])
             ordered = {k: rec[k] for k in RECORD_KEYS_FIRST if k in rec}
@@ -282,6 +300,8 @@ class RLSearch:
             "candidates": state.episodes,
             "evaluations": state.evaluations,
             "cache_hits": state.cache_hits,
+            "env_runner_restarts": state.env_runner_restarts,
+            "env_runners_lost": state.env_runners_lost,
             "iteration_candidates": len(records),
             "iteration_evaluations": len(evaluated),
             "reward_mean": float(np.mean(rewards)) if rewards else float("nan"),
