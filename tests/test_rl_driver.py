@@ -87,9 +87,12 @@ def test_resume_reads_every_candidate_and_the_state_of_the_agent(tmp_path):
     search = RLSearch(config, 2, resume=True, progress=False)
     assert search._load_previous() is True  # an agent checkpoint exists
     state = search.state
-    assert set(state.cache) == {(4, 4), (3, 4), (2, 4)}  # candidates written after the checkpoint too
+    # exactly once: candidates.jsonl is cut back to the checkpoint (the agent replays iteration 3 and writes it
+    # again); what was evaluated after the checkpoint stays in the cache, so the replay does not evaluate it twice
+    assert [r["id"] for r in read_jsonl(tmp_path / CANDIDATES_FILE)] == [0, 1]
+    assert set(state.cache) == {(4, 4), (3, 4), (2, 4)}
     assert "worker" not in state.cache[(2, 4)]
-    assert [r["reward"] for r in state.top_k] == [-0.5, -1.0]
+    assert [r["reward"] for r in state.top_k] == [-1.0, -2.0]  # counted when the replay records it
     assert (state.iteration, state.episodes, state.evaluations, state.cache_hits) == (2, 6, 2, 4)
     assert state.wall_seconds == 9.0 and len(state.history) == 2
     assert search._next_id == 3  # ids of new rows continue after the written ones
