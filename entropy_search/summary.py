@@ -136,6 +136,17 @@ def final_metrics(result: Mapping[str, Any]) -> dict[str, float]:
     m["delivered_test_accuracy"] = delivered.get("test_accuracy_after_finetune")
     m["delivered_macs_ratio"] = delivered.get("macs_ratio")
     m["delivered_heldout_accuracy"] = delivered.get("heldout_accuracy")
+    latency = result.get("latency") or {}
+    label = delivered.get("label")
+    for batch, ms in ((latency.get("unpruned") or {}).get("ms") or {}).items():
+        m[f"base_latency_ms_b{batch}"] = ms
+    for name, row in (latency.get("networks") or {}).items():
+        for prefix in dict.fromkeys([name, "delivered"] if name == label else [name]):
+            for batch, ms in row["pytorch"]["ms"].items():
+                m[f"{prefix}_latency_ms_b{batch}"] = ms
+                m[f"{prefix}_speedup_b{batch}"] = row["speedup"].get(batch)
+            for batch, ms in ((row.get("onnxruntime") or {}).get("ms") or {}).items():
+                m[f"{prefix}_onnxruntime_ms_b{batch}"] = ms
     proxy = result.get("proxy") or {}
     m["proxy_entropy_spearman"] = proxy.get("entropy_reward_vs_accuracy")
     m["proxy_reward_spearman"] = proxy.get("reward_vs_accuracy")

@@ -55,6 +55,15 @@ def test_numbers_are_finite_floats_only():
     assert numeric({"a": 1, "b": float("nan"), "c": None, "d": "x", "e": True, "f": 2.5}) == {"a": 1.0, "f": 2.5}
 
 
+def test_final_metrics_carry_the_measured_latency():
+    latency = {"batch_sizes": [1], "unpruned": {"ms": {"1": 2.0}},
+               "networks": {"uniform": {"pytorch": {"ms": {"1": 1.0}}, "speedup": {"1": 2.0}, "macs_ratio": 0.5,
+                                        "onnxruntime": {"ms": {"1": 0.5}}}}}
+    m = final_metrics({**RESULT, "delivered": {"label": "uniform"}, "latency": latency})
+    assert m["base_latency_ms_b1"] == 2.0 and m["uniform_speedup_b1"] == 2.0 and m["delivered_speedup_b1"] == 2.0
+    assert m["delivered_onnxruntime_ms_b1"] == 0.5 and m["uniform_latency_ms_b1"] == 1.0
+
+
 def test_final_metrics_flatten_a_result():
     m = final_metrics(RESULT)
     assert m["reward"] == -1.2 and m["test_accuracy"] == 0.8 and m["test_accuracy_before_finetune"] == 0.7
