@@ -108,6 +108,10 @@ class _SlicedTensor:
     def kept_size(self, dim: int, counts: Sequence[int]) -> int:
         return sum(counts[g] * imap.shape[1] for d, g, imap in self.dims if d == dim) + self.fixed[dim].numel()
 
+    def cuts(self, indices: Sequence[torch.Tensor]) -> list[tuple[int, torch.Tensor]]:
+        """(dim, kept indices) of every dim this candidate shrinks."""
+        return [(dim, index) for dim in self.fixed if (index := self.kept_index(dim, indices)) is not None]
+
     def kept_index(self, dim: int, indices: Sequence[torch.Tensor]) -> torch.Tensor | None:
         """Kept indices of `dim`, ascending (the pruned layer's order), for the kept units `indices` of every
         group; None when it keeps them all."""
@@ -317,7 +321,7 @@ class PruningSpace:
         self._roots: list[tuple[str, bool]] = []
         mask_points: dict[nn.Module, list[tuple[int, torch.Tensor]]] = {}
         self._depthwise: list[nn.Module] = []
-        self._layer_norms: list[nn.LayerNorm] = []
+        layer_norms: list[nn.LayerNorm] = []
         for g, (_, full, root, root_fn, units, producers, consumers, params) in enumerate(found):
             for module, imap in producers:
                 for name in ("weight", "bias", "running_mean", "running_var"):
@@ -326,8 +330,8 @@ class PruningSpace:
                         t.add(0, g, imap)
                 if isinstance(module, nn.Conv2d) and _is_depthwise(module) and module not in self._depthwise:
                     self._depthwise.append(module)
-                if isinstance(module, nn.LayerNorm) and module not in self._layer_norms:
-                    self._layer_norms.append(module)
+                if isinstance(module, nn.LayerNorm) and module not in layer_norms:
+                    layer_norms.append(module)
             for owner, attr, dim, imap in params:
                 sliced(owner, attr).add(dim, g, imap)
             for module, imap in consumers:
@@ -349,6 +353,7 @@ class PruningSpace:
         self._tensors = list(tensors.values())
         for t in self._tensors:
             t.seal(self._names[t.module])
+        self._layer_norms = [(module, tensors[(id(module), "weight")]) for module in layer_norms]
         self._masks = [(module, _channel_dim(module), _out_channels(module), parts) for module, parts in mask_points.items()]
         by_module = {(id(t.module), t.name): t for t in self._tensors}
         self._layers: list[_ComputeLayer] = []
@@ -393,7 +398,7 @@ class PruningSpace:
             if idx.numel() % channels:
                 raise _UnsupportedGroup(f"cannot map channels of {self._names[module]} to its group")
             members.append((module, graph.is_out_channel_pruning_fn(dep.handler), idx.view(channels, -1)))
-        units = self._units_of(root, channels, members)
+        units = self._units_of(channels, members)
         producers, consumers = [], []
         for module, is_producer, imap in members:
             per_unit = imap[units].reshape(units.shape[0], -1)  # unit -> the module's indices
@@ -427,7 +432,7 @@ class PruningSpace:
                 raise _UnsupportedGroup(f"layer {name} ({type(module).__name__}): cannot tell which dim holds its "
                                          f"{channels} channels (output {tuple(shape)})")
 
-    def _units_of(self, root: nn.Module, channels: int, members) -> torch.Tensor:
+    def _units_of(self, channels: int, members) -> torch.Tensor:
         """Root channels per unit of the group, [units, channels_per_unit]: one channel per unit, except where a
         grouped convolution takes part: its groups must keep the same positions (Torch-Pruning's rule), so a
         unit is one position in every group of that conv."""
@@ -575,11 +580,8 @@ class PruningSpace:
                 mask[torch.cat(dropped)] = 0
                 hooked.append((module, dim))
                 masks.append(mask)
-        norms = []
-        for module in self._layer_norms:
-            kept = next(t for t in self._tensors if t.module is module and t.name == "weight").kept_index(0, indices)
-            if kept is not None:
-                norms.append((module, kept))
+        norms = [(module, kept) for module, weight in self._layer_norms
+                 if (kept := weight.kept_index(0, indices)) is not None]
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         for (module, dim), mask in zip(hooked, _to_devices(masks, [device] * len(masks))):
             handles.append(module.register_forward_hook(_mask_hook(mask, dim)))
@@ -599,12 +601,7 @@ class PruningSpace:
         saved = []
         # Every index this candidate needs, built on the CPU and moved in one transfer per device: one
         # small synchronous copy per layer would make the host wait for the GPU before every slice.
-        wanted: list[tuple[_SlicedTensor, int, torch.Tensor]] = []
-        for t in self._tensors:
-            for dim in t.fixed:
-                index = t.kept_index(dim, indices)
-                if index is not None:
-                    wanted.append((t, dim, index))
+        wanted = [(t, dim, index) for t in self._tensors for dim, index in t.cuts(indices)]
         devices = [_stored(t).device for t, _, _ in wanted]
         moved = _to_devices([index for _, _, index in wanted], devices)
         by_tensor: dict[int, list[tuple[int, torch.Tensor]]] = {}
@@ -625,7 +622,7 @@ class PruningSpace:
                 for module in self._depthwise:
                     saved.append((module.__dict__, "groups", module.groups))
                     module.groups = int(module.weight.shape[0])
-                for module in self._layer_norms:
+                for module, _ in self._layer_norms:
                     saved.append((module.__dict__, "normalized_shape", module.normalized_shape))
                     module.normalized_shape = (int(module.weight.shape[0]),)
             yield self.model
@@ -663,10 +660,8 @@ class PruningSpace:
         with torch.no_grad():
             for t in self._tensors:
                 value = _stored(t)
-                for dim in t.fixed:
-                    index = t.kept_index(dim, indices)
-                    if index is not None:
-                        value = value.index_select(dim, index)
+                for dim, index in t.cuts(indices):
+                    value = value.index_select(dim, index)
                 name = self._names[t.module]
                 target = getattr(pruned[name], t.name)
                 if tuple(target.shape) != tuple(value.shape):
