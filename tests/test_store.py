@@ -55,7 +55,7 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-def test_an_unreachable_tracking_server_fails_fast_in_one_line(tmp_path, capsys):
+def test_an_unreachable_tracking_server_fails_fast_in_one_line(tmp_path, capsys, monkeypatch):
     uri = f"http://127.0.0.1:{_closed_port()}"
     with pytest.raises(ConfigError, match="is not reachable"):
         check_reachable(uri)
@@ -66,6 +66,7 @@ def test_an_unreachable_tracking_server_fails_fast_in_one_line(tmp_path, capsys)
         check_reachable(f"sqlite:///{tmp_path / 'file' / 'mlflow.db'}")
     from entropy_search.cli import main
 
+    monkeypatch.chdir(tmp_path)  # not the repository: a quickstart run there leaves a previous sweep behind
     t0 = time.monotonic()
     code = main(["sweep", str(REPO / "tune_configs" / "quickstart.yaml"), "--tracking-uri", uri])
     assert code == 2 and time.monotonic() - t0 < 10  # before Ray starts or a baseline is trained
