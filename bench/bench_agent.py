@@ -27,6 +27,8 @@ VARIANTS: dict[str, list[str]] = {
     "default": [],
     "lr1e-3": ["agent.lr=0.001", "agent.num_epochs=8", "agent.num_minibatches=2"],
     "lr3e-3": ["agent.lr=0.003", "agent.num_epochs=8", "agent.num_minibatches=2"],
+    "std0.5": ["agent.initial_std=0.5"],
+    "std0.5-lr1e-3": ["agent.initial_std=0.5", "agent.lr=0.001", "agent.num_epochs=8", "agent.num_minibatches=2"],
 }
 SEARCH_ONLY = ["finetune.epochs=0", "selection.enabled=false", "baselines.finetune=false", "output.latency=false",
                "output.export_onnx=false"]

@@ -192,6 +192,9 @@ class AgentConfig(Section):
     vf_loss_coeff: NonNegativeFloat = 1.0
     """PPO: weight of the value-function loss."""
 
+    initial_std: PositiveFloat = 1.0
+    """PPO: standard deviation of the policy's actions (in [-1, 1]) before any update, the same for every state. RLlib's own start is about 1, which puts about 40% of the first candidates' actions at a bound of the clipped range; random search draws uniformly in [-1, 1] (std 0.58)."""
+
     hidden_sizes: list[PositiveInt] = Field(default_factory=lambda: [64, 64])
     """Hidden layer sizes of the policy and value (or Q) networks."""
 

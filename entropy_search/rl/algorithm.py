@@ -4,14 +4,17 @@ the callback that brings every evaluated candidate to the driver (docs/design.md
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
+import torch
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
 from ray.rllib.algorithms.ppo import PPOConfig
 from ray.rllib.algorithms.sac import SACConfig
 from ray.rllib.callbacks.callbacks import RLlibCallback
+from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
 
 from ..config import SearchConfig
@@ -28,6 +31,28 @@ class CandidateCallback(RLlibCallback):
         info = episode.get_infos(-1)
         if metrics_logger is not None and isinstance(info, dict) and "kept_channels" in info:
             metrics_logger.log_value(CANDIDATES_KEY, info, reduce="item_series")
+
+
+def initial_std_setter(std: float) -> Callable[..., None]:
+    """An `on_algorithm_init` callback that starts PPO's Gaussian policy at standard deviation `std` for every
+    state: the log-std outputs of the policy head get zero weights and bias log(std), then the env runners
+    get the weights. RLlib starts at std ~1, so with actions clipped to [-1, 1] about 40% of the first
+    candidates' actions sit at a bound (docs/design.md, "The agent")."""
+
+    def set_std(learner) -> None:
+        head = learner.module[DEFAULT_MODULE_ID].pi
+        last = [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1]
+        half = last.out_features // 2
+        with torch.no_grad():
+            last.weight[half:].zero_()
+            last.bias[half:].fill_(math.log(std))
+
+    def on_algorithm_init(*, algorithm, **kwargs) -> None:
+        algorithm.learner_group.foreach_learner(set_std)
+        algorithm.env_runner_group.sync_weights(from_worker_or_learner_group=algorithm.learner_group,
+                                                inference_only=True, timeout_seconds=60.0)
+
+    return on_algorithm_init
 
 
 def build_algorithm_config(config: SearchConfig, n_groups: int, env_config: dict) -> AlgorithmConfig:
@@ -75,6 +100,7 @@ def build_algorithm_config(config: SearchConfig, n_groups: int, env_config: dict
         algo = SACConfig().training(**training).reporting(min_sample_timesteps_per_iteration=batch)
         model = DefaultModelConfig(fcnet_hiddens=list(agent.hidden_sizes), fcnet_activation=agent.activation)
 
+    init = {"on_algorithm_init": initial_std_setter(agent.initial_std)} if agent.algorithm == "ppo" else {}
     return (
         algo.environment(PruningEnv, env_config=env_config, observation_space=obs_space, action_space=act_space)
         .env_runners(
@@ -87,7 +113,7 @@ def build_algorithm_config(config: SearchConfig, n_groups: int, env_config: dict
         )
         .learners(num_learners=0, num_gpus_per_learner=res.num_gpus_per_learner)
         .rl_module(model_config=model)
-        .callbacks(CandidateCallback)
+        .callbacks(CandidateCallback, **init)
         .fault_tolerance(restart_failed_env_runners=res.max_env_runner_restarts > 0,
                          max_num_env_runner_restarts=res.max_env_runner_restarts,
                          num_consecutive_env_runner_failures_tolerance=max(res.max_env_runner_restarts, 1),
