@@ -4,14 +4,24 @@ that brings every candidate to the driver."""
 
 from __future__ import annotations
 
+import gymnasium as gym
+import numpy as np
 import pytest
+import torch
 
 from entropy_search.config import load_config
 
 pytest.importorskip("ray")
 
-from entropy_search.envs import PruningEnv, env_config  # noqa: E402
-from entropy_search.rl.algorithm import CANDIDATES_KEY, CandidateCallback, build_algorithm_config  # noqa: E402
+from ray.rllib.core import DEFAULT_MODULE_ID  # noqa: E402
+
+from entropy_search.envs import OBS_DIM, PruningEnv, env_config  # noqa: E402
+from entropy_search.rl.algorithm import (  # noqa: E402
+    CANDIDATES_KEY,
+    CandidateCallback,
+    build_algorithm_config,
+    set_initial_std,
+)
 
 
 def test_ppo_config_samples_whole_episodes_on_every_env_runner():
@@ -75,3 +85,20 @@ def test_callback_reports_the_terminal_info_of_each_episode():
     CandidateCallback().on_episode_end(episode=_Episode(None), metrics_logger=logger)
     CandidateCallback().on_episode_end(episode=_Episode(info), metrics_logger=None)
     assert len(logger.logged) == 1
+
+
+@pytest.mark.parametrize("std", [0.3, 1.0])
+def test_the_policy_starts_at_the_initial_std_for_every_state(std):
+    config = load_config({"agent": {"initial_std": std}})
+    algo = build_algorithm_config(config, n_groups=4, env_config=env_config(config))
+    obs_space = gym.spaces.Box(0.0, 1.0, shape=(OBS_DIM,), dtype=np.float32)
+    act_space = gym.spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
+    module = algo.get_rl_module_spec(env=None, spaces={DEFAULT_MODULE_ID: (obs_space, act_space)}).build()
+    obs = torch.rand(64, OBS_DIM)
+    before = module.forward_exploration({"obs": obs})["action_dist_inputs"][:, 1]
+    assert before.std() > 1e-4  # RLlib's start: a log-std that depends on the state
+    set_initial_std(module, std)
+    out = module.forward_exploration({"obs": obs})["action_dist_inputs"]
+    assert torch.allclose(out[:, 1], torch.full((64,), float(np.log(std))), atol=1e-6)
+    assert out[:, 0].std() > 0  # the means still depend on the state
+    assert callable(algo.callbacks_on_algorithm_init)

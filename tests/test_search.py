@@ -11,6 +11,7 @@ import os
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from entropy_search.config import load_config
@@ -87,7 +88,7 @@ def check_result(result: dict, config, out: Path) -> None:
 def test_ppo_search_with_two_env_runners(ray_local, checkpoint, tmp_path):
     from entropy_search.search import run_search
 
-    config = small_config(tmp_path / "ppo", checkpoint)
+    config = small_config(tmp_path / "ppo", checkpoint, **{"agent.initial_std": 0.2})
     seen = []
     result = run_search(config, progress=False, on_iteration=seen.append)
     check_result(result, config, tmp_path / "ppo")
@@ -99,6 +100,9 @@ def test_ppo_search_with_two_env_runners(ray_local, checkpoint, tmp_path):
     workers = {c["worker"] for c in read_candidates(tmp_path / "ppo")}
     assert len(workers) == 2 and os.getpid() not in workers  # evaluated where the envs live
     assert (tmp_path / "ppo" / "best_pruned.pt").exists()
+    # the env runners sample the first iteration with the configured start (RLlib's own: ~40% at a bound)
+    first = np.array([c["actions"] for c in read_candidates(tmp_path / "ppo") if c["iteration"] == 1])
+    assert len(first) >= 8 and np.mean(np.abs(first) >= 0.999) < 0.05 and first.std(axis=0).max() < 0.4
 
 
 @pytest.mark.slow

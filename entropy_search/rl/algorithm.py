@@ -33,22 +33,24 @@ class CandidateCallback(RLlibCallback):
             metrics_logger.log_value(CANDIDATES_KEY, info, reduce="item_series")
 
 
-def initial_std_setter(std: float) -> Callable[..., None]:
-    """An `on_algorithm_init` callback that starts PPO's Gaussian policy at standard deviation `std` for every
-    state: the log-std outputs of the policy head get zero weights and bias log(std), then the env runners
-    get the weights. RLlib starts at std ~1, so with actions clipped to [-1, 1] about 40% of the first
-    candidates' actions sit at a bound (docs/design.md, "The agent")."""
+def set_initial_std(module, std: float) -> None:
+    """Make a PPO module's Gaussian policy have standard deviation `std` for every state: the log-std outputs
+    of its policy head get zero weights and bias log(std) (the means are left as they are)."""
+    last = [m for m in module.pi.modules() if isinstance(m, torch.nn.Linear)][-1]
+    half = last.out_features // 2
+    with torch.no_grad():
+        last.weight[half:].zero_()
+        last.bias[half:].fill_(math.log(std))
 
-    def set_std(learner) -> None:
-        head = learner.module[DEFAULT_MODULE_ID].pi
-        last = [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1]
-        half = last.out_features // 2
-        with torch.no_grad():
-            last.weight[half:].zero_()
-            last.bias[half:].fill_(math.log(std))
+
+def initial_std_setter(std: float) -> Callable[..., None]:
+    """An `on_algorithm_init` callback that starts PPO's policy at standard deviation `std` (`set_initial_std`
+    on the learner's module, then the env runners get the weights, waiting for them so that the first
+    iteration samples with it). RLlib starts at std ~1, so with actions clipped to [-1, 1] about 40% of the
+    first candidates' actions sit at a bound (docs/design.md, "The agent")."""
 
     def on_algorithm_init(*, algorithm, **kwargs) -> None:
-        algorithm.learner_group.foreach_learner(set_std)
+        algorithm.learner_group.foreach_learner(lambda learner: set_initial_std(learner.module[DEFAULT_MODULE_ID], std))
         algorithm.env_runner_group.sync_weights(from_worker_or_learner_group=algorithm.learner_group,
                                                 inference_only=True, timeout_seconds=60.0)
 
