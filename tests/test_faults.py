@@ -159,3 +159,57 @@ def test_ctrl_c_leaves_no_ray_process_behind(checkpoint, tmp_path):
     assert proc.returncode == 130, output[-3000:]
     time.sleep(3)
     assert _alive(ours) == []
+
+
+@pytest.mark.slow
+def test_a_killed_trial_is_retried_from_its_checkpoint_in_the_same_run(ray_local, checkpoint, store, no_default_store,
+                                                                       tmp_path):
+    """SIGKILL of a trial's process (Tune's function-trainable actor) after its search's first checkpoint: Tune
+    retries it (`max_failures`), the search resumes from its checkpoint (iteration 1 is not logged again), in
+    the same MLflow run; one run per trial, none left RUNNING, every candidate once in candidates.csv."""
+    import json
+    import threading
+
+    from entropy_search import tracking
+    from entropy_search.summary import read_candidate_table
+    from entropy_search.sweep import load_sweep_config, run_sweep
+
+    base = search_dict(tmp_path / "unused", checkpoint, **{"stop.iterations": 8, "output.checkpoint_every": 1,
+                                                           "agent.episodes_per_iteration": 4})
+    base.pop("resources")
+    base["output"].pop("dir")
+    sweep = load_sweep_config({
+        "name": "retry", "base": base, "axes": {"seed": [0, 1]}, "max_concurrent_trials": 2, "max_failures": 1,
+        "storage_path": str(tmp_path / "sweeps"), "mlflow": {"tracking_uri": store, "log_model": False},
+        "resources": {"cpus_per_trial": 0.5, "num_env_runners": 1, "cpus_per_env_runner": 0.5},
+    })
+    killed: list[tuple[int, str]] = []
+
+    def kill_one_trial() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            states = list(Path(sweep.sweep_dir).glob(f"*/search/{CHECKPOINT_DIR}/{STATE_FILE}"))
+            trials = [p for p in psutil.Process().children(recursive=True) if p.name().startswith("ray::ImplicitFunc")]
+            if states and trials:
+                trials[0].kill()
+                killed.append((trials[0].pid, states[0].parts[-4]))
+                return
+            time.sleep(0.5)
+
+    killer = threading.Thread(target=kill_one_trial, daemon=True)
+    killer.start()
+    result = run_sweep(sweep, verbose=0)
+    killer.join(timeout=1)
+    assert killed, "no trial process was killed"
+    assert result["status"] == "FINISHED" and result["failed"] == 0 and result["errors"] == 0
+    mlclient = tracking.client(store)
+    runs = tracking.trial_runs(mlclient, result["experiment_id"], result["parent_run_id"])
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    assert sorted(r.data.tags.get("entropy_search.restarts", "0") for r in runs) == ["0", "1"]
+    for run in runs:
+        steps = [m.step for m in mlclient.get_metric_history(run.info.run_id, "iteration")]
+        assert sorted(steps) == list(range(1, 9)), steps  # each iteration once: the retry resumed, not restarted
+        out = Path(sweep.sweep_dir) / run.data.tags[tracking.TRIAL_NAME_TAG] / "search"
+        res = json.loads((out / "result.json").read_text())
+        rows = read_candidate_table(mlclient.download_artifacts(run.info.run_id, "candidates.csv", str(tmp_path)))
+        assert len(rows) == len({r["id"] for r in rows}) == res["cost"]["candidates"]
