@@ -6,11 +6,13 @@ The tmpfs tests mount one (we may be root); where mounting is not allowed they a
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,9 +24,15 @@ from entropy_search import cli
 from entropy_search.config import load_config
 from entropy_search.errors import EntropySearchError
 from entropy_search.jsonio import read_jsonl
-from entropy_search.rl.rundir import CANDIDATES_FILE, CHECKPOINT_DIR, STATE_FILE
+from entropy_search.rl.rundir import CANDIDATES_FILE, CHECKPOINT_DIR, STATE_FILE, is_no_space
+from entropy_search.summary import read_candidate_table
 
 ray = pytest.importorskip("ray")
+mlflow = pytest.importorskip("mlflow")
+
+from entropy_search import tracking  # noqa: E402
+from entropy_search.search import run_search  # noqa: E402
+from entropy_search.sweep import load_sweep_config, run_sweep  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +86,6 @@ def test_a_full_disk_stops_the_search_in_one_line_and_resume_continues(ray_local
     """The tmpfs fills after iteration 3 (a file takes all but 24 KB): the checkpoint of iteration 4 does not fit.
     One line, the checkpoint of iteration 2 intact and nothing half-written left; after the tmpfs is enlarged,
     --resume finishes with every candidate once."""
-    from entropy_search.search import run_search
-
     out = tmpfs / "run"
     config = load_config(search_dict(out, checkpoint))
 
@@ -92,10 +98,8 @@ def test_a_full_disk_stops_the_search_in_one_line_and_resume_continues(ray_local
         run_search(config, progress=False, on_iteration=fill_the_disk)
     message = str(err.value)
     assert message.startswith(f"no space left on {out}: ") and " MB needed" in message and "\n" not in message
-    state_path = out / CHECKPOINT_DIR / STATE_FILE
-    import json
-
-    state = json.loads(state_path.read_text())
+    assert is_no_space(err.value.__cause__)
+    state = json.loads((out / CHECKPOINT_DIR / STATE_FILE).read_text())
     assert state["iteration"] == 2 and (out / CHECKPOINT_DIR / state["agent"]).is_dir()
     assert not list((out / CHECKPOINT_DIR).glob("*.tmp")) and not list((out / CHECKPOINT_DIR).glob(".*.tmp"))
     before = read_jsonl(out / CANDIDATES_FILE)
@@ -167,13 +171,6 @@ def test_a_killed_trial_is_retried_from_its_checkpoint_in_the_same_run(ray_local
     """SIGKILL of a trial's process (Tune's function-trainable actor) after its search's first checkpoint: Tune
     retries it (`max_failures`), the search resumes from its checkpoint (iteration 1 is not logged again), in
     the same MLflow run; one run per trial, none left RUNNING, every candidate once in candidates.csv."""
-    import json
-    import threading
-
-    from entropy_search import tracking
-    from entropy_search.summary import read_candidate_table
-    from entropy_search.sweep import load_sweep_config, run_sweep
-
     base = search_dict(tmp_path / "unused", checkpoint, **{"stop.iterations": 8, "output.checkpoint_every": 1,
                                                            "agent.episodes_per_iteration": 4})
     base.pop("resources")
