@@ -13,6 +13,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import psutil
 import ray
 
 from .config import SearchConfig
@@ -55,6 +56,38 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None, num_gp
         # "local" always starts a new instance, even where another Ray runs on this machine
         ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
     return True
+
+
+#: Seconds `stop_ray` waits for Ray's processes to exit by themselves before it kills them.
+RAY_EXIT_GRACE_SECONDS = 10.0
+
+
+def _ray_processes() -> list[psutil.Process]:
+    """This process's descendants that belong to Ray (raylet, GCS, agents, workers): what a local Ray started."""
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            name, cmdline = proc.name(), " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        if name.startswith("ray::") or name in ("raylet", "gcs_server") or "/ray/" in cmdline:
+            found.append(proc)
+    return found
+
+
+def stop_ray() -> None:
+    """Shut down the Ray this process started and wait until none of its processes is left: those still alive
+    after `RAY_EXIT_GRACE_SECONDS` (an agent or a worker slow to notice) are killed, so nothing of ours lives on
+    after the command returns (docs/design.md, "Ray")."""
+    processes = _ray_processes()
+    ray.shutdown()
+    _, alive = psutil.wait_procs(processes, timeout=RAY_EXIT_GRACE_SECONDS)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
 
 
 def env_runner_bundles(config: SearchConfig) -> list[dict[str, float]]:

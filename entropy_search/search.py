@@ -47,9 +47,17 @@ from .problem import (
     successive_halving,
     uniform_baseline,
 )
-from .ray_runtime import check_fits, env_runner_bundles, start_ray
+from .ray_runtime import check_fits, env_runner_bundles, start_ray, stop_ray
 from .rl import RLSearch, SearchState, prepare_output_dir
-from .rl.rundir import CANDIDATES_FILE, CHECKPOINT_DIR, CONFIG_FILE, RESULT_FILE
+from .rl.rundir import (
+    CANDIDATES_FILE,
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    RESULT_FILE,
+    check_free_space,
+    is_no_space,
+    no_space_error,
+)
 from .train import correct_predictions
 from .train import evaluate as test_accuracy
 from .utils import environment_info, seed_everything
@@ -154,8 +162,22 @@ def run_search(
     seed_everything(config.seed)
 
     problem = prepare(config, progress=progress)  # config errors (unreachable target...) before Ray starts
-    config.save(out / CONFIG_FILE)
+    n_groups = len(problem.space.groups)
+    check_free_space(config, n_groups)
+    try:
+        config.save(out / CONFIG_FILE)
+        state, setup_seconds = _run_agent(config, n_groups, resume=resume, progress=progress, on_iteration=on_iteration)
+        return finish_search(config, problem, state, progress=progress, setup_seconds=setup_seconds, t_start=t_start)
+    except OSError as exc:
+        if is_no_space(exc):  # the last checkpoint stays valid: --resume continues once there is space
+            raise no_space_error(config, n_groups) from exc
+        raise
 
+
+def _run_agent(config: SearchConfig, n_groups: int, *, resume: bool, progress: bool,
+               on_iteration: Callable[[dict], None] | None) -> tuple[SearchState, float]:
+    """Ray, the agent until the stop rule, Ray stopped again (when this call started it); returns the search
+    state and the set-up seconds."""
     t_setup = time.perf_counter()
     res = config.resources
     started_ray = start_ray(res.address, num_cpus=res.num_cpus)
@@ -163,20 +185,18 @@ def run_search(
     try:
         check_fits(env_runner_bundles(config), f"{res.num_env_runners} env runners",
                    "lower resources.num_env_runners, num_cpus_per_env_runner or num_gpus_per_env_runner")
-        search = RLSearch(config, len(problem.space.groups), resume=resume, progress=progress,
-                          on_iteration=on_iteration)
+        search = RLSearch(config, n_groups, resume=resume, progress=progress, on_iteration=on_iteration)
         try:
             search.build()
             setup_seconds = time.perf_counter() - t_setup
-            state = search.run()
+            return search.run(), setup_seconds
         except Exception as exc:
             raise _user_error(exc, search) from exc
     finally:
         if search is not None:
             search.stop()
         if started_ray:
-            ray.shutdown()
-    return finish_search(config, problem, state, progress=progress, setup_seconds=setup_seconds, t_start=t_start)
+            stop_ray()
 
 
 def finish_search(

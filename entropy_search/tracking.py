@@ -279,6 +279,7 @@ class TrialRun:
         self.client = client(self.tracking_uri)
         self.run_id: str | None = None
         self.previous_status: str | None = None
+        self.logged_steps = 0  # iterations a previous attempt of the trial logged: a resume replays them
 
     def open(self, config: Mapping[str, Any], axes: Mapping[str, Any]) -> str:
         """Find or create the run, log the resolved config as params and set it RUNNING; returns the run id."""
@@ -294,6 +295,7 @@ class TrialRun:
             if self.previous_status != "FINISHED":
                 set_tags(self.client, run.info.run_id, {**tags, "entropy_search.restarts": str(
                     int(run.data.tags.get("entropy_search.restarts", "0")) + 1)})
+            self.logged_steps = int(run.data.metrics.get("iteration", 0))
         self.run_id = run.info.run_id
         log_params(self.client, self.run_id, flatten(config))
         if self.previous_status != "FINISHED":
@@ -301,7 +303,11 @@ class TrialRun:
         return self.run_id
 
     def log_iteration(self, metrics: Mapping[str, Any]) -> None:
-        log_metrics(self.client, self.run_id, metrics, step=int(metrics.get("iteration", 0)))
+        """The metrics of one iteration at step = iteration; an iteration a previous attempt of the trial logged
+        (replayed after a resume from an earlier checkpoint) is not logged twice."""
+        step = int(metrics.get("iteration", 0))
+        if step > self.logged_steps:
+            log_metrics(self.client, self.run_id, metrics, step=step)
 
     def log_result(self, result: Mapping[str, Any], out_dir: str | os.PathLike, *, log_model: bool = True,
                    registered_model_name: str | None = None) -> dict[str, float]:

@@ -47,6 +47,7 @@ class SearchState:
     cache: dict[tuple[int, ...], dict] = field(default_factory=dict)
     top_k: list[dict] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
+    pending: set[tuple[int, ...]] = field(default_factory=set)  # cached after the last checkpoint, not yet counted
 
     def add(self, record: dict) -> bool:
         """Count a candidate (an episode); returns whether it was a new evaluation."""
@@ -60,6 +61,9 @@ class SearchState:
             self.eval_seconds += float(record.get("eval_seconds") or 0.0)
         if key not in self.cache:
             self.cache[key] = cache_entry(record)
+            self.update_top_k(self.cache[key])
+        elif key in self.pending:  # evaluated after the checkpoint a resume started from: counted now
+            self.pending.discard(key)
             self.update_top_k(self.cache[key])
         return new
 
@@ -126,6 +130,7 @@ class RLSearch:
         self._restarts_before = 0  # env runner restarts of the runs before a resume
         self._workers: set[int] = set()  # processes that evaluated this run's candidates
         self._healthy = config.resources.num_env_runners  # healthy env runners after the last iteration
+        self._agent: Path | None = None  # the agent folder of the last committed checkpoint
 
     # -- resume
 
@@ -134,32 +139,47 @@ class RLSearch:
 
         Exactly once (docs/design.md, "Run directory and resume"): the agent resumes from its checkpoint and
         replays the iterations after it, so candidates.jsonl is cut back to the checkpoint's iterations (an
-        atomic rewrite) and the replay writes those rows again, once. What was evaluated after the checkpoint is
-        not lost: it stays in the cache, so a replayed candidate is not evaluated twice."""
+        atomic rewrite, which also drops a row torn by a kill or a full disk) and the replay writes those rows
+        again, once. What was evaluated after the checkpoint is not lost: it stays in the cache, so a replayed
+        candidate is not evaluated twice, and enters the top-k when the replay records it."""
         state_path = self.ckpt_dir / STATE_FILE
-        has_agent = (self.ckpt_dir / AGENT_DIR).exists() and state_path.exists()
         saved = json.loads(state_path.read_text()) if state_path.exists() else {}
+        agent = self._agent_dir(saved)
+        has_agent = agent is not None
         cut = int(saved.get("iteration", 0)) if has_agent else 0
         records = read_jsonl(self.ckpt_dir / CACHE_FILE)
+        committed = int(saved.get("cache_size", len(records))) if has_agent else len(records)
         written = read_jsonl(self.candidates_path)
         kept = [r for r in written if int(r.get("iteration", 0)) <= cut]
         later = [r for r in written if int(r.get("iteration", 0)) > cut]
-        if later:
+        if written or self.candidates_path.exists():
             write_jsonl(self.candidates_path, kept)
         self._next_id = max((int(r.get("id", -1)) for r in written), default=-1) + 1
-        for rec in records:
+        for rec in records[:committed]:
             key = tuple(int(c) for c in rec["kept_channels"])
             if key not in self.state.cache:
                 self.state.cache[key] = cache_entry(rec)
                 self.state.update_top_k(self.state.cache[key])
-        for rec in later:  # evaluated after the checkpoint: cached, not counted (the replay counts it)
-            self.state.cache.setdefault(tuple(int(c) for c in rec["kept_channels"]), cache_entry(rec))
+        # evaluated after the checkpoint: cached, not counted (the replay counts it)
+        for rec in [*records[committed:], *later]:
+            key = tuple(int(c) for c in rec["kept_channels"])
+            if key not in self.state.cache:
+                self.state.cache[key] = cache_entry(rec)
+                self.state.pending.add(key)
         if has_agent:
             for name in ("iteration", "episodes", "evaluations", "cache_hits", "eval_seconds", "wall_seconds",
                          "env_runner_restarts", "env_runners_lost"):
                 setattr(self.state, name, type(getattr(self.state, name))(saved.get(name, 0)))
             self.state.history = list(saved.get("history", []))
+            self._agent = agent
         return has_agent
+
+    def _agent_dir(self, saved: dict) -> Path | None:
+        """The agent folder the committed checkpoint names (`agent` for checkpoints from before names), or None."""
+        if not saved:
+            return None
+        agent = self.ckpt_dir / saved.get("agent", AGENT_DIR)
+        return agent if agent.is_dir() else None
 
     def _warm_cache_file(self) -> Path | None:
         if not self.state.cache or not self.config.search.cache:
@@ -179,7 +199,7 @@ class RLSearch:
         quiet_ray_notices()
         self.algo = algo_config.build_algo()
         if has_agent:
-            self.algo.restore_from_path(str((self.ckpt_dir / AGENT_DIR).resolve()))
+            self.algo.restore_from_path(str(self._agent.resolve()))
 
     def run(self) -> SearchState:
         if self.algo is None:
@@ -247,11 +267,11 @@ class RLSearch:
             bar.close()
             if completed:
                 state.wall_seconds = time.perf_counter() - start
-                if state.iteration != last_ckpt or not (self.ckpt_dir / AGENT_DIR).exists():
+                if state.iteration != last_ckpt or self._agent is None:
                     self.save_checkpoint()
             if self._fh is not None:
-                self._fh.close()
-                self._fh = None
+                fh, self._fh = self._fh, None
+                fh.close()
         return state
 
     def stop(self) -> None:
@@ -321,21 +341,31 @@ class RLSearch:
         }
 
     def save_checkpoint(self) -> Path:
-        """Agent (RLlib checkpoint), candidate cache and top-k, written atomically (tmp dir then rename)."""
+        """Agent (RLlib checkpoint), candidate cache and state; `state.json` commits it (docs/design.md, "Run
+        directory and resume").
+
+        The agent is saved to `agent-<iteration>.tmp`, renamed, then `cache.jsonl` and `state.json` (naming the
+        agent folder and how many cache entries it covers) are each written to a temporary file and renamed. A
+        kill or a full disk at any point leaves the previous checkpoint as it was; the folders it no longer needs
+        are deleted after the commit."""
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        agent_dir = self.ckpt_dir / AGENT_DIR
-        tmp = self.ckpt_dir / (AGENT_DIR + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        self.algo.save_to_path(str(tmp.resolve()))
-        old = self.ckpt_dir / (AGENT_DIR + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        if agent_dir.exists():
-            os.replace(agent_dir, old)
-        os.replace(tmp, agent_dir)
-        write_jsonl(self.ckpt_dir / CACHE_FILE, self.state.cache.values())
-        write_json(self.ckpt_dir / STATE_FILE, self.state.to_json())
-        if old.exists():
-            shutil.rmtree(old)
+        agent = self.ckpt_dir / f"{AGENT_DIR}-{self.state.iteration:06d}"
+        if agent != self._agent:  # the agent changes only with iterations: same iteration, same agent
+            tmp = agent.with_name(agent.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(agent, ignore_errors=True)  # an uncommitted leftover
+            try:
+                self.algo.save_to_path(str(tmp.resolve()))
+                os.replace(tmp, agent)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)  # a failed save frees its space
+        cache = self.state.cache
+        counted = [entry for key, entry in cache.items() if key not in self.state.pending]
+        write_jsonl(self.ckpt_dir / CACHE_FILE, counted + [cache[key] for key in self.state.pending])
+        write_json(self.ckpt_dir / STATE_FILE, {**self.state.to_json(), "agent": agent.name,
+                                                "cache_size": len(counted)})
+        self._agent = agent
+        for old in self.ckpt_dir.glob(f"{AGENT_DIR}*"):
+            if old != agent and old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
         return self.ckpt_dir

@@ -42,7 +42,7 @@ from ..errors import ConfigError, EntropySearchError
 from ..plots import sweep_comparison
 from ..problem import PruningSpace, ensure_checkpoint, load_network
 from ..problem.setup import build_budget
-from ..ray_runtime import check_fits, cluster_address, start_ray
+from ..ray_runtime import check_fits, cluster_address, start_ray, stop_ray
 from ..store import check_reachable, resolve_tracking_uri
 from ..summary import aggregate_rows, flatten, format_aggregate, format_table
 from .schema import (
@@ -265,7 +265,7 @@ def run_sweep(
                                      f"`entropy-search sweep ... --resume` continues it") from crash
     finally:
         if started:
-            ray.shutdown()
+            stop_ray()
     return {
         "name": sweep.name, "sweep_dir": str(sweep_dir), "tracking_uri": tracking_uri,
         "experiment": sweep.experiment_name, "experiment_id": experiment_id, "parent_run_id": parent_id,

@@ -1,0 +1,212 @@
+"""Faults injected for real (issue 9): a full disk (a real tmpfs, enlarged afterwards), Ctrl-C of the CLI (no Ray
+process of ours left), a sweep trial whose process is killed (retried from its checkpoint in the same MLflow run).
+
+The tmpfs tests mount one (we may be root); where mounting is not allowed they are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from entropy_search import cli
+from entropy_search.config import load_config
+from entropy_search.errors import EntropySearchError
+from entropy_search.jsonio import read_jsonl
+from entropy_search.rl.rundir import CANDIDATES_FILE, CHECKPOINT_DIR, STATE_FILE, is_no_space
+from entropy_search.summary import read_candidate_table
+
+ray = pytest.importorskip("ray")
+mlflow = pytest.importorskip("mlflow")
+
+from entropy_search import tracking  # noqa: E402
+from entropy_search.search import run_search  # noqa: E402
+from entropy_search.sweep import load_sweep_config, run_sweep  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, train_digits_checkpoint) -> Path:
+    return train_digits_checkpoint(tmp_path_factory.mktemp("baseline") / "digits_cnn.pt", epochs=3)
+
+
+def search_dict(out: Path, checkpoint: Path, **overrides) -> dict:
+    data = {
+        "model": {"checkpoint": str(checkpoint), "train_if_missing": False},
+        "data": {"eval_batch": 128},
+        "search": {"flops_target": 0.5, "top_k": 1, "device": "cpu"},
+        "agent": {"episodes_per_iteration": 8, "num_epochs": 2, "num_minibatches": 2},
+        "resources": {"num_env_runners": 2, "num_cpus_per_env_runner": 1, "driver_threads": 1},
+        "stop": {"iterations": 6},
+        "baselines": {"enabled": False},
+        "finetune": {"epochs": 0},
+        "output": {"dir": str(out), "checkpoint_every": 2, "export_onnx": False},
+    }
+    return load_config(data, overrides).to_dict()
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A 8 MB tmpfs, unmounted afterwards; skipped where mounting is not allowed."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {(done.stderr or done.stdout).strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_too_little_space_is_one_line_before_ray_starts(checkpoint, tmpfs, capsys):
+    """8 MB cannot hold the rows of a million candidates: exit 2, one line naming the folder and the MB needed,
+    nothing written."""
+    out = tmpfs / "run"
+    path = tmpfs.parent / "search.yaml"
+    path.write_text(yaml.safe_dump(search_dict(out, checkpoint, **{"stop.iterations": None,
+                                                                    "stop.candidates": 1_000_000})))
+    assert cli.main(["search", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"no space left on {out}: " in err and " MB needed, " in err and " MB free" in err
+    assert not (out / CANDIDATES_FILE).exists() and not (out / CHECKPOINT_DIR).exists()
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_the_search_in_one_line_and_resume_continues(ray_local, checkpoint, tmpfs):
+    """The tmpfs fills after iteration 3 (a file takes all but 24 KB): the checkpoint of iteration 4 does not fit.
+    One line, the checkpoint of iteration 2 intact and nothing half-written left; after the tmpfs is enlarged,
+    --resume finishes with every candidate once."""
+    out = tmpfs / "run"
+    config = load_config(search_dict(out, checkpoint))
+
+    def fill_the_disk(metrics):
+        if metrics["iteration"] == 3:
+            free = shutil.disk_usage(tmpfs).free
+            (tmpfs / "filler").write_bytes(b"\0" * max(0, free - 24 * 1024))
+
+    with pytest.raises(EntropySearchError) as err:
+        run_search(config, progress=False, on_iteration=fill_the_disk)
+    message = str(err.value)
+    assert message.startswith(f"no space left on {out}: ") and " MB needed" in message and "\n" not in message
+    assert is_no_space(err.value.__cause__)
+    state = json.loads((out / CHECKPOINT_DIR / STATE_FILE).read_text())
+    assert state["iteration"] == 2 and (out / CHECKPOINT_DIR / state["agent"]).is_dir()
+    assert not list((out / CHECKPOINT_DIR).glob("*.tmp")) and not list((out / CHECKPOINT_DIR).glob(".*.tmp"))
+    before = read_jsonl(out / CANDIDATES_FILE)
+
+    subprocess.run(["mount", "-o", "remount,size=64m", str(tmpfs)], check=True)
+    result = run_search(config, resume=True, progress=False)
+    after = read_jsonl(out / CANDIDATES_FILE)
+    assert result["cost"]["iterations"] == 6 and len(after) == result["cost"]["candidates"]
+    assert len({c["id"] for c in after}) == len(after) and {c["iteration"] for c in after} == set(range(1, 7))
+    assert [c for c in after if c["iteration"] <= 2] == [c for c in before if c["iteration"] <= 2]
+
+
+def _ray_processes_of(pid: int) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.Process(pid).children(recursive=True):
+        try:
+            if proc.name().startswith("ray::") or proc.name() in ("raylet", "gcs_server") or "/ray/" in " ".join(
+                    proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _alive(processes: list[psutil.Process]) -> list[str]:
+    out = []
+    for proc in processes:
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(f"{proc.pid} {proc.name()}")
+        except psutil.NoSuchProcess:
+            continue
+    return out
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_no_ray_process_behind(checkpoint, tmp_path):
+    """`entropy-search search` in its own process group, Ctrl-C (SIGINT to the group) mid-search: exit 130, and
+    3 s later none of the Ray processes it started (raylet, GCS, dashboard and runtime-env agents, env runners)
+    is alive."""
+    out = tmp_path / "run"
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(search_dict(out, checkpoint, **{"stop.iterations": 200, "output.checkpoint_every": 1,
+                                                                    "resources.num_cpus": 2})))
+    proc = subprocess.Popen([sys.executable, "-m", "entropy_search.cli", "search", str(path), "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "RAY_ADDRESS": ""})
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None and not (out / CHECKPOINT_DIR / STATE_FILE).exists():
+            time.sleep(0.5)
+        ours = _ray_processes_of(proc.pid)
+        assert proc.poll() is None and any(p.name() == "raylet" for p in ours), "the search never reached a checkpoint"
+        assert sum(p.name().startswith("ray::SingleAgentEnvRunner") for p in ours) == 2
+        os.killpg(proc.pid, signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, output[-3000:]
+    time.sleep(3)
+    assert _alive(ours) == []
+
+
+@pytest.mark.slow
+def test_a_killed_trial_is_retried_from_its_checkpoint_in_the_same_run(ray_local, checkpoint, store, no_default_store,
+                                                                       tmp_path):
+    """SIGKILL of a trial's process (Tune's function-trainable actor) after its search's first checkpoint: Tune
+    retries it (`max_failures`), the search resumes from its checkpoint (iteration 1 is not logged again), in
+    the same MLflow run; one run per trial, none left RUNNING, every candidate once in candidates.csv."""
+    base = search_dict(tmp_path / "unused", checkpoint, **{"stop.iterations": 8, "output.checkpoint_every": 1,
+                                                           "agent.episodes_per_iteration": 4})
+    base.pop("resources")
+    base["output"].pop("dir")
+    sweep = load_sweep_config({
+        "name": "retry", "base": base, "axes": {"seed": [0, 1]}, "max_concurrent_trials": 2, "max_failures": 1,
+        "storage_path": str(tmp_path / "sweeps"), "mlflow": {"tracking_uri": store, "log_model": False},
+        "resources": {"cpus_per_trial": 0.5, "num_env_runners": 1, "cpus_per_env_runner": 0.5},
+    })
+    killed: list[tuple[int, str]] = []
+
+    def kill_one_trial() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            states = list(Path(sweep.sweep_dir).glob(f"*/search/{CHECKPOINT_DIR}/{STATE_FILE}"))
+            trials = [p for p in psutil.Process().children(recursive=True) if p.name().startswith("ray::ImplicitFunc")]
+            if states and trials:
+                trials[0].kill()
+                killed.append((trials[0].pid, states[0].parts[-4]))
+                return
+            time.sleep(0.5)
+
+    killer = threading.Thread(target=kill_one_trial, daemon=True)
+    killer.start()
+    result = run_sweep(sweep, verbose=0)
+    killer.join(timeout=1)
+    assert killed, "no trial process was killed"
+    assert result["status"] == "FINISHED" and result["failed"] == 0 and result["errors"] == 0
+    mlclient = tracking.client(store)
+    runs = tracking.trial_runs(mlclient, result["experiment_id"], result["parent_run_id"])
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    assert sorted(r.data.tags.get("entropy_search.restarts", "0") for r in runs) == ["0", "1"]
+    for run in runs:
+        steps = [m.step for m in mlclient.get_metric_history(run.info.run_id, "iteration")]
+        assert sorted(steps) == list(range(1, 9)), steps  # each iteration once: the retry resumed, not restarted
+        out = Path(sweep.sweep_dir) / run.data.tags[tracking.TRIAL_NAME_TAG] / "search"
+        res = json.loads((out / "result.json").read_text())
+        rows = read_candidate_table(mlclient.download_artifacts(run.info.run_id, "candidates.csv", str(tmp_path)))
+        assert len(rows) == len({r["id"] for r in rows}) == res["cost"]["candidates"]
