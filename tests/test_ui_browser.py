@@ -46,7 +46,7 @@ def _give_up(reason: str):
 
 @pytest.fixture(scope="module")
 def browser():
-    """Headless Chromium driven by Selenium, 1600x1000."""
+    """Headless Chromium driven by Selenium, 1600x1200."""
     try:
         from selenium import webdriver  # deferred: an optional test dependency (the dev extra)
         from selenium.webdriver.chrome.service import Service
@@ -59,7 +59,7 @@ def browser():
     options = webdriver.ChromeOptions()
     options.binary_location = binary
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1600,1000", "--hide-scrollbars"):
+                "--window-size=1600,1200", "--hide-scrollbars"):
         options.add_argument(arg)
     chrome = webdriver.Chrome(service=Service(driver), options=options)
     yield chrome
@@ -217,7 +217,7 @@ def test_ui_shows_the_sweep_its_trials_charts_and_plot(browser, sweep, ui, shots
               f"a link to the child run {name}")
     widths = _wait(browser, lambda c: _loaded_images(c, "comparison.png"), "the FLOPs-vs-accuracy plot, loaded")
     assert widths[0] > 500
-    browser.execute_script("[...document.images].find(i => i.src.includes('comparison.png')).scrollIntoView()")
+    browser.execute_script("window.scrollTo(0, 0)")
     time.sleep(0.5)
     browser.save_screenshot(str(shots / "3-parent-run.png"))
 
