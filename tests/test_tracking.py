@@ -197,7 +197,9 @@ def test_sweep_experiment_opens_as_model_training_with_its_trials_view_and_story
         assert f"[{name}]({tracking.run_link(exp, run_id)})" in note
     assert "81.00%" in note and "88.00%" in note
 
+    mlclient.delete_experiment_tag(exp, key)  # a sweep logged by an older version: `ui` saves its view
     assert list(ui.sweep_pages(store).values()) == [links["runs"], links["parent"]]
+    assert json.loads(mlclient.get_experiment(exp).tags[key]) == view
     assert list(ui.sweep_pages(store, "story").values()) == [links["runs"], links["parent"]]
     with pytest.raises(EntropySearchError, match="no sweep 'nope'"):
         ui.sweep_pages(store, "nope")
