@@ -197,9 +197,13 @@ def test_sweep_experiment_opens_as_model_training_with_its_trials_view_and_story
         assert f"[{name}]({tracking.run_link(exp, run_id)})" in note
     assert "81.00%" in note and "88.00%" in note
 
-    mlclient.delete_experiment_tag(exp, key)  # a sweep logged by an older version: `ui` saves its view
+    # a sweep logged by an older version: `ui` saves its view and tells its story
+    mlclient.delete_experiment_tag(exp, key)
+    mlclient.set_tag(parent, tracking.NOTE_TAG, "a story")
+    mlclient.set_terminated(parent)
     assert list(ui.sweep_pages(store).values()) == [links["runs"], links["parent"]]
     assert json.loads(mlclient.get_experiment(exp).tags[key]) == view
+    assert mlclient.get_run(parent).data.tags[tracking.NOTE_TAG] == note.replace("a story", "sweep story", 1)
     assert list(ui.sweep_pages(store, "story").values()) == [links["runs"], links["parent"]]
     with pytest.raises(EntropySearchError, match="no sweep 'nope'"):
         ui.sweep_pages(store, "nope")

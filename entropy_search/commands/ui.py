@@ -150,8 +150,8 @@ def run(args: argparse.Namespace) -> int:
 
 def sweep_pages(uri: str, name: str | None = None) -> dict[str, str]:
     """{label: UI page relative to the root address} of sweep `name` (default: the latest sweep in the
-    store); empty when the store holds no sweep. Sweeps logged by older versions get their experiment's
-    model-training tag and their runs view here."""
+    store); empty when the store holds no sweep. A sweep logged by an older version gets its
+    experiment's model-training tag, its runs view and, once it has ended, its parent run's story here."""
     from .. import tracking  # deferred: tracking imports torch, Ray and MLflow (seconds)
 
     mlclient = tracking.client(uri)
@@ -166,6 +166,11 @@ def sweep_pages(uri: str, name: str | None = None) -> dict[str, str]:
         tracking.publish_sweep_view(mlclient, experiment.experiment_id, run.info.run_id)
     links = tracking.sweep_links(experiment.experiment_id, run.info.run_id)
     sweep = run.data.tags.get(tracking.SWEEP_TAG, run.info.run_name)
+    if run.info.status != "RUNNING" and links["runs"] not in run.data.tags.get(tracking.NOTE_TAG, ""):
+        rows = tracking.sweep_rows(mlclient, experiment.experiment_id, run.info.run_id)
+        description = run.data.params.get("sweep.description") or f"sweep {sweep}"
+        tracking.set_tags(mlclient, run.info.run_id, {tracking.NOTE_TAG: tracking.sweep_description(
+            description, rows, experiment.experiment_id, run.info.run_id)})
     return {f"sweep {sweep!r}, its trials (FLOPs vs accuracy)": links["runs"],
             f"sweep {sweep!r}, its parent run (summary table and plot)": links["parent"]}
 
