@@ -2,9 +2,12 @@
 
 The only module that imports MLflow (the pure tables it logs are in `entropy_search.summary`). What is recorded:
 
+* experiment: tagged as model training (``mlflow.experimentKind``), and per sweep a saved runs view
+  (its trials with FLOPs ratio and accuracies as columns and charts) that `sweep_links` addresses;
 * parent run (tag ``entropy_search.role=sweep``): the sweep's settings as params, the environment as
   tags, and at the end the cross-trial summary table (``summary.csv``, ``summary.md``,
-  ``summary.json``) and the FLOPs-versus-accuracy comparison plot (``comparison.png``);
+  ``summary.json``) and the FLOPs-versus-accuracy comparison plot (``comparison.png``), both shown in
+  its description (``mlflow.note.content``) with a link to each trial's run;
 * child run per trial (tags ``mlflow.parentRunId`` and ``entropy_search.trial_name``): params = the
   trial's fully resolved search config flattened to dotted keys; tags = git commit, package, Ray,
   torch and MLflow versions, hardware; metrics per training iteration (step = iteration: reward
@@ -58,6 +61,7 @@ from .summary import (
     final_metrics,
     finite,
     flatten,
+    format_table,
     numeric,
     write_candidate_table,
     write_summary,
@@ -72,6 +76,15 @@ TRIAL_NAME_TAG = "entropy_search.trial_name"
 AXES_TAG = "entropy_search.axes"
 STATUS_NOTE_TAG = "entropy_search.status_note"
 PARENT_TAG = "mlflow.parentRunId"
+NOTE_TAG = "mlflow.note.content"
+#: The experiment tag MLflow 3 reads to tell model training from GenAI experiments, and its value for ours.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+#: Experiment tag prefix of a shared runs view (what the UI's "Share" button saves; the URL names its key).
+SHARED_VIEW_PREFIX = "mlflow.sharedViewState."
+#: Final metrics shown as columns of a sweep's runs view, in this order.
+VIEW_METRICS = ("macs_ratio", "test_accuracy", "heldout_accuracy", "uniform_test_accuracy", "random_test_accuracy",
+                "params_ratio", "reward")
 
 #: MLflow limits: params per batch and characters per param value.
 _PARAMS_PER_BATCH = 100
@@ -91,23 +104,31 @@ def _slug(text: str) -> str:
 
 
 def get_or_create_experiment(mlclient, name: str, tracking_uri: str) -> str:
-    """The id of experiment `name`, created (or restored from the bin) when needed."""
+    """The id of experiment `name`, created (or restored from the bin) when needed, marked as model training."""
     found = mlclient.get_experiment_by_name(name)
     if found is not None:
         if found.lifecycle_stage == "deleted":
             mlclient.restore_experiment(found.experiment_id)
+        mark_model_training(mlclient, found)
         return found.experiment_id
     location = None
     store = local_store_dir(tracking_uri) if tracking_uri.startswith("sqlite:") else None
     if store is not None:
         location = (store / "mlruns" / _slug(name)).resolve().as_uri()
     try:
-        return mlclient.create_experiment(name, artifact_location=location)
+        return mlclient.create_experiment(name, artifact_location=location,
+                                          tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except Exception:  # created meanwhile by another process
         found = mlclient.search_experiments(view_type=ViewType.ALL, filter_string=f"name = '{_quote(name)}'")
         if found:
             return found[0].experiment_id
         raise
+
+
+def mark_model_training(mlclient, experiment) -> None:
+    """Tag an experiment as model training (experiments made before the tag existed lack it)."""
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        mlclient.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
 
 def _quote(value: str) -> str:
@@ -244,7 +265,88 @@ def open_sweep_run(mlclient, experiment_id: str, *, name: str, sweep_dir: str, p
     all_tags = {ROLE_TAG: "sweep", SWEEP_TAG: name, SWEEP_DIR_TAG: sweep_dir, **tags}
     run = mlclient.create_run(experiment_id, tags=all_tags, run_name=name)
     log_params(mlclient, run.info.run_id, params)
+    publish_sweep_view(mlclient, experiment_id, run.info.run_id)
     return run.info.run_id, False
+
+
+# ---------------------------------------------------------------- what the MLflow UI opens on
+#
+# MLflow 3.17's UI chooses between its GenAI and its model-training navigation by the URL parameter
+# `workflowType` (else the browser's last choice, GenAI at first); older MLflow 3 releases read the
+# experiment tag `mlflow.experimentKind`. Our addresses carry the parameter and our experiments the tag.
+
+
+def sweep_view_key(parent_run_id: str) -> str:
+    """The key of a sweep's shared runs view (experiment tag ``mlflow.sharedViewState.<key>``)."""
+    return f"entropy-search-{parent_run_id}"
+
+
+def sweep_view_state(parent_run_id: str) -> dict[str, Any]:
+    """A sweep's runs view, in the format the UI saves for its "Share" button: the sweep's trials (a
+    filter lists them flat instead of folded under the parent run), sorted by FLOPs ratio, the final
+    FLOPs ratio and accuracies as columns, and charts of FLOPs ratio versus test and held-out accuracy
+    and of the reward per iteration."""
+    section = "entropy-search-sweep"
+    columns = [f"metrics.`{key}`" for key in VIEW_METRICS]
+
+    def chart(uuid: str, **config) -> dict[str, Any]:
+        return {"uuid": f"entropy-search-{uuid}", "runsCountToCompare": 100, "metricSectionId": section,
+                "deleted": False, "isGenerated": False, **config}
+
+    def scatter(y: str, title: str) -> dict[str, Any]:
+        return chart(y, type="SCATTER", displayName=title, xaxis={"key": "macs_ratio", "type": "METRIC"},
+                     yaxis={"key": y, "type": "METRIC"})
+
+    def line(key: str) -> dict[str, Any]:
+        return chart(key, type="LINE", displayName=key, metricKey=key, selectedMetricKeys=[key], xAxisKey="step",
+                     scaleType="linear", lineSmoothness=0)
+
+    return {
+        "searchFilter": f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+        "orderByKey": "metrics.`macs_ratio`",
+        "orderByAsc": True,
+        "selectedColumns": columns,
+        "columnOrder": columns,
+        "compareRunCharts": [scatter("test_accuracy", "FLOPs ratio vs test accuracy after fine-tuning"),
+                             scatter("heldout_accuracy", "FLOPs ratio vs held-out accuracy at search time"),
+                             line("best_reward"), line("reward_mean")],
+        "compareRunSections": [{"uuid": section, "name": "FLOPs vs accuracy", "display": True, "isReordered": False,
+                                "deleted": False, "isGenerated": False}],
+    }
+
+
+def publish_sweep_view(mlclient, experiment_id: str, parent_run_id: str) -> None:
+    """Save the sweep's runs view on its experiment (the address in `sweep_links` opens it)."""
+    mlclient.set_experiment_tag(experiment_id, SHARED_VIEW_PREFIX + sweep_view_key(parent_run_id),
+                                json.dumps(sweep_view_state(parent_run_id)))
+
+
+def run_link(experiment_id: str, run_id: str) -> str:
+    """A run's page, relative to the UI's root address (a URL fragment)."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
+def sweep_links(experiment_id: str, parent_run_id: str) -> dict[str, str]:
+    """The UI pages of a sweep, relative to the UI's root address: ``runs`` (its trials with FLOPs and
+    accuracy as columns and charts) and ``parent`` (the parent run: description, summary, plot)."""
+    return {"runs": (f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+                     f"&viewStateShareKey={sweep_view_key(parent_run_id)}"),
+            "parent": run_link(experiment_id, parent_run_id)}
+
+
+def sweep_description(description: str, rows: Sequence[Mapping[str, Any]], experiment_id: str,
+                      parent_run_id: str) -> str:
+    """The parent run's description (markdown): the sweep's own description, a link to its trials, the
+    FLOPs-versus-accuracy plot (the run's ``comparison.png`` artifact) and the summary table, each trial
+    linked to its run."""
+    links = sweep_links(experiment_id, parent_run_id)
+    linked = [{**row, "trial": f"[{row['trial']}]({run_link(experiment_id, row['run_id'])})"} for row in rows]
+    return "\n\n".join([
+        description,
+        f"**[The {len(rows)} trials side by side: FLOPs ratio and accuracy as columns and charts]({links['runs']})**",
+        f"![FLOPs ratio vs accuracy per trial](get-artifact?path=comparison.png&run_uuid={parent_run_id})",
+        format_table(linked, markdown=True),
+    ]) + "\n"
 
 
 def close_unfinished_trials(mlclient, experiment_id: str, parent_run_id: str, status: str, note: str) -> list[str]:
@@ -436,12 +538,16 @@ def _float(value):
 
 
 def log_sweep_summary(mlclient, experiment_id: str, parent_run_id: str, out_dir: str | os.PathLike,
-                      *, title: str = "") -> tuple[list[dict], dict[str, Path]]:
-    """Build the summary from the child runs, write it to `out_dir` and log it on the parent run."""
+                      *, title: str = "", description: str = "") -> tuple[list[dict], dict[str, Path]]:
+    """Build the summary from the child runs, write it to `out_dir`, log it on the parent run and tell
+    it in the run's description (`sweep_description`)."""
     rows = sweep_rows(mlclient, experiment_id, parent_run_id)
     paths = write_summary(rows, out_dir, title=title)
     for path in paths.values():
         mlclient.log_artifact(parent_run_id, str(path))
+    set_tags(mlclient, parent_run_id, {
+        NOTE_TAG: sweep_description(description or title, rows, experiment_id, parent_run_id)})
+    publish_sweep_view(mlclient, experiment_id, parent_run_id)  # sweeps begun before the view existed
     statuses = [r["status"] for r in rows]
     log_metrics(mlclient, parent_run_id, {
         "trials": len(rows), "trials_finished": statuses.count("FINISHED"),

@@ -152,3 +152,58 @@ def test_trial_run_is_found_again_and_logs_everything(store, fake_search):
     assert tracking.find_sweep_run(mlclient, name="sw").info.run_id == parent
     assert tracking.find_sweep_run(mlclient, sweep_dir="/tmp/sw").info.run_id == parent
     assert tracking.find_sweep_run(mlclient, name="nope") is None
+
+
+def test_sweep_experiment_opens_as_model_training_with_its_trials_view_and_story(store, tmp_path):
+    """What the MLflow UI reads: the experiment-kind tag, the sweep's saved runs view (its trials flat,
+    FLOPs ratio and accuracy as columns, a FLOPs-vs-accuracy scatter) and the parent run's description
+    (the plot artifact, a link to each trial's run); `ui` finds the latest sweep's pages. The browser
+    test (tests/test_ui_browser.py) checks what MLflow makes of them."""
+    from entropy_search.commands import ui
+    from entropy_search.errors import EntropySearchError
+
+    mlclient = tracking.client(store)
+    old = mlclient.create_experiment("made-before-the-tag")  # an experiment of an older version
+    assert tracking.get_or_create_experiment(mlclient, "made-before-the-tag", store) == old
+    exp = tracking.get_or_create_experiment(mlclient, "story", store)
+    for experiment_id in (old, exp):
+        assert mlclient.get_experiment(experiment_id).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+
+    parent, _ = tracking.open_sweep_run(mlclient, exp, name="story", sweep_dir=str(tmp_path / "story"), params={},
+                                        tags={}, resume=False)
+    key = tracking.SHARED_VIEW_PREFIX + tracking.sweep_view_key(parent)
+    view = json.loads(mlclient.get_experiment(exp).tags[key])
+    assert view["searchFilter"] == f"tags.`mlflow.parentRunId` = '{parent}'"
+    assert view["selectedColumns"][:2] == ["metrics.`macs_ratio`", "metrics.`test_accuracy`"]
+    scatter = view["compareRunCharts"][0]
+    assert scatter["type"] == "SCATTER" and (scatter["xaxis"]["key"], scatter["yaxis"]["key"]) == (
+        "macs_ratio", "test_accuracy")
+
+    trials = {}
+    for name, (macs, acc) in {"t00000-reward=entropy": (0.49, 0.81), "t00001-reward=accuracy": (0.48, 0.88)}.items():
+        run = mlclient.create_run(exp, run_name=name, tags={tracking.PARENT_TAG: parent, tracking.ROLE_TAG: "trial",
+                                                            tracking.TRIAL_NAME_TAG: name})
+        tracking.log_metrics(mlclient, run.info.run_id, {"macs_ratio": macs, "test_accuracy": acc})
+        mlclient.set_terminated(run.info.run_id)
+        trials[name] = run.info.run_id
+    tracking.log_sweep_summary(mlclient, exp, parent, tmp_path / "summary", title="sweep story",
+                               description="a story")
+    note = mlclient.get_run(parent).data.tags[tracking.NOTE_TAG]
+    links = tracking.sweep_links(exp, parent)
+    assert note.startswith("a story\n") and f"({links['runs']})" in note
+    assert f"(get-artifact?path=comparison.png&run_uuid={parent})" in note
+    assert "comparison.png" in {a.path for a in mlclient.list_artifacts(parent)}
+    for name, run_id in trials.items():
+        assert f"[{name}]({tracking.run_link(exp, run_id)})" in note
+    assert "81.00%" in note and "88.00%" in note
+
+    # a sweep logged by an older version: `ui` saves its view and tells its story
+    mlclient.delete_experiment_tag(exp, key)
+    mlclient.set_tag(parent, tracking.NOTE_TAG, "a story")
+    mlclient.set_terminated(parent)
+    assert list(ui.sweep_pages(store).values()) == [links["runs"], links["parent"]]
+    assert json.loads(mlclient.get_experiment(exp).tags[key]) == view
+    assert mlclient.get_run(parent).data.tags[tracking.NOTE_TAG] == note.replace("a story", "sweep story", 1)
+    assert list(ui.sweep_pages(store, "story").values()) == [links["runs"], links["parent"]]
+    with pytest.raises(EntropySearchError, match="no sweep 'nope'"):
+        ui.sweep_pages(store, "nope")

@@ -1,9 +1,12 @@
 """`entropy-search ui`: the MLflow UI for the configured store, on 127.0.0.1, until Ctrl-C.
 
 Starts `mlflow server` on the local store (``--tracking-uri``, else MLFLOW_TRACKING_URI, else
-./mlflow.db), waits until its /health answers, prints its address, and stops it (its whole process
-group) on Ctrl-C or SIGTERM. When the configured store is already a tracking server (http...), it
-prints that address instead: the server is the UI.
+./mlflow.db), waits until its /health answers, prints its address and the pages of the latest sweep
+(or `--sweep NAME`): its trials side by side (FLOPs ratio and accuracies as columns and charts) and
+its parent run (description with the summary table and the FLOPs-versus-accuracy plot); `--open`
+opens the first in a browser. It stops the server (its whole process group) on Ctrl-C or SIGTERM.
+When the configured store is already a tracking server (http...), it prints that address instead:
+the server is the UI. See docs/design.md, "Tracking".
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import webbrowser
 from pathlib import Path
 
 from ..errors import EntropySearchError
@@ -37,6 +41,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=5000, help="port (0: any free port)")
     parser.add_argument("--workers", type=int, default=1, help="server worker processes")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server to answer")
+    parser.add_argument("--sweep", default=None, help="print the pages of this sweep (default: the latest one)")
+    parser.add_argument("--open", action="store_true", help="open the sweep's page (else the UI) in a web browser")
     parser.set_defaults(func=run)
     return parser
 
@@ -108,10 +114,14 @@ def run(args: argparse.Namespace) -> int:
     if not is_local_store(uri):
         print(f"the configured store is a tracking server: open {uri} (it serves the UI)", flush=True)
         return 0
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
-        if not db.exists():
-            print(f"note: {db} does not exist yet; the UI will show an empty store until a sweep logs to it", flush=True)
+    pages: dict[str, str] = {}
+    db = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+    if db is not None and not db.exists():
+        if args.sweep:
+            raise EntropySearchError(f"no MLflow store at {db} (set --tracking-uri or MLFLOW_TRACKING_URI)")
+        print(f"note: {db} does not exist yet; the UI will show an empty store until a sweep logs to it", flush=True)
+    else:
+        pages = sweep_pages(uri, args.sweep)
 
     def stop(*_):
         raise KeyboardInterrupt
@@ -121,6 +131,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         proc, url = start_server(uri, args.host, args.port, args.workers, args.timeout)
         print(f"MLflow UI: {url}  (store: {uri}; Ctrl-C stops it)", flush=True)
+        for label, page in pages.items():
+            print(f"{label}: {url}/{page}", flush=True)
+        if args.open:
+            first = f"{url}/{next(iter(pages.values()))}" if pages else url
+            if not webbrowser.open(first):
+                print(f"note: no web browser could be started here; open {first}", flush=True)
         while proc.poll() is None:
             time.sleep(0.5)
         return proc.returncode or 0
@@ -130,6 +146,33 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous)
         if proc is not None:
             _stop(proc)
+
+
+def sweep_pages(uri: str, name: str | None = None) -> dict[str, str]:
+    """{label: UI page relative to the root address} of sweep `name` (default: the latest sweep in the
+    store); empty when the store holds no sweep. A sweep logged by an older version gets its
+    experiment's model-training tag, its runs view and, once it has ended, its parent run's story here."""
+    from .. import tracking  # deferred: tracking imports torch, Ray and MLflow (seconds)
+
+    mlclient = tracking.client(uri)
+    run = tracking.find_sweep_run(mlclient, name=name)
+    if run is None:
+        if name is not None:
+            raise EntropySearchError(f"no sweep {name!r} in the MLflow store {uri}")
+        return {}
+    experiment = mlclient.get_experiment(run.info.experiment_id)
+    tracking.mark_model_training(mlclient, experiment)
+    if tracking.SHARED_VIEW_PREFIX + tracking.sweep_view_key(run.info.run_id) not in experiment.tags:
+        tracking.publish_sweep_view(mlclient, experiment.experiment_id, run.info.run_id)
+    links = tracking.sweep_links(experiment.experiment_id, run.info.run_id)
+    sweep = run.data.tags.get(tracking.SWEEP_TAG, run.info.run_name)
+    if run.info.status != "RUNNING" and links["runs"] not in run.data.tags.get(tracking.NOTE_TAG, ""):
+        rows = tracking.sweep_rows(mlclient, experiment.experiment_id, run.info.run_id)
+        description = run.data.params.get("sweep.description") or f"sweep {sweep}"
+        tracking.set_tags(mlclient, run.info.run_id, {tracking.NOTE_TAG: tracking.sweep_description(
+            description, rows, experiment.experiment_id, run.info.run_id)})
+    return {f"sweep {sweep!r}, its trials (FLOPs vs accuracy)": links["runs"],
+            f"sweep {sweep!r}, its parent run (summary table and plot)": links["parent"]}
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -192,7 +192,7 @@ def run_sweep(
         env_tags = tracking.environment_tags()
         parent_id, reused = tracking.open_sweep_run(
             mlclient, experiment_id, name=sweep.name, sweep_dir=str(sweep_dir), params=_sweep_params(sweep),
-            tags={**env_tags, "mlflow.note.content": sweep.description or f"sweep {sweep.name}",
+            tags={**env_tags, tracking.NOTE_TAG: sweep.description or f"sweep {sweep.name}",
                   tracking.AXES_TAG: json.dumps(list(sweep.axes))},
             resume=resume)
         if verbose:
@@ -253,7 +253,7 @@ def run_sweep(
                     else "the trial's process ended without closing its run")
             tracking.close_unfinished_trials(mlclient, experiment_id, parent_id, "FAILED", note)
         rows, paths = tracking.log_sweep_summary(mlclient, experiment_id, parent_id, sweep_dir / "summary",
-                                                 title=f"sweep {sweep.name}")
+                                                 title=f"sweep {sweep.name}", description=sweep.description)
         failed = sum(r["status"] == "FAILED" for r in rows)
         status = "KILLED" if interrupted else ("FAILED" if failed and failed == len(rows) else "FINISHED")
         tracking.log_metrics(mlclient, parent_id, {"wall_seconds": time.perf_counter() - t0})
