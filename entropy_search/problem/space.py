@@ -382,9 +382,9 @@ class PruningSpace:
             if mapped:
                 shuffle = next((node for node in mapped if node in self._shuffles), self._shuffles[0])
                 raise _UnsupportedGroup(
-                    f"its channels pass a {type(mapped[0].module).__name__.strip('_')} in a model whose channels are "
-                    f"shuffled{self._near(shuffle)}: a reshape that splits or merges channels, which Torch-Pruning "
-                    "cannot map")
+                    f"its channels pass a {type(mapped[0].module).__name__.strip('_')} in a model with a reshape "
+                    f"that splits or merges channels{self._near(shuffle)} (a channel shuffle, attention heads), "
+                    "whose channels Torch-Pruning cannot map")
         root_dep = group.items[0].dep
         root, root_fn = root_dep.target.module, root_dep.handler
         channels = self._channels_of(graph, root, root_fn)
@@ -795,8 +795,9 @@ _MAPPED_OPS = (tp.ops.OPTYPE.CONCAT, tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.RESHAPE,
 
 
 def _channel_mixing_reshapes(graph: tp.DependencyGraph) -> list:
-    """Reshape nodes between tensors of four or more dims that change dim 1 (a feature map's channels): they split
-    or merge channels, as a channel shuffle's view/transpose/view does ([N, C, H, W] -> [N, 2, C/2, H, W] and back).
+    """Reshape nodes between tensors of four or more dims that change the dim holding the channels of the nearest
+    layer upstream (`_channel_dim`: 1 after a conv or batch norm, the last after a linear layer): they split or
+    merge channels, as a channel shuffle's view/transpose/view does ([N, C, H, W] -> [N, 2, C/2, H, W] and back).
     Sizes come from the autograd node (input sizes saved, output size in its metadata); a reshape whose sizes it
     does not expose is left to Torch-Pruning."""
     found = []
@@ -808,9 +809,26 @@ def _channel_mixing_reshapes(graph: tp.DependencyGraph) -> list:
             after = tuple(node.grad_fn._input_metadata[0].shape)
         except (AttributeError, IndexError, TypeError):
             continue
-        if len(before) >= 4 and len(after) >= 4 and before[1] != after[1]:
-            found.append(node)
+        if len(before) >= 4 and len(after) >= 4:
+            layer = _layer_upstream(graph, node)
+            dim = _channel_dim(layer) if layer is not None else 1
+            if before[dim] != after[dim]:
+                found.append(node)
     return found
+
+
+def _layer_upstream(graph: tp.DependencyGraph, node) -> nn.Module | None:
+    """The nearest conv, linear or norm layer upstream of a graph node (breadth first), None when there is none."""
+    seen, queue = set(), list(node.inputs)
+    while queue:
+        current = queue.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current.module, _SLICEABLE):
+            return current.module
+        queue.extend(current.inputs)
+    return None
 
 
 _tp_update_index_mapping = tp.dependency.index_mapping.update_index_mapping
@@ -820,8 +838,9 @@ def _update_index_mapping(graph: tp.DependencyGraph) -> None:
     """Torch-Pruning's index-mapping update (at the end of every graph build and before every group it forms), left
     out in a graph with a channel-mixing reshape: its channel-count inference follows channels through such a
     reshape as if it kept them, which gives wrong offsets to the concatenations and splits around it (ShuffleNet
-    v2: a ZeroDivisionError, an IndexError or silently wrong channels). Left out, every concat, split and reshape
-    keeps Torch-Pruning's identity mapping, and `PruningSpace` keeps every group that meets one of them whole."""
+    v2: a ZeroDivisionError, an IndexError or silently wrong channels; MaxViT's attention heads: an inference that
+    does not finish). Left out, every concat, split and reshape keeps Torch-Pruning's identity mapping, and
+    `PruningSpace` keeps every group that meets one of them whole."""
     if not _channel_mixing_reshapes(graph):
         _tp_update_index_mapping(graph)
 
