@@ -18,9 +18,7 @@ from entropy_search.errors import EntropySearchError
 MODELS = torchvision.models.list_models(module=torchvision.models)
 # Refused, and why (the test fails when one of them starts to work, so the README's figure stays true):
 REFUSED = {
-    **{name: "Torch-Pruning cannot follow" for name in MODELS if name.startswith("shufflenet")},  # channel shuffle
     **{name: "Torch-Pruning" for name in MODELS if name.startswith("swin")},  # shape inference of shifted windows
-    "maxvit_t": "Torch-Pruning",  # the analysis does not finish (and grows past 10 GB) at 224x224
 }
 # The smallest inputs the architectures take (exactness does not depend on the size; 224 is slow on 2 cores)
 SIZES = {"inception_v3": 96, "maxvit_t": 224}

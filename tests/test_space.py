@@ -91,6 +91,25 @@ def test_group_structure():
     assert sum(g.macs for g in resnet56.groups) <= resnet56.base_macs
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_channel_shuffle_keeps_the_shuffled_channels_whole(seed):
+    """ShuffleNet v2: the channels its shuffle interleaves stay whole (named in `fixed_groups`), the stem, the head
+    and every block's inner width are pruned, exactly."""
+    name = "tv:shufflenet_v2_x0_5"
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10).eval()
+    _randomise_bn(model, 0)
+    space = PruningSpace(model, _example(name))
+    assert space.fixed_groups and all("splits or merges channels" in reason and "near layer" in reason for reason in space.fixed_groups)
+    inner = [g for g in space.groups if ".branch2." in g.name]
+    assert len(inner) == 16, "one group per block (4 + 8 + 4 blocks)"
+    shuffled = ("branch1.2", "branch1.3", "branch2.5", "branch2.6")  # the branches' outputs, concatenated and shuffled
+    assert not any(m.endswith(shuffled) for g in space.groups for m in g.members)
+    assert {g.name for g in space.groups} >= {"conv1.0", "conv5.0"}
+    rng = random.Random(seed)
+    assert_exact(space, _example(name, batch=3), [rng.uniform(0.1, 1.0) for _ in space.groups])
+
+
 def test_kept_channels_rounding():
     model = create_model("resnet20").eval()
     space = PruningSpace(model, torch.randn(1, 3, 32, 32), round_to=8)
