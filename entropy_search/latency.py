@@ -6,6 +6,7 @@ are not speed-ups (memory traffic, kernel shapes and launch costs decide that), 
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from collections.abc import Sequence
@@ -82,6 +83,21 @@ def onnx_latency(path: str | Path, example_input: torch.Tensor, *, batch_sizes: 
         got = session.run(None, {name: x.numpy()})[0]
         out["max_rel_diff_vs_pytorch"] = float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-12))
     return out
+
+
+def device_name(device: str | torch.device) -> str:
+    """The hardware behind a torch device: the GPU's name, or the CPU's model name."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def speedup(base: dict, pruned: dict) -> dict[str, float]:

@@ -1,0 +1,251 @@
+"""A latency budget's cost model: the predicted latency of a candidate from a per-group latency table
+(docs/design.md, "Latency budget").
+
+The table is measured once per (network architecture, device, batch, threads, rounding, min_keep) and cached
+as JSON: physically pruned networks (`PruningSpace.prune`) timed by `entropy_search.latency.torch_latency`, the
+one latency measurement of the project. What is measured:
+
+* a ladder of uniform networks (every group at keep 1.0, 0.95, ..., min_keep);
+* around a reference, the ladder network closest to the target, with the unpruned network and each group alone at a few of its counts (the
+  others at the reference): `T_g(c)`, made non-decreasing in `c` by isotonic regression (so the clipping's feasible
+  options stay a prefix).
+
+Prediction: additive around the reference, plus the part of the MAC count an additive model misses (a layer
+between two pruned groups costs kept inputs x kept outputs, not the sum of the two savings), at the table's
+milliseconds per MAC `lam` fitted on the uniform ladder:
+
+    L(c) = L_ref + sum_g (T_g(c_g) - L_ref) + lam * (MACs(c) - A(c)),
+    A(c) = M_ref + sum_g (MACs(ref with g at c_g) - M_ref)
+
+which is exact at the reference and along each measured group, and linear between measured counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.optimize import isotonic_regression
+
+from ..errors import EntropySearchError
+from ..jsonio import write_json
+from ..latency import torch_latency
+from .budget import MacsForm
+from .space import PruningSpace
+
+log = logging.getLogger(__name__)
+
+TABLE_VERSION = 1
+LADDER_STEP = 0.05
+"""Keep-ratio step of the uniform ladder."""
+POINTS_PER_GROUP = 5
+"""Counts measured per group besides the reference (the smallest and largest options included)."""
+
+
+class LatencyTable:
+    """Predicted milliseconds of a candidate's forward (see the module docstring); `base` is the unpruned
+    network's measured latency. Same interface as `MacsForm`: a call on counts, `along` for one group's options."""
+
+    kind = "latency"
+    unit = "ms"
+
+    def __init__(self, data: dict, macs: MacsForm, reference: str) -> None:
+        self.data = data
+        self.macs = macs
+        self.key = data["key"]
+        table = data["tables"][reference]
+        self.base = float(table["unpruned_ms"])
+        """The unpruned network's latency, measured with the table (the budget's ratio is of this)."""
+        self.reference_keep = float(reference)
+        self.ref_counts = np.asarray(table["reference_counts"], dtype=np.int64)
+        self.ref_ms = float(table["reference_ms"])
+        # non-decreasing in the count (isotonic least squares: noise averaged out, not ratcheted up as a running
+        # maximum would), so the clipping's feasible options stay a prefix
+        self.samples = [(np.asarray(g["counts"], dtype=np.int64), isotonic_regression(np.asarray(g["ms"], dtype=float)).x)
+                        for g in table["groups"]]
+        n = len(self.samples)
+        self._ref_macs = macs(self.ref_counts)
+        # MACs of the reference with one group changed, per group (for the additive part of the MAC count)
+        self._macs_one = [lambda v, g=g: macs.along(g, self.ref_counts, v) for g in range(n)]
+        self.lam = float(data.get("lam", {}).get(reference, 0.0))
+        self.path: Path | None = None
+        """The cache file it was read from or written to."""
+        self.measured = 0
+        """Networks timed to build it (0: read from the cache)."""
+
+    # ------------------------------------------------------------------ prediction
+
+    def _group_ms(self, g: int, values) -> np.ndarray:
+        counts, ms = self.samples[g]
+        return np.interp(np.asarray(values, dtype=float), counts, ms)
+
+    def _parts(self, counts: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Per group: measured latency change and additive MAC change from the reference."""
+        c = np.asarray(counts, dtype=np.int64)
+        dms = np.asarray([self._group_ms(g, [c[g]])[0] - self.ref_ms for g in range(len(c))])
+        dmacs = np.asarray([self._macs_one[g]([c[g]])[0] - self._ref_macs for g in range(len(c))], dtype=float)
+        return dms, dmacs
+
+    def __call__(self, counts: Sequence[int]) -> float:
+        dms, dmacs = self._parts(counts)
+        interaction = self.macs(counts) - self._ref_macs - dmacs.sum()
+        return float(self.ref_ms + dms.sum() + self.lam * interaction)
+
+    def along(self, g: int, counts: Sequence[int], values: np.ndarray) -> np.ndarray:
+        """Predicted latency for every value of group g's count in `values`, the other counts fixed."""
+        dms, dmacs = self._parts(counts)
+        rest_ms = self.ref_ms + dms.sum() - dms[g]
+        rest_macs = self._ref_macs + dmacs.sum() - dmacs[g]
+        v = np.asarray(values, dtype=np.int64)
+        additive_macs = rest_macs + self._macs_one[g](v) - self._ref_macs
+        interaction = self.macs.along(g, counts, v) - additive_macs
+        return rest_ms + self._group_ms(g, v) - self.ref_ms + self.lam * interaction
+
+    def describe(self) -> str:
+        k = self.key
+        return (f"latency table: {k['model']} on {k['device']} ({k['device_name']}), batch {k['batch']}, "
+                f"{k['threads']} threads; unpruned {self.base:.3f} ms, reference keep {self.reference_keep:g} "
+                f"({self.ref_ms:.3f} ms), {self.lam * 1e6:.3f} ms per MMAC of interaction")
+
+
+def _ratio_key(r: float) -> str:
+    return f"{r:.4f}"
+
+
+def ladder_ratios(min_keep: float, step: float = LADDER_STEP) -> list[float]:
+    """1.0, 1 - step, ... down to min_keep (included)."""
+    ratios = [1.0 - i * step for i in range(int(np.floor((1.0 - min_keep) / step + 1e-9)) + 1)]
+    return sorted({round(r, 4) for r in ratios if r >= min_keep - 1e-9} | {round(min_keep, 4)}, reverse=True)
+
+
+def sample_counts(options: np.ndarray, reference: int, points: int = POINTS_PER_GROUP) -> list[int]:
+    """About `points` counts spread over a group's options, its smallest and largest included, plus the
+    reference count."""
+    picks = np.unique(np.round(np.linspace(0, len(options) - 1, min(points, len(options)))).astype(int))
+    return sorted({int(options[i]) for i in picks} | {int(reference)})
+
+
+class LatencyMeter:
+    """Times physically pruned candidates of a space on one device, batch and thread count. Each network's
+    latency is the median, over `rounds` passes through the whole list, of `torch_latency`'s median of `repeats`
+    forwards: interleaving spreads a burst of load from other processes over every network instead of one."""
+
+    def __init__(self, space: PruningSpace, *, device: str | torch.device, batch: int, threads: int,
+                 warmup: int = 3, repeats: int = 15, rounds: int = 3) -> None:
+        self.space, self.device, self.batch, self.threads = space, torch.device(device), int(batch), int(threads)
+        self.warmup, self.repeats, self.rounds = warmup, repeats, rounds
+        self.calls = 0
+
+    def __call__(self, candidates: Sequence[Sequence[int]]) -> list[float]:
+        """Milliseconds per forward of each candidate (channel counts per group)."""
+        models = [self.space.prune(self.space.counts_to_keep(list(c))).to(self.device) for c in candidates]
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        times: list[list[float]] = [[] for _ in models]
+        try:
+            for _ in range(self.rounds):
+                for i, model in enumerate(models):
+                    result = torch_latency(model, self.space.example_input, batch_sizes=[self.batch],
+                                           warmup=self.warmup, repeats=self.repeats)
+                    times[i].append(result["ms"][str(self.batch)])
+        finally:
+            torch.set_num_threads(previous)
+        self.calls += len(models)
+        return [float(np.median(t)) for t in times]
+
+
+def table_key(space: PruningSpace, *, model: str, device: str, device_name: str, batch: int, threads: int,
+              min_keep: float) -> dict:
+    """What a latency table depends on (the weights do not: dense kernels take as long on any values)."""
+    return {"version": TABLE_VERSION, "model": model, "input": list(space.example_input.shape[1:]),
+            "channels": [g.channels for g in space.groups], "round_to": space.round_to,
+            "min_keep": round(float(min_keep), 6), "device": device, "device_name": device_name,
+            "batch": int(batch), "threads": int(threads), "torch": torch.__version__}
+
+
+def table_path(cache_dir: str | Path, key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"{key['model'].replace('/', '_').replace(':', '_')}-{key['device']}-b{key['batch']}-t{key['threads']}-{digest}.json"
+
+
+def _read(path: Path, key: dict) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as exc:
+        log.warning("latency table %s is unreadable (%s); measuring it again", path, exc)
+        return None
+    return data if data.get("key") == key else None
+
+
+def latency_table(space: PruningSpace, options: Sequence[np.ndarray], macs: MacsForm, *, key: dict,
+                  cache_dir: str | Path, meter: LatencyMeter, target_ratio: float | None = None,
+                  target_ms: float | None = None) -> LatencyTable:
+    """The latency table of `space` for a target (a ratio of the unpruned latency, or milliseconds), read from
+    `cache_dir` when measured before, else measured (what is missing: the ladder once, then one table per
+    reference) and written there. `options` are the budget's counts per group."""
+    if (target_ratio is None) == (target_ms is None):
+        raise EntropySearchError("a latency table needs exactly one of target_ratio and target_ms")
+    path = table_path(cache_dir, key)
+    data = _read(path, key) or {"key": key, "uniform": {}, "uniform_counts": {}, "tables": {}, "lam": {}}
+    changed = False
+    channels = np.asarray([g.channels for g in space.groups], dtype=np.int64)
+    ratios = ladder_ratios(key["min_keep"])
+    missing = [r for r in ratios if _ratio_key(r) not in data["uniform"]]
+    if missing:
+        counts = [space.round_counts(r, channels).tolist() for r in missing]
+        for r, c, ms in zip(missing, counts, meter(counts)):
+            data["uniform_counts"][_ratio_key(r)] = c
+            data["uniform"][_ratio_key(r)] = ms
+        changed = True
+    base = data["uniform"][_ratio_key(1.0)]
+    goal = target_ms if target_ms is not None else target_ratio * base
+    reference = min(ratios, key=lambda r: abs(data["uniform"][_ratio_key(r)] - goal))
+    ref = _ratio_key(reference)
+    if ref not in data["tables"]:
+        ref_counts = data["uniform_counts"][ref]
+        samples = [sample_counts(opts, ref_counts[g]) for g, opts in enumerate(options)]
+        trials = [ref_counts[:g] + [c] + ref_counts[g + 1:] for g, counts in enumerate(samples) for c in counts
+                  if c != ref_counts[g]]
+        # the unpruned network and the reference measured again with the group variations, under the same load
+        measured = iter(meter([channels.tolist(), ref_counts] + trials))
+        full_ms, ref_ms = next(measured), next(measured)
+        groups = [{"counts": counts, "ms": [ref_ms if c == ref_counts[g] else next(measured) for c in counts]}
+                  for g, counts in enumerate(samples)]
+        data["tables"][ref] = {"reference_counts": ref_counts, "reference_ms": ref_ms, "unpruned_ms": full_ms,
+                               "groups": groups}
+        changed = True
+    if ref not in data["lam"]:
+        data["lam"][ref] = _fit_lam(data, ref, macs)
+        changed = True
+    if changed:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, data)
+    table = LatencyTable(data, macs, ref)
+    table.path = path
+    table.measured = meter.calls
+    return table
+
+
+def _fit_lam(data: dict, ref: str, macs: MacsForm) -> float:
+    """Milliseconds per MAC of the interaction term: least squares (through 0) of what the additive model
+    misses on the uniform ladder against what it misses of the MAC count; 0 when that does not help."""
+    table = LatencyTable(data, macs, ref)  # lam 0: the additive model
+    scale = table.base / data["uniform"][_ratio_key(1.0)]  # the ladder's load to the table's
+    xs, ys = [], []
+    for r, counts in data["uniform_counts"].items():
+        if r == ref:
+            continue
+        dms, dmacs = table._parts(counts)
+        xs.append(macs(counts) - table._ref_macs - dmacs.sum())
+        ys.append(scale * data["uniform"][r] - (table.ref_ms + dms.sum()))
+    x, y = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    if not len(x) or float(x @ x) == 0.0:
+        return 0.0
+    return max(0.0, float(x @ y / (x @ x)))
