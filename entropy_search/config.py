@@ -143,6 +143,9 @@ class SearchSettings(Section):
     latency_batch: PositiveInt = 1
     """`budget: latency`: the batch size the latency table is measured at (and the budget holds for)."""
 
+    latency_statistic: Literal["median", "min"] = "median"
+    """`budget: latency`: which time of each network's repeated forwards the table holds: the median (a quiet machine), or the fastest (a machine shared with busy processes, where preemption inflates the median of a longer forward more than a shorter one's)."""
+
     latency_cache: str | None = None
     """`budget: latency`: folder of the cached latency tables (one JSON file per network architecture, device, batch, threads, rounding and min_keep). Default: `latency_tables/` next to the baseline checkpoint, so the searches of a sweep measure it once."""
 

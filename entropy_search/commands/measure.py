@@ -18,8 +18,7 @@ from ..config import OutputConfig
 from ..errors import ConfigError, EntropySearchError
 from ..latency import device_name, onnx_latency, speedup, torch_latency
 from ..models import create_model
-from ..problem import build_model, count_macs, count_params, load_checkpoint
-from ..problem.finalize import export_onnx
+from ..problem import build_model, count_macs, count_params, export_onnx, load_checkpoint
 
 #: ONNX Runtime must compute what PyTorch computes, within this relative difference (issue 12).
 ONNX_TOLERANCE = 1e-4

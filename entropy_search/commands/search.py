@@ -166,6 +166,12 @@ def latency_lines(latency: dict | None) -> list[str]:
             onnx_times = " / ".join(f"{onnx['ms'][b]:.2f}" for b in batches)
             line += f"; ONNX Runtime {onnx_times} (outputs within {onnx['max_rel_diff_vs_pytorch']:.1e} of PyTorch's)"
         lines.append(line)
+    check = latency.get("budget")
+    if check:
+        lines.append(f"latency budget (batch {check['batch']}, {check['threads']} threads): target "
+                     f"{check['target_ratio']:.3f} of the unpruned latency; delivered: predicted "
+                     f"{check['predicted_ms'] / check['table_unpruned_ms']:.3f}, measured {check['measured_ratio']:.3f} "
+                     f"({check['measured_ms']:.3f} of {check['measured_unpruned_ms']:.3f} ms)")
     return lines
 
 

@@ -6,18 +6,20 @@ as JSON: physically pruned networks (`PruningSpace.prune`) timed by `entropy_sea
 one latency measurement of the project. What is measured:
 
 * a ladder of uniform networks (every group at keep 1.0, 0.95, ..., min_keep);
-* around a reference, the ladder network closest to the target, with the unpruned network and each group alone at a few of its counts (the
-  others at the reference): `T_g(c)`, made non-decreasing in `c` by isotonic regression (so the clipping's feasible
-  options stay a prefix).
+* around a reference, the ladder network closest to the target, with the unpruned network and each group alone
+  at a few of its counts (the others at the reference): `T_g(c)`, summarised per group by two slopes, below and
+  above the reference count (least squares through the reference, >= 0: noise averaged over the samples, and
+  the prediction non-decreasing in each count, so the clipping's feasible options stay a prefix).
 
 Prediction: additive around the reference, plus the part of the MAC count an additive model misses (a layer
-between two pruned groups costs kept inputs x kept outputs, not the sum of the two savings), at the table's
-milliseconds per MAC `lam` fitted on the uniform ladder:
+between two pruned groups costs kept inputs x kept outputs, not the sum of the two savings), at
+milliseconds per MAC `lam` (the median over the uniform ladder of what the additive model misses of the
+latency over what it misses of the MAC count):
 
     L(c) = L_ref + sum_g (T_g(c_g) - L_ref) + lam * (MACs(c) - A(c)),
     A(c) = M_ref + sum_g (MACs(ref with g at c_g) - M_ref)
 
-which is exact at the reference and along each measured group, and linear between measured counts.
+which is exact at the reference.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.optimize import isotonic_regression
 
 from ..errors import EntropySearchError
 from ..jsonio import write_json
@@ -64,10 +65,13 @@ class LatencyTable:
         self.reference_keep = float(reference)
         self.ref_counts = np.asarray(table["reference_counts"], dtype=np.int64)
         self.ref_ms = float(table["reference_ms"])
-        # non-decreasing in the count (isotonic least squares: noise averaged out, not ratcheted up as a running
-        # maximum would), so the clipping's feasible options stay a prefix
-        self.samples = [(np.asarray(g["counts"], dtype=np.int64), isotonic_regression(np.asarray(g["ms"], dtype=float)).x)
+        self.samples = [(np.asarray(g["counts"], dtype=np.int64), np.asarray(g["ms"], dtype=float))
                         for g in table["groups"]]
+        # per group, one slope below the reference count and one above, least squares through the reference
+        # (ms per unit, >= 0): the prediction is exact at the reference, non-decreasing in each count, and a
+        # timing's noise is averaged over the group's samples instead of taken at face value
+        self.slopes = np.asarray([[_slope(c - r, ms - self.ref_ms, below) for below in (True, False)]
+                                  for (c, ms), r in zip(self.samples, self.ref_counts)])
         n = len(self.samples)
         self._ref_macs = macs(self.ref_counts)
         # MACs of the reference with one group changed, per group (for the additive part of the MAC count)
@@ -81,8 +85,8 @@ class LatencyTable:
     # ------------------------------------------------------------------ prediction
 
     def _group_ms(self, g: int, values) -> np.ndarray:
-        counts, ms = self.samples[g]
-        return np.interp(np.asarray(values, dtype=float), counts, ms)
+        d = np.asarray(values, dtype=float) - self.ref_counts[g]
+        return self.ref_ms + np.where(d < 0, self.slopes[g, 0], self.slopes[g, 1]) * d
 
     def _parts(self, counts: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Per group: measured latency change and additive MAC change from the reference."""
@@ -109,7 +113,7 @@ class LatencyTable:
     def describe(self) -> str:
         k = self.key
         return (f"latency table: {k['model']} on {k['device']} ({k['device_name']}), batch {k['batch']}, "
-                f"{k['threads']} threads; unpruned {self.base:.3f} ms, reference keep {self.reference_keep:g} "
+                f"{k['threads']} threads, {k['statistic']}; unpruned {self.base:.3f} ms, reference keep {self.reference_keep:g} "
                 f"({self.ref_ms:.3f} ms), {self.lam * 1e6:.3f} ms per MMAC of interaction")
 
 
@@ -133,11 +137,14 @@ def sample_counts(options: np.ndarray, reference: int, points: int = POINTS_PER_
 class LatencyMeter:
     """Times physically pruned candidates of a space on one device, batch and thread count. Each network's
     latency is the median, over `rounds` passes through the whole list, of `torch_latency`'s median of `repeats`
-    forwards: interleaving spreads a burst of load from other processes over every network instead of one."""
+    forwards (or of their minimum, `statistic="min"`): interleaving spreads a burst of load from other processes over every network instead of one."""
 
     def __init__(self, space: PruningSpace, *, device: str | torch.device, batch: int, threads: int,
-                 warmup: int = 3, repeats: int = 15, rounds: int = 3) -> None:
+                 statistic: str = "median", warmup: int = 3, repeats: int = 15, rounds: int = 3) -> None:
+        if statistic not in ("median", "min"):
+            raise EntropySearchError(f"latency statistic {statistic!r}; known: median, min")
         self.space, self.device, self.batch, self.threads = space, torch.device(device), int(batch), int(threads)
+        self.field = "ms" if statistic == "median" else "min_ms"
         self.warmup, self.repeats, self.rounds = warmup, repeats, rounds
         self.calls = 0
 
@@ -152,7 +159,7 @@ class LatencyMeter:
                 for i, model in enumerate(models):
                     result = torch_latency(model, self.space.example_input, batch_sizes=[self.batch],
                                            warmup=self.warmup, repeats=self.repeats)
-                    times[i].append(result["ms"][str(self.batch)])
+                    times[i].append(result[self.field][str(self.batch)])
         finally:
             torch.set_num_threads(previous)
         self.calls += len(models)
@@ -160,12 +167,12 @@ class LatencyMeter:
 
 
 def table_key(space: PruningSpace, *, model: str, device: str, device_name: str, batch: int, threads: int,
-              min_keep: float) -> dict:
+              min_keep: float, statistic: str = "median") -> dict:
     """What a latency table depends on (the weights do not: dense kernels take as long on any values)."""
     return {"version": TABLE_VERSION, "model": model, "input": list(space.example_input.shape[1:]),
             "channels": [g.channels for g in space.groups], "round_to": space.round_to,
             "min_keep": round(float(min_keep), 6), "device": device, "device_name": device_name,
-            "batch": int(batch), "threads": int(threads), "torch": torch.__version__}
+            "batch": int(batch), "threads": int(threads), "statistic": statistic, "torch": torch.__version__}
 
 
 def table_path(cache_dir: str | Path, key: dict) -> Path:
@@ -233,19 +240,23 @@ def latency_table(space: PruningSpace, options: Sequence[np.ndarray], macs: Macs
     return table
 
 
+def _slope(dx: np.ndarray, dy: np.ndarray, below: bool) -> float:
+    """Least-squares slope (>= 0) through the origin of the samples on one side of it."""
+    side = dx < 0 if below else dx > 0
+    x, y = dx[side].astype(float), dy[side]
+    return max(0.0, float(x @ y / (x @ x))) if len(x) else 0.0
+
+
 def _fit_lam(data: dict, ref: str, macs: MacsForm) -> float:
-    """Milliseconds per MAC of the interaction term: least squares (through 0) of what the additive model
-    misses on the uniform ladder against what it misses of the MAC count; 0 when that does not help."""
+    """Milliseconds per MAC of the interaction term: on each uniform ladder network, what the additive model
+    misses of the measured latency over what it misses of the MAC count; the median over the ladder (a burst
+    of load on a few ladder networks does not move it), >= 0."""
     table = LatencyTable(data, macs, ref)  # lam 0: the additive model
     scale = table.base / data["uniform"][_ratio_key(1.0)]  # the ladder's load to the table's
-    xs, ys = [], []
+    ratios = []
     for r, counts in data["uniform_counts"].items():
-        if r == ref:
-            continue
         dms, dmacs = table._parts(counts)
-        xs.append(macs(counts) - table._ref_macs - dmacs.sum())
-        ys.append(scale * data["uniform"][r] - (table.ref_ms + dms.sum()))
-    x, y = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
-    if not len(x) or float(x @ x) == 0.0:
-        return 0.0
-    return max(0.0, float(x @ y / (x @ x)))
+        x = macs(counts) - table._ref_macs - dmacs.sum()
+        if r != ref and abs(x) > 1e-6 * table._ref_macs:
+            ratios.append((scale * data["uniform"][r] - (table.ref_ms + dms.sum())) / x)
+    return max(0.0, float(np.median(ratios))) if ratios else 0.0

@@ -113,8 +113,8 @@ def build_latency_table(space: PruningSpace, config: SearchConfig) -> LatencyTab
     threads = config.resources.torch_threads or torch.get_num_threads()
     cache = Path(s.latency_cache) if s.latency_cache else config.checkpoint_path().parent / "latency_tables"
     key = table_key(space, model=config.model.name, device=str(device), device_name=device_name(device),
-                    batch=s.latency_batch, threads=threads, min_keep=s.min_keep)
-    meter = LatencyMeter(space, device=device, batch=s.latency_batch, threads=threads)
+                    batch=s.latency_batch, threads=threads, min_keep=s.min_keep, statistic=s.latency_statistic)
+    meter = LatencyMeter(space, device=device, batch=s.latency_batch, threads=threads, statistic=s.latency_statistic)
     return latency_table(space, count_options(space, s.min_keep), MacsForm(space), key=key, cache_dir=cache,
                          meter=meter, target_ratio=s.latency_target, target_ms=s.latency_target_ms)
 
