@@ -5,14 +5,15 @@ every number is a median, torch runs on one thread, and the load average is prin
 
     python bench/bench_latency.py predict --model digits_cnn --input 1 8 8 --batch 32 --target 0.5 --random 12
     python bench/bench_latency.py predict --model resnet20 --input 1 28 28 --batch 1 --target 0.5 --random 12
-    python bench/bench_latency.py search --checkpoint runs_q/digits/baseline.pt --target 0.5 --iterations 3
+    python bench/bench_latency.py search --checkpoint runs_q/digits/baseline.pt --target 0.5 --iterations 3 --round-to 8
 
 `predict`: an untrained registry network (latency does not depend on the weights) with the input of the data
 set; the table built by the search's own `build_budget` (cached in `--cache`, fresh by default); the uniform
 candidate and `--random` random candidates drawn with the budget's clipping (what the search evaluates) are
-pruned and timed together with the unpruned network (`LatencyMeter`: interleaved rounds, median), and the
-predicted latency ratio (to the unpruned network's, both from the table) is compared with the measured one (both
-measured together). Also the error of reading the MAC ratio as the latency ratio.
+pruned and timed together with the unpruned network (`LatencyMeter`: interleaved rounds), and the predicted
+milliseconds are compared with the measured ones, and the predicted latency ratio (to the unpruned network's,
+both from the table) with the measured one (both measured together: free of the load's drift, exposed to the
+unpruned network's own noise). Also the error of reading the MAC ratio as the latency ratio.
 `search`: two searches of the digits CNN: `search.budget: latency` at `--target`, then `search.budget: macs` at
 the MAC ratio of the uniform network the latency search found (the same speed by the table); each delivered
 network is timed with the unpruned one (result.json's latency.budget for the first; `LatencyMeter` for both).
@@ -75,11 +76,14 @@ def predict(args) -> dict:
         actual = ms / full_ms
         macs = budget.macs_ratio(counts)
         rows.append({"label": "uniform" if i == 0 else f"random{i}", "counts": counts, "macs_ratio": macs,
-                     "predicted_ratio": predicted, "measured_ratio": actual, "measured_ms": ms,
+                     "predicted_ms": table(counts), "measured_ms": ms, "ms_error": table(counts) / ms - 1,
+                     "predicted_ratio": predicted, "measured_ratio": actual,
                      "error": predicted / actual - 1, "macs_as_latency_error": macs / actual - 1})
-        print(f"  {rows[-1]['label']:9} MACs {macs:.3f}  latency ratio predicted {predicted:.3f} measured {actual:.3f} "
-              f"({ms:.3f} ms)  error {100 * rows[-1]['error']:+.1f}%  (MAC ratio as latency: "
+        print(f"  {rows[-1]['label']:9} MACs {macs:.3f}  ms predicted {table(counts):.3f} measured {ms:.3f} error "
+              f"{100 * rows[-1]['ms_error']:+.1f}%;  ratio to unpruned predicted {predicted:.3f} measured {actual:.3f} "
+              f"error {100 * rows[-1]['error']:+.1f}%  (MAC ratio as latency ratio: "
               f"{100 * rows[-1]['macs_as_latency_error']:+.1f}%)", flush=True)
+    ms_errors = [abs(r["ms_error"]) for r in rows]
     errors = [abs(r["error"]) for r in rows]
     mac_errors = [abs(r["macs_as_latency_error"]) for r in rows]
     summary = {"model": args.model, "input": args.input, "batch": args.batch, "target": args.target,
@@ -87,9 +91,14 @@ def predict(args) -> dict:
                "unpruned_ms_table": table.base, "unpruned_ms_now": full_ms, "table_networks": table.measured,
                "table_seconds": build_s, "median_abs_error": statistics.median(errors), "max_abs_error": max(errors),
                "within_10pct": sum(e <= 0.10 for e in errors), "candidates": len(rows),
+               "median_abs_ms_error": statistics.median(ms_errors), "max_abs_ms_error": max(ms_errors),
+               "ms_within_10pct": sum(e <= 0.10 for e in ms_errors),
                "uniform_error": rows[0]["error"], "median_abs_error_macs_as_latency": statistics.median(mac_errors),
                "load_after": load(), "rows": rows}
-    print(f"{args.model} batch {args.batch}, target {args.target}, {args.statistic}: |error| median {100 * summary['median_abs_error']:.1f}%, "
+    print(f"{args.model} batch {args.batch}, target {args.target}, {args.statistic}: predicted ms |error| median "
+          f"{100 * summary['median_abs_ms_error']:.1f}%, max {100 * summary['max_abs_ms_error']:.1f}%, within 10%: "
+          f"{summary['ms_within_10pct']}/{len(rows)} (unpruned: {table.base:.3f} ms with the table, {full_ms:.3f} ms now); "
+          f"predicted ratio |error| median {100 * summary['median_abs_error']:.1f}%, "
           f"max {100 * summary['max_abs_error']:.1f}%, within 10%: {summary['within_10pct']}/{len(rows)}; "
           f"MAC ratio read as latency ratio: |error| median {100 * summary['median_abs_error_macs_as_latency']:.1f}%; "
           f"load average after: {summary['load_after']}", flush=True)
@@ -108,7 +117,7 @@ def search(args) -> dict:
     common = {
         "model": {"name": "digits_cnn", "checkpoint": str(Path(args.checkpoint).resolve())},
         "data": {"name": "digits"},
-        "search": {"round_to": 1, "top_k": 1, "latency_batch": args.batch, "latency_statistic": args.statistic} | ({"latency_cache": args.cache} if args.cache else {}),
+        "search": {"round_to": args.round_to, "top_k": 1, "latency_batch": args.batch, "latency_statistic": args.statistic} | ({"latency_cache": args.cache} if args.cache else {}),
         "stop": {"iterations": args.iterations},
         "finetune": {"epochs": args.finetune_epochs},
         "resources": {"num_env_runners": 1, "driver_threads": 1},
@@ -129,7 +138,7 @@ def search(args) -> dict:
     mac_s = time.perf_counter() - t0
     ckpt = load_checkpoint(args.checkpoint)
     space = PruningSpace(create_model("digits_cnn", num_classes=ckpt.num_classes, in_channels=ckpt.in_channels).eval(),
-                         ckpt.example_input())
+                         ckpt.example_input(), round_to=args.round_to)
     meter = LatencyMeter(space, device="cpu", batch=args.batch, threads=1, rounds=args.rounds, statistic=args.statistic)
     full = [g.channels for g in space.groups]
     delivered = {name: r["delivered"]["kept_channels"] for name, r in (("latency", lat), ("macs", mac))}
@@ -165,7 +174,7 @@ def main() -> None:
     p.add_argument("--min-keep", type=float, default=0.1)
     p.add_argument("--round-to", type=int, default=1)
     p.add_argument("--floor", type=float, default=0.97)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--statistic", default="median", choices=["median", "min"])
     p.add_argument("--cache", default=None, help="latency table cache (default: a fresh temporary folder)")
@@ -179,6 +188,7 @@ def main() -> None:
     s.add_argument("--rounds", type=int, default=5)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--statistic", default="median", choices=["median", "min"])
+    s.add_argument("--round-to", type=int, default=8)
     s.add_argument("--cache", default=None)
     s.add_argument("--out", default=tempfile.mkdtemp(prefix="bench_latency-"))
     s.add_argument("--json", default=None)

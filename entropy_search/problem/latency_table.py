@@ -13,8 +13,8 @@ one latency measurement of the project. What is measured:
 
 Prediction: additive around the reference, plus the part of the MAC count an additive model misses (a layer
 between two pruned groups costs kept inputs x kept outputs, not the sum of the two savings), at
-milliseconds per MAC `lam` (the median over the uniform ladder of what the additive model misses of the
-latency over what it misses of the MAC count):
+milliseconds per MAC `lam` (fitted on the uniform ladder: what the additive model misses of the latency
+against what it misses of the MAC count, least absolute deviations):
 
     L(c) = L_ref + sum_g (T_g(c_g) - L_ref) + lam * (MACs(c) - A(c)),
     A(c) = M_ref + sum_g (MACs(ref with g at c_g) - M_ref)
@@ -140,7 +140,7 @@ class LatencyMeter:
     forwards (or of their minimum, `statistic="min"`): interleaving spreads a burst of load from other processes over every network instead of one."""
 
     def __init__(self, space: PruningSpace, *, device: str | torch.device, batch: int, threads: int,
-                 statistic: str = "median", warmup: int = 3, repeats: int = 15, rounds: int = 3) -> None:
+                 statistic: str = "median", warmup: int = 3, repeats: int = 20, rounds: int = 5) -> None:
         if statistic not in ("median", "min"):
             raise EntropySearchError(f"latency statistic {statistic!r}; known: median, min")
         self.space, self.device, self.batch, self.threads = space, torch.device(device), int(batch), int(threads)
@@ -248,15 +248,23 @@ def _slope(dx: np.ndarray, dy: np.ndarray, below: bool) -> float:
 
 
 def _fit_lam(data: dict, ref: str, macs: MacsForm) -> float:
-    """Milliseconds per MAC of the interaction term: on each uniform ladder network, what the additive model
-    misses of the measured latency over what it misses of the MAC count; the median over the ladder (a burst
-    of load on a few ladder networks does not move it), >= 0."""
+    """Milliseconds per MAC of the interaction term, fitted on the uniform ladder: what the additive model misses
+    of each ladder network's measured latency against what it misses of its MAC count, by least absolute
+    deviations through the origin (the weighted median of the ratios: a burst of load on a few ladder networks,
+    or the noise of a network near the reference, does not move it); >= 0."""
     table = LatencyTable(data, macs, ref)  # lam 0: the additive model
     scale = table.base / data["uniform"][_ratio_key(1.0)]  # the ladder's load to the table's
-    ratios = []
+    xs, ys = [], []
     for r, counts in data["uniform_counts"].items():
-        dms, dmacs = table._parts(counts)
-        x = macs(counts) - table._ref_macs - dmacs.sum()
-        if r != ref and abs(x) > 1e-6 * table._ref_macs:
-            ratios.append((scale * data["uniform"][r] - (table.ref_ms + dms.sum())) / x)
-    return max(0.0, float(np.median(ratios))) if ratios else 0.0
+        if r != ref:
+            dms, dmacs = table._parts(counts)
+            xs.append(macs(counts) - table._ref_macs - dmacs.sum())
+            ys.append(scale * data["uniform"][r] - (table.ref_ms + dms.sum()))
+    x, y = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    keep = np.abs(x) > 0
+    if not keep.any():
+        return 0.0
+    ratios, weights = y[keep] / x[keep], np.abs(x[keep])
+    order = np.argsort(ratios)
+    cumulative = np.cumsum(weights[order])
+    return max(0.0, float(ratios[order][np.searchsorted(cumulative, cumulative[-1] / 2)]))
