@@ -58,6 +58,25 @@ def torch_latency(model: nn.Module, example_input: torch.Tensor, *, batch_sizes:
     return out
 
 
+def interleaved_latency(models: Sequence[nn.Module], example_input: torch.Tensor, *, batch_sizes: Sequence[int] = (1, 32),
+                        rounds: int = 5, warmup: int = 3, repeats: int = 15) -> list[dict]:
+    """`torch_latency` of several networks, taken in turn `rounds` times: per network and batch size, `ms` is the
+    median over the rounds of each round's median, `min_ms` of each round's fastest forward. Interleaving spreads a
+    burst of load from other processes over every network instead of letting it fall on one, so the ratios of
+    their times hold better than separate measurements' on a shared machine."""
+    if rounds < 1:
+        raise EntropySearchError(f"latency needs rounds >= 1, got {rounds}")
+    runs = [[torch_latency(m, example_input, batch_sizes=batch_sizes, warmup=warmup, repeats=repeats) for m in models]
+            for _ in range(rounds)]
+    out = []
+    for i in range(len(models)):
+        mine = [r[i] for r in runs]
+        out.append({**mine[0], "rounds": rounds,
+                    "ms": {b: statistics.median(r["ms"][b] for r in mine) for b in mine[0]["ms"]},
+                    "min_ms": {b: statistics.median(r["min_ms"][b] for r in mine) for b in mine[0]["min_ms"]}})
+    return out
+
+
 def onnx_latency(path: str | Path, example_input: torch.Tensor, *, batch_sizes: Sequence[int] = (1, 32),
                  warmup: int = 3, repeats: int = 15, reference: nn.Module | None = None,
                  threads: int | None = None) -> dict:

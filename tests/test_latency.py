@@ -66,7 +66,7 @@ def test_measure_command_times_a_delivered_network_like_the_search(tmp_path, cap
     assert out["macs_ratio"] == pytest.approx(space.macs(keep) / space.base_macs)
     assert set(out["speedup"]) == {"1", "8"} and all(v > 0 for v in out["pytorch"]["ms"].values())
     assert out["onnxruntime"]["max_rel_diff_vs_pytorch"] < 1e-4 and out["onnx_matches_pytorch"]
-    assert main(["measure", files["pytorch"], "--batch-sizes", "2", "--repeats", "2", "--no-onnx"]) == 0
+    assert main(["measure", files["pytorch"], "--batch-sizes", "2", "--repeats", "2", "--rounds", "2", "--no-onnx"]) == 0
     table = capsys.readouterr().out
     assert "speed-up" in table and "MACs" in table and "ONNX" not in table
 
@@ -75,7 +75,7 @@ def test_measure_command_times_a_delivered_network_like_the_search(tmp_path, cap
     (["missing.pt"], "checkpoint missing.pt not found"),
     (["junk.pt"], "is corrupt or not a PyTorch file"),
     (["ok.pt", "--batch-sizes", "0"], "--batch-sizes must be positive integers, got [0]"),
-    (["ok.pt", "--threads", "0"], "--threads and --repeats must be >= 1"),
+    (["ok.pt", "--threads", "0"], "--threads, --repeats and --rounds must be >= 1"),
 ])
 def test_measure_command_refuses_bad_input_in_one_line(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)

@@ -16,7 +16,7 @@ import torch
 
 from ..config import OutputConfig
 from ..errors import ConfigError, EntropySearchError
-from ..latency import device_name, onnx_latency, speedup, torch_latency
+from ..latency import device_name, interleaved_latency, onnx_latency, speedup
 from ..models import create_model
 from ..problem import build_model, count_macs, count_params, export_onnx, load_checkpoint
 
@@ -41,6 +41,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime intra-op threads")
     parser.add_argument("--warmup", type=int, default=3, help="forwards before timing")
     parser.add_argument("--repeats", type=int, default=15, help="timed forwards (the median is reported)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="with a pruned checkpoint: time it and its unpruned architecture in turn this many times "
+                             "(the median over rounds; steadier speed-ups on a busy machine)")
     parser.add_argument("--no-onnx", action="store_true", help="PyTorch only (no ONNX export, no ONNX Runtime)")
     parser.add_argument("--json", action="store_true", help="print the measurements as JSON")
     parser.set_defaults(func=run)
@@ -48,29 +51,31 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def measure_checkpoint(path: str | Path, *, batch_sizes: list[int], threads: int = 1, warmup: int = 3,
-                       repeats: int = 15, onnx: bool = True) -> dict:
+                       repeats: int = 15, rounds: int = 1, onnx: bool = True) -> dict:
     """The measurements of one checkpoint (see the module docstring) as a plain dict."""
     if not batch_sizes or min(batch_sizes) < 1:
         raise ConfigError(f"--batch-sizes must be positive integers, got {batch_sizes}")
-    if threads < 1 or warmup < 0 or repeats < 1:
-        raise ConfigError(f"--threads and --repeats must be >= 1 and --warmup >= 0, got {threads}, {repeats}, {warmup}")
+    if threads < 1 or warmup < 0 or repeats < 1 or rounds < 1:
+        raise ConfigError(f"--threads, --repeats and --rounds must be >= 1 and --warmup >= 0, got {threads}, {repeats}, "
+                          f"{rounds}, {warmup}")
     ckpt = load_checkpoint(path)
     model = build_model(ckpt)
     example = ckpt.example_input()
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        out = {"checkpoint": str(ckpt.path), "model": ckpt.model_name, "data": ckpt.data,
-               "pruned": ckpt.keep is not None, "keep": ckpt.keep, "input": list(example.shape[1:]),
-               "device": "cpu", "device_name": device_name("cpu"), "threads": threads, "batch_sizes": batch_sizes,
-               "macs": count_macs(model, example), "params": count_params(model),
-               "pytorch": torch_latency(model, example, batch_sizes=batch_sizes, warmup=warmup, repeats=repeats)}
+        full = None
         if ckpt.keep is not None:
             full = create_model(ckpt.model_name, num_classes=ckpt.num_classes, in_channels=ckpt.in_channels,
                                 **ckpt.model_kwargs).eval()
-            out["unpruned"] = {"macs": count_macs(full, example), "params": count_params(full),
-                               "pytorch": torch_latency(full, example, batch_sizes=batch_sizes, warmup=warmup,
-                                                        repeats=repeats)}
+        timed = interleaved_latency([model] if full is None else [model, full], example, batch_sizes=batch_sizes,
+                                    rounds=rounds, warmup=warmup, repeats=repeats)
+        out = {"checkpoint": str(ckpt.path), "model": ckpt.model_name, "data": ckpt.data,
+               "pruned": ckpt.keep is not None, "keep": ckpt.keep, "input": list(example.shape[1:]),
+               "device": "cpu", "device_name": device_name("cpu"), "threads": threads, "batch_sizes": batch_sizes,
+               "macs": count_macs(model, example), "params": count_params(model), "pytorch": timed[0]}
+        if full is not None:
+            out["unpruned"] = {"macs": count_macs(full, example), "params": count_params(full), "pytorch": timed[1]}
             out["macs_ratio"] = out["macs"] / out["unpruned"]["macs"]
             out["params_ratio"] = out["params"] / out["unpruned"]["params"]
             out["speedup"] = speedup(out["unpruned"]["pytorch"], out["pytorch"])
@@ -90,7 +95,7 @@ def measure_checkpoint(path: str | Path, *, batch_sizes: list[int], threads: int
 
 def run(args: argparse.Namespace) -> int:
     out = measure_checkpoint(args.checkpoint, batch_sizes=args.batch_sizes, threads=args.threads,
-                             warmup=args.warmup, repeats=args.repeats, onnx=not args.no_onnx)
+                             warmup=args.warmup, repeats=args.repeats, rounds=args.rounds, onnx=not args.no_onnx)
     if args.json:
         print(json.dumps(out, indent=2))
     else:

@@ -35,7 +35,7 @@ import torch
 
 from ..errors import EntropySearchError
 from ..jsonio import write_json
-from ..latency import torch_latency
+from ..latency import interleaved_latency
 from .budget import MacsForm
 from .space import PruningSpace
 
@@ -135,9 +135,9 @@ def sample_counts(options: np.ndarray, reference: int, points: int = POINTS_PER_
 
 
 class LatencyMeter:
-    """Times physically pruned candidates of a space on one device, batch and thread count. Each network's
-    latency is the median, over `rounds` passes through the whole list, of `torch_latency`'s median of `repeats`
-    forwards (or of their minimum, `statistic="min"`): interleaving spreads a burst of load from other processes over every network instead of one."""
+    """Times physically pruned candidates of a space on one device, batch and thread count (`interleaved_latency`:
+    the median over `rounds` passes through the whole list of each pass's median of `repeats` forwards, or of
+    each pass's fastest forward with `statistic="min"`)."""
 
     def __init__(self, space: PruningSpace, *, device: str | torch.device, batch: int, threads: int,
                  statistic: str = "median", warmup: int = 3, repeats: int = 20, rounds: int = 5) -> None:
@@ -153,17 +153,13 @@ class LatencyMeter:
         models = [self.space.prune(self.space.counts_to_keep(list(c))).to(self.device) for c in candidates]
         previous = torch.get_num_threads()
         torch.set_num_threads(self.threads)
-        times: list[list[float]] = [[] for _ in models]
         try:
-            for _ in range(self.rounds):
-                for i, model in enumerate(models):
-                    result = torch_latency(model, self.space.example_input, batch_sizes=[self.batch],
-                                           warmup=self.warmup, repeats=self.repeats)
-                    times[i].append(result[self.field][str(self.batch)])
+            timed = interleaved_latency(models, self.space.example_input, batch_sizes=[self.batch],
+                                        rounds=self.rounds, warmup=self.warmup, repeats=self.repeats)
         finally:
             torch.set_num_threads(previous)
         self.calls += len(models)
-        return [float(np.median(t)) for t in times]
+        return [float(t[self.field][str(self.batch)]) for t in timed]
 
 
 def table_key(space: PruningSpace, *, model: str, device: str, device_name: str, batch: int, threads: int,
