@@ -119,9 +119,16 @@ def summary(result: dict) -> str:
     def pct(x):
         return "-" if x is None else f"{100 * x:.2f}%"
 
+    s = cfg["search"]
+    if s.get("budget") == "latency":
+        goal = (f"{s['latency_target']:g} of the unpruned latency" if s.get("latency_target") is not None
+                else f"{s['latency_target_ms']:g} ms")
+        target_text = f"latency target {goal} (predicted, batch {s['latency_batch']})"
+    else:
+        target_text = f"FLOPs target {target:g} ({1 / target:.2f}x)"
     lines = [
         f"search: {cfg['model']['name']} on {cfg['data']['name']}, reward {cfg['search']['reward']}, "
-        f"agent {cfg['agent']['algorithm']}, FLOPs target {target:g} ({1 / target:.2f}x)",
+        f"agent {cfg['agent']['algorithm']}, {target_text}",
         f"baseline: {base['macs'] / 1e6:.3f}M MACs, {base['params'] / 1e6:.4f}M params, test {pct(base['test_accuracy'])}",
         f"{'':10} {'reward':>10} {'MACs':>7} {'held-out':>9} {'test FT':>8}",
     ]
