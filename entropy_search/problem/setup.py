@@ -107,10 +107,10 @@ def build_budget(space: PruningSpace, config: SearchConfig) -> Budget:
 def build_latency_table(space: PruningSpace, config: SearchConfig) -> LatencyTable:
     """The latency table of a `budget: latency` search: read from `search.latency_cache` (default
     `latency_tables/` next to the baseline checkpoint), else measured on the search's device (threads:
-    `resources.torch_threads`) and cached there."""
+    `resources.torch_threads`, 1 when None) and cached there."""
     s = config.search
     device = resolve_device(s.device)
-    threads = config.resources.torch_threads or torch.get_num_threads()
+    threads = config.resources.torch_threads or 1  # the same in the driver and every env runner (one table)
     cache = Path(s.latency_cache) if s.latency_cache else config.checkpoint_path().parent / "latency_tables"
     key = table_key(space, model=config.model.name, device=str(device), device_name=device_name(device),
                     batch=s.latency_batch, threads=threads, min_keep=s.min_keep, statistic=s.latency_statistic)
