@@ -14,7 +14,7 @@ pruned and timed together with the unpruned network (`LatencyMeter`: interleaved
 milliseconds are compared with the measured ones, and the predicted latency ratio (to the unpruned network's,
 both from the table) with the measured one (both measured together: free of the load's drift, exposed to the
 unpruned network's own noise). Also the error of reading the MAC ratio as the latency ratio.
-`search`: two searches of the digits CNN: `search.budget: latency` at `--target`, then `search.budget: macs` at
+`search`: two searches of the checkpoint's network (the digits CNN in bench/RESULTS.md): `search.budget: latency` at `--target`, then `search.budget: macs` at
 the MAC ratio of the uniform network the latency search found (the same speed by the table); each delivered
 network is timed with the unpruned one (result.json's latency.budget for the first; `LatencyMeter` for both).
 """
@@ -114,14 +114,15 @@ def run_one(config: dict, out: Path) -> dict:
 def search(args) -> dict:
     torch.set_num_threads(1)
     out = Path(args.out)
+    ckpt = load_checkpoint(args.checkpoint)
     common = {
-        "model": {"name": "digits_cnn", "checkpoint": str(Path(args.checkpoint).resolve())},
-        "data": {"name": "digits"},
+        "model": {"name": ckpt.model_name, "checkpoint": str(Path(args.checkpoint).resolve())},
+        "data": {"name": ckpt.data, "eval_batch": args.eval_batch},
         "search": {"round_to": args.round_to, "top_k": 1, "latency_batch": args.batch, "latency_statistic": args.statistic} | ({"latency_cache": args.cache} if args.cache else {}),
         "stop": {"iterations": args.iterations},
         "finetune": {"epochs": args.finetune_epochs},
         "resources": {"num_env_runners": 1, "driver_threads": 1},
-        "output": {"latency_batch_sizes": [1, args.batch]},
+        "output": {"latency_batch_sizes": sorted({1, args.batch})},
         "seed": args.seed,
     }
     print(f"load average before: {load()}", flush=True)
@@ -136,8 +137,7 @@ def search(args) -> dict:
     t0 = time.perf_counter()
     mac = run_one(mac_cfg, out / "macs")
     mac_s = time.perf_counter() - t0
-    ckpt = load_checkpoint(args.checkpoint)
-    space = PruningSpace(create_model("digits_cnn", num_classes=ckpt.num_classes, in_channels=ckpt.in_channels).eval(),
+    space = PruningSpace(create_model(ckpt.model_name, num_classes=ckpt.num_classes, in_channels=ckpt.in_channels).eval(),
                          ckpt.example_input(), round_to=args.round_to)
     meter = LatencyMeter(space, device="cpu", batch=args.batch, threads=1, rounds=args.rounds, statistic=args.statistic)
     full = [g.channels for g in space.groups]
@@ -180,7 +180,8 @@ def main() -> None:
     p.add_argument("--cache", default=None, help="latency table cache (default: a fresh temporary folder)")
     p.add_argument("--json", default=None, help="also write the numbers here")
     s = sub.add_parser("search")
-    s.add_argument("--checkpoint", required=True, help="a trained digits CNN baseline")
+    s.add_argument("--checkpoint", required=True, help="a trained baseline (its model and data set are searched)")
+    s.add_argument("--eval-batch", type=int, default=512, help="held-out images per candidate")
     s.add_argument("--target", type=float, default=0.5)
     s.add_argument("--batch", type=int, default=32)
     s.add_argument("--iterations", type=int, default=3)
