@@ -11,7 +11,7 @@ import sys
 
 from .errors import EntropySearchError
 
-COMMANDS = ["train", "prune", "search", "sweep", "report", "ui"]
+COMMANDS = ["train", "prune", "search", "measure", "sweep", "report", "ui"]
 
 
 def build_parser() -> argparse.ArgumentParser:

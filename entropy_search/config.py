@@ -131,6 +131,24 @@ class SearchSettings(Section):
     min_keep: UnitFraction = 0.1
     """Smallest keep ratio of a group; the action is mapped to a keep ratio in [min_keep, 1]."""
 
+    budget: Literal["macs", "latency"] = "macs"
+    """What the target limits. `macs`: the MAC count, exactly (`flops_target`). `latency`: the forward latency on this machine's search device, predicted by a per-group latency table measured once and cached (`latency_target` or `latency_target_ms`, `latency_batch`, `latency_cache`; threads: `resources.torch_threads`); `flops_floor` then applies to the latency target. docs/design.md, "Latency budget"."""
+
+    latency_target: UnitFraction | None = None
+    """`budget: latency`: every candidate's predicted latency is at most this ratio of the unpruned network's measured latency (0.5 = 2x faster). Give this or `latency_target_ms`."""
+
+    latency_target_ms: PositiveFloat | None = None
+    """`budget: latency`: the target as milliseconds per forward of `latency_batch` images (instead of `latency_target`)."""
+
+    latency_batch: PositiveInt = 1
+    """`budget: latency`: the batch size the latency table is measured at (and the budget holds for)."""
+
+    latency_statistic: Literal["median", "min"] = "median"
+    """`budget: latency`: which time of each network's repeated forwards the table holds: the median (a quiet machine), or the fastest (a machine shared with busy processes, where preemption inflates the median of a longer forward more than a shorter one's)."""
+
+    latency_cache: str | None = None
+    """`budget: latency`: folder of the cached latency tables (one JSON file per network architecture, device, batch, threads, rounding and min_keep). Default: `latency_tables/` next to the baseline checkpoint, so the searches of a sweep measure it once."""
+
     action_space: Literal["relative", "absolute"] = "relative"
     """How an action in [-1, 1] becomes a keep ratio: `absolute` maps it linearly to [min_keep, 1] (AMC's); `relative` scales the uniform keep ratio the remaining budget allows the undecided groups by 2**(action x action_spread), so that random actions stay around the uniform solution instead of starving the last groups."""
 
@@ -157,6 +175,16 @@ class SearchSettings(Section):
 
     simulate_eval_seconds: NonNegativeFloat = 0.0
     """Benchmarks only: replace the evaluation by a sleep of this many seconds and a synthetic reward."""
+
+    @model_validator(mode="after")
+    def _latency_target(self):
+        given = [k for k in ("latency_target", "latency_target_ms") if getattr(self, k) is not None]
+        if self.budget == "latency" and len(given) != 1:
+            raise ValueError("budget: latency needs exactly one of latency_target (a ratio of the unpruned network's "
+                             f"latency) and latency_target_ms, got {', '.join(given) or 'neither'}")
+        if self.budget == "macs" and given:
+            raise ValueError(f"{given[0]} is set but budget is macs (the default); set budget: latency")
+        return self
 
 
 class AgentConfig(Section):
@@ -411,7 +439,7 @@ class SearchConfig(Section):
 # ---------------------------------------------------------------- loading
 
 
-_PATH_KEYS = (("model", "checkpoint"), ("data", "root"), ("output", "dir"))
+_PATH_KEYS = (("model", "checkpoint"), ("data", "root"), ("output", "dir"), ("search", "latency_cache"))
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:

@@ -4,8 +4,10 @@
   iteration, with the top-k and the best candidate, the uniform and random-search baselines and the
   unpruned network marked, and the FLOPs target as a line.
 * `sweep_comparison`: one point per trial, FLOPs ratio versus test accuracy after fine-tuning (left)
-  and held-out accuracy at search time (right), one colour per reward (entropy vs accuracy ...), the
-  mean per reward and target joined by a line, the uniform baseline for comparison.
+  and held-out accuracy at search time (middle), one colour per reward (entropy vs accuracy ...), the
+  mean per reward and target joined by a line, the uniform baseline for comparison; and, for the trials
+  whose latency was measured, the measured speed-up of the delivered and uniform networks against their
+  MACs ratio, next to the speed-up the MAC ratio promises (right).
 """
 
 from __future__ import annotations
@@ -90,7 +92,9 @@ def sweep_comparison(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike,
     import numpy as np
 
     path = Path(path)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5), dpi=110, sharex=True)
+    batches = sorted({int(k.rsplit("_b", 1)[1]) for r in rows for k in r
+                      if k.startswith(("delivered_speedup_b", "uniform_speedup_b")) and _ok(r[k])})
+    fig, axes = plt.subplots(1, 3 if batches else 2, figsize=(18 if batches else 12, 5), dpi=110, sharex=True)
     panels = (("test_accuracy", "uniform_test_accuracy", "random_test_accuracy", "test accuracy after fine-tuning"),
               ("heldout_accuracy", "uniform_heldout_accuracy", "random_heldout_accuracy",
                "held-out accuracy at search time (before fine-tuning)"))
@@ -122,6 +126,8 @@ def sweep_comparison(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike,
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         _legend(ax)
+    if batches:
+        _speedup_panel(axes[2], rows, batches, np)
     if not rows:
         axes[0].text(0.5, 0.5, "no finished trial", ha="center", va="center", transform=axes[0].transAxes)
     fig.suptitle(title or "entropy vs accuracy reward at each FLOPs target")
@@ -129,6 +135,29 @@ def sweep_comparison(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike,
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _speedup_panel(ax, rows, batches, np) -> None:
+    """Measured speed-up over the unpruned network against the MACs ratio, per batch size (CPU, PyTorch eager),
+    for the delivered and the uniform networks; the dashed curve is what the MAC ratio promises (1 / ratio)."""
+    markers = ("o", "s", "^", "D", "v")
+    xs = []
+    for i, batch in enumerate(batches):
+        for who, colour in (("delivered", "tab:red"), ("uniform", "tab:orange")):
+            pts = [(r[f"{who}_macs_ratio"], r[f"{who}_speedup_b{batch}"]) for r in rows
+                   if _ok(r.get(f"{who}_macs_ratio")) and _ok(r.get(f"{who}_speedup_b{batch}"))]
+            if pts:
+                xs += [p[0] for p in pts]
+                ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)], c=colour,
+                           s=40, alpha=0.8, edgecolors="black", linewidths=0.5, label=f"{who}, batch {batch}")
+    if xs:
+        grid = np.linspace(max(min(xs) * 0.9, 1e-3), 1.0, 100)
+        ax.plot(grid, 1 / grid, color="grey", ls="--", lw=1, label="1 / MACs ratio")
+    ax.axhline(1.0, color="lightgrey", lw=0.8, zorder=0)
+    ax.set_xlabel("FLOPs (MACs) ratio to the unpruned network")
+    ax.set_ylabel("measured speed-up (CPU, PyTorch eager)")
+    ax.grid(alpha=0.3)
+    _legend(ax)
 
 
 def _mean_line(ax, rows, xkey, ykey, colour, np, ls="-") -> None:

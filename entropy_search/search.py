@@ -33,6 +33,7 @@ from .errors import EntropySearchError
 from .jsonio import write_json
 from .latency import onnx_latency, speedup, torch_latency
 from .problem import (
+    LatencyMeter,
     Problem,
     PruningSpace,
     count_macs,
@@ -334,7 +335,27 @@ def measure_latency(problem: Problem, finalized: dict, winner: str, files: dict,
     if files.get("onnx"):
         onnx = onnx_latency(files["onnx"], example, batch_sizes=batches, reference=finalized[winner][1])
         out["networks"][winner]["onnxruntime"] = onnx
+    if problem.budget.kind == "latency":
+        out["budget"] = latency_budget_check(problem, finalized[winner])
     return out
+
+
+def latency_budget_check(problem: Problem, delivered: tuple[dict, torch.nn.Module]) -> dict:
+    """A latency budget against what the delivered network measures: the budget's target and the table's
+    prediction next to the delivered and unpruned networks timed together (`LatencyMeter`, the table's batch,
+    threads and device), so the measured ratio is free of the load's drift since the table was measured."""
+    budget, (record, _) = problem.budget, delivered
+    table = budget.cost
+    counts = list(record["kept_channels"])
+    full = [g.channels for g in problem.space.groups]
+    meter = LatencyMeter(problem.space, device=table.key["device"], batch=table.key["batch"],
+                         threads=table.key["threads"], statistic=table.key["statistic"])
+    measured_full, measured = meter([full, counts])
+    return {"target_ratio": budget.flops_target, "target_ms": budget.target, "table_unpruned_ms": table.base,
+            "predicted_ms": table(counts), "measured_ms": measured, "measured_unpruned_ms": measured_full,
+            "measured_ratio": measured / measured_full, "batch": table.key["batch"], "threads": table.key["threads"],
+            "statistic": table.key["statistic"],
+            "device": table.key["device"], "table": str(table.path)}
 
 
 def _user_error(exc: Exception, search: RLSearch | None) -> Exception:

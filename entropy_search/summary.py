@@ -147,6 +147,11 @@ def final_metrics(result: Mapping[str, Any]) -> dict[str, float]:
                 m[f"{prefix}_speedup_b{batch}"] = row["speedup"].get(batch)
             for batch, ms in ((row.get("onnxruntime") or {}).get("ms") or {}).items():
                 m[f"{prefix}_onnxruntime_ms_b{batch}"] = ms
+    check = latency.get("budget") or {}
+    if check:
+        m["latency_budget_target_ratio"] = check.get("target_ratio")
+        m["latency_budget_predicted_ratio"] = check["predicted_ms"] / check["table_unpruned_ms"]
+        m["latency_budget_measured_ratio"] = check.get("measured_ratio")
     proxy = result.get("proxy") or {}
     m["proxy_entropy_spearman"] = proxy.get("entropy_reward_vs_accuracy")
     m["proxy_reward_spearman"] = proxy.get("reward_vs_accuracy")

@@ -3,6 +3,8 @@ comparison, written as PNG files (also when there is nothing to plot)."""
 
 from __future__ import annotations
 
+import matplotlib.image
+
 from entropy_search.plots import candidate_scatter, sweep_comparison
 
 
@@ -18,4 +20,9 @@ def test_plots_write_pngs(tmp_path):
              "heldout_accuracy": 0.7, "uniform_macs_ratio": t, "uniform_test_accuracy": 0.7,
              "base_test_accuracy": 0.95} for rw in ("entropy", "accuracy") for t in (0.3, 0.5)]
     assert sweep_comparison(rows, tmp_path / "c.png").stat().st_size > 1000
+    for r in rows:  # trials with measured latency get the speed-up panel (a wider figure)
+        r.update(delivered_macs_ratio=r["macs_ratio"], delivered_speedup_b1=0.8 / r["macs_ratio"] ** 0.5,
+                 delivered_speedup_b32=1 / r["macs_ratio"] ** 0.7, uniform_speedup_b1=1.5)
+    narrow = matplotlib.image.imread(tmp_path / "c.png").shape[1]
+    assert matplotlib.image.imread(sweep_comparison(rows, tmp_path / "lat.png")).shape[1] > 1.4 * narrow
     assert sweep_comparison([], tmp_path / "none.png").exists()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from entropy_search.config import load_config
 from entropy_search.errors import ConfigError, EntropySearchError
@@ -391,3 +392,29 @@ def test_finish_search_without_candidates_says_what_to_change(checkpoint, tmp_pa
     config = small_config(tmp_path / "empty", checkpoint)
     with pytest.raises(EntropySearchError, match="evaluated no candidate.*stop.iterations"):
         finish_search(config, setup(config), SearchState(), progress=False)
+
+
+@pytest.mark.slow
+def test_search_under_a_latency_budget(ray_local, checkpoint, tmp_path):
+    """`search.budget: latency`: the driver measures the latency table before Ray starts, the env runners read it
+    from the cache, every candidate is within the predicted budget, and result.json checks the delivered network."""
+    from entropy_search.problem import MacsForm, PruningSpace, load_model
+    from entropy_search.problem.latency_table import LatencyTable
+    from entropy_search.search import run_search
+
+    cache = tmp_path / "tables"
+    config = small_config(tmp_path / "out", checkpoint, **{
+        "search.budget": "latency", "search.latency_target": 0.7, "search.latency_batch": 8, "search.round_to": 8,
+        "search.latency_cache": str(cache), "search.latency_statistic": "min", "stop.iterations": 2,
+        "search.top_k": 1, "baselines.finetune": False, "output.latency_batch_sizes": [1, 8]})
+    result = run_search(config, progress=False)
+    (table_file,) = cache.glob("*.json")
+    data = json.loads(table_file.read_text())
+    space = PruningSpace(load_model(checkpoint), torch.zeros(1, 1, 8, 8), round_to=8)
+    table = LatencyTable(data, MacsForm(space), next(iter(data["tables"])))
+    target = 0.7 * table.base
+    candidates = read_candidates(tmp_path / "out")
+    assert candidates and all(table(c["kept_channels"]) <= target * (1 + 1e-9) for c in candidates)
+    check = result["latency"]["budget"]
+    assert check["target_ms"] == pytest.approx(target) and check["predicted_ms"] <= target * (1 + 1e-9)
+    assert check["measured_ms"] > 0 and 0 < check["measured_ratio"] < 1.5 and check["table"] == str(table_file)

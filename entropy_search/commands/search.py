@@ -119,9 +119,16 @@ def summary(result: dict) -> str:
     def pct(x):
         return "-" if x is None else f"{100 * x:.2f}%"
 
+    s = cfg["search"]
+    if s.get("budget") == "latency":
+        goal = (f"{s['latency_target']:g} of the unpruned latency" if s.get("latency_target") is not None
+                else f"{s['latency_target_ms']:g} ms")
+        target_text = f"latency target {goal} (predicted, batch {s['latency_batch']})"
+    else:
+        target_text = f"FLOPs target {target:g} ({1 / target:.2f}x)"
     lines = [
         f"search: {cfg['model']['name']} on {cfg['data']['name']}, reward {cfg['search']['reward']}, "
-        f"agent {cfg['agent']['algorithm']}, FLOPs target {target:g} ({1 / target:.2f}x)",
+        f"agent {cfg['agent']['algorithm']}, {target_text}",
         f"baseline: {base['macs'] / 1e6:.3f}M MACs, {base['params'] / 1e6:.4f}M params, test {pct(base['test_accuracy'])}",
         f"{'':10} {'reward':>10} {'MACs':>7} {'held-out':>9} {'test FT':>8}",
     ]
@@ -166,6 +173,12 @@ def latency_lines(latency: dict | None) -> list[str]:
             onnx_times = " / ".join(f"{onnx['ms'][b]:.2f}" for b in batches)
             line += f"; ONNX Runtime {onnx_times} (outputs within {onnx['max_rel_diff_vs_pytorch']:.1e} of PyTorch's)"
         lines.append(line)
+    check = latency.get("budget")
+    if check:
+        lines.append(f"latency budget (batch {check['batch']}, {check['threads']} threads): target "
+                     f"{check['target_ratio']:.3f} of the unpruned latency; delivered: predicted "
+                     f"{check['predicted_ms'] / check['table_unpruned_ms']:.3f}, measured {check['measured_ratio']:.3f} "
+                     f"({check['measured_ms']:.3f} of {check['measured_unpruned_ms']:.3f} ms)")
     return lines
 
 

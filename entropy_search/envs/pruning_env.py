@@ -172,8 +172,8 @@ class PruningEnv(gym.Env):
             desired_keep=list(self._desired),
             worker=os.getpid(),
         )
-        if not info["macs"] <= self.budget.target_macs:  # by construction; a bug if it fires
-            raise AssertionError(f"budget violated: {info['macs']} > {self.budget.target_macs}")
+        if not self.budget.within(self._counts):  # by construction; a bug if it fires
+            raise AssertionError(f"budget violated: {self.budget.cost(self._counts)} > {self.budget.target}")
         return self._obs(), float(record["reward"]), True, False, info
 
     # -- helpers

@@ -12,7 +12,8 @@ from .budget import Budget, MacsForm
 from .checkpoint import Checkpoint, build_model, load_checkpoint, load_model, save_checkpoint
 from .entropy import EntropyProbe, network_entropy, spatial_entropy
 from .evaluate import CandidateCache, CandidateEvaluator, SimulatedEvaluator, cache_entry
-from .finalize import export, finalize
+from .finalize import export, export_onnx, finalize
+from .latency_table import LatencyMeter, LatencyTable
 from .macs import count_macs, count_params
 from .rewards import (
     LABEL_FREE_REWARDS,
@@ -36,6 +37,8 @@ __all__ = [
     "Checkpoint",
     "EntropyProbe",
     "MacsForm",
+    "LatencyMeter",
+    "LatencyTable",
     "Network",
     "Problem",
     "PruningSpace",
@@ -49,6 +52,7 @@ __all__ = [
     "count_params",
     "ensure_checkpoint",
     "export",
+    "export_onnx",
     "finalize",
     "load_checkpoint",
     "load_model",

@@ -24,7 +24,7 @@ def uniform_counts(budget: Budget, iterations: int = 60) -> tuple[float, list[in
     """The largest single keep ratio r in [min_keep, 1] whose rounded counts meet the target, and those counts."""
     ratio = budget.uniform_rest([], iterations)
     counts = budget.counts_at(ratio)
-    if budget.macs(counts) > budget.target_macs:
+    if not budget.within(counts):
         # rounding can make the uniform floor miss a target the per-group minimum meets
         return ratio, list(budget.min_counts)
     return ratio, counts

@@ -1,10 +1,12 @@
-"""The FLOPs budget of a search and AMC's action clipping on rounded channel counts (docs/design.md, "Budget").
+"""The budget of a search and AMC's action clipping on rounded channel counts (docs/design.md, "Budget").
 
 A candidate's MACs are an exact quadratic form of its kept channel counts (`MacsForm`): a conv's cost is
 kept inputs x kept outputs. `Budget.clip` picks each group's count, in forward order, so that the
 target stays reachable with every later group at its minimum (AMC's clipping): the budget is met by
 construction, never by penalty. With `flops_floor` > 0 the clipping is two-sided, so that candidates
-also spend the budget and rewards compare networks of about the same cost.
+also spend the budget and rewards compare networks of about the same cost. The cost is the MAC count by
+default, or any model with the same interface (a call on counts, `along`, `base`, `kind`, `unit`): a latency
+budget's `LatencyTable` (docs/design.md, "Latency budget").
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ class MacsForm:
     `space.macs_of_counts`. This makes the budget clipping O(n) numpy work per step instead of
     a Python loop over every layer for every tried count.
     """
+
+    kind = "macs"
+    unit = "MACs"
 
     def __init__(self, space: PruningSpace, *, check_points: int = 8, seed: int = 0) -> None:
         self.space = space
@@ -57,6 +62,7 @@ class MacsForm:
         full = [grp.channels for grp in space.groups]
         points = [full] + [[int(rng.integers(1, c + 1)) for c in full] for _ in range(check_points)]
         self.exact = all(self(p) == f(p) for p in points)
+        self.base = int(space.base_macs)
 
     def __call__(self, counts: Sequence[int]) -> int:
         if not self.exact:
@@ -85,8 +91,19 @@ class MacsForm:
 ACTION_SPACES = ("relative", "absolute")
 
 
+def count_options(space: PruningSpace, min_keep: float) -> list[np.ndarray]:
+    """The possible channel counts of each group, ascending: the space's one rounding rule over [min_keep, 1]."""
+    out = []
+    for group in space.groups:
+        c = group.channels
+        ratios = sorted({min(1.0, max(min_keep, i / c)) for i in range(1, c + 1)} | {min_keep})
+        out.append(np.asarray(sorted({int(space.round_count(float(k), c)) for k in ratios}), dtype=np.int64))
+    return out
+
+
 class Budget:
-    """AMC action clipping on rounded channel counts for one pruning space and FLOPs target.
+    """AMC action clipping on rounded channel counts for one pruning space and target (a ratio of the unpruned
+    network's MACs, or of another cost such as a `LatencyTable`'s predicted latency, given as `cost`).
 
     `action_space` "absolute" maps an action linearly to a keep ratio in [min_keep, 1] (AMC's); "relative"
     scales the uniform keep ratio that the remaining budget allows the groups still to decide by
@@ -94,7 +111,8 @@ class Budget:
     stay around it instead of spending the budget early and starving the last groups."""
 
     def __init__(self, space: PruningSpace, flops_target: float, min_keep: float, flops_floor: float = 0.0,
-                 *, action_space: str = "absolute", action_spread: float = 1.0) -> None:
+                 *, action_space: str = "absolute", action_spread: float = 1.0, cost=None,
+                 target_key: str = "search.flops_target") -> None:
         if action_space not in ACTION_SPACES:
             raise ConfigError(f"search.action_space: {action_space!r}; known: {', '.join(ACTION_SPACES)}")
         self.action_space = action_space
@@ -106,37 +124,54 @@ class Budget:
         self.groups = list(space.groups)
         self.n = len(self.groups)
         self.base_macs = int(space.base_macs)
-        self.target_macs = self.flops_target * self.base_macs
-        self.floor_macs = self.flops_floor * self.target_macs
         self.full_counts = [g.channels for g in self.groups]
         self._channels = np.asarray(self.full_counts, dtype=np.int64)
         self.macs = MacsForm(space)
-        # the possible channel counts of each group, ascending (the one rounding rule of the space)
-        self.options: list[np.ndarray] = []
-        for g, group in enumerate(self.groups):
-            c = group.channels
-            ratios = sorted({min(1.0, max(self.min_keep, i / c)) for i in range(1, c + 1)} | {self.min_keep})
-            self.options.append(np.asarray(sorted({self.count_of(g, k) for k in ratios}), dtype=np.int64))
+        self.cost = self.macs if cost is None else cost
+        """What the target limits: the MAC count (default) or a latency table's predicted milliseconds."""
+        self.kind = self.cost.kind
+        self.target_key = target_key
+        self.base_cost = float(self.cost.base)
+        self.target = self.flops_target * self.base_cost
+        self.floor = self.flops_floor * self.target
+        self.target_macs = self.target if self.kind == "macs" else None
+        self.floor_macs = self.floor if self.kind == "macs" else None
+        self.options = count_options(space, self.min_keep)
         self.min_counts = [int(opts[0]) for opts in self.options]
         self.min_macs = space.macs_of_counts(self.min_counts)
+        self.min_cost = self.cost(self.min_counts)
 
     def count_of(self, g: int, keep: float) -> int:
         """Channels group `g` keeps at ratio `keep`, by the space's one rounding rule."""
         return int(self.space.round_count(float(keep), self.groups[g].channels))
 
+    def within(self, counts: Sequence[int]) -> bool:
+        """Whether a candidate's cost is within the target (a float cost with a rounding margin)."""
+        cost = self.cost(counts)
+        return cost <= self.target if self.kind == "macs" else cost <= self.target * (1 + 1e-9)
+
     def feasible(self) -> bool:
-        return self.min_macs <= self.target_macs
+        return self.min_cost <= self.target * (1 + 1e-9)
 
     def check(self) -> None:
         """ConfigError when the target cannot be met even with every group at min_keep."""
-        if not self.feasible():
-            floor = self.min_macs / self.base_macs
+        if self.feasible():
+            return
+        floor = self.min_cost / self.base_cost
+        if self.kind == "macs":
             raise ConfigError(
-                f"search.flops_target: {self.flops_target:g} cannot be met: with every channel group at "
+                f"{self.target_key}: {self.flops_target:g} cannot be met: with every channel group at "
                 f"min_keep={self.min_keep:g} the network still has {floor:.3f} of its MACs (layers that are never "
-                f"pruned, rounding to {self.space.round_to}); raise search.flops_target above {floor:.3f} "
+                f"pruned, rounding to {self.space.round_to}); raise {self.target_key} above {floor:.3f} "
                 "or lower search.min_keep"
             )
+        shown = (f"{self.target:.4g} {self.cost.unit}" if self.target_key.endswith("_ms") else f"{self.flops_target:g}")
+        raise ConfigError(
+            f"{self.target_key}: {shown} cannot be met: with every channel group at min_keep={self.min_keep:g} the "
+            f"predicted latency is still {self.min_cost:.4g} {self.cost.unit}, {floor:.3f} of the unpruned network's "
+            f"{self.base_cost:.4g} {self.cost.unit} ({self.cost.describe()}); raise {self.target_key} above "
+            f"{self.min_cost if self.target_key.endswith('_ms') else floor:.4g} or lower search.min_keep"
+        )
 
     def keep_of_action(self, action: float) -> float:
         """Map an action in [-1, 1] (clipped there) to a keep ratio in [min_keep, 1]."""
@@ -154,7 +189,7 @@ class Budget:
         g = len(decided)
 
         def fits(r: float) -> bool:
-            return self.macs(list(decided) + self.counts_at(r, g)) <= self.target_macs
+            return self.within(list(decided) + self.counts_at(r, g))
 
         if fits(1.0):
             return 1.0
@@ -191,15 +226,16 @@ class Budget:
         opts = self.options[g]
         d = max(int(np.searchsorted(opts, desired, side="right")) - 1, 0)  # largest option <= desired
         low_rest = list(decided) + [0] + self.min_counts[g + 1:]
-        ok = np.nonzero(self.macs.along(g, low_rest, opts) <= self.target_macs)[0]
-        # MACs grow with the count, so the feasible options are a prefix; option 0 is feasible by induction
-        hi = int(ok[-1]) if len(ok) else 0
-        i = min(d, hi)
-        if self.floor_macs > 0:
+        ok = self.cost.along(g, low_rest, opts) <= (self.target if self.kind == "macs" else self.target * (1 + 1e-9))
+        # the cost grows with the count (MACs exactly; a latency table is made non-decreasing), so the feasible
+        # options are a prefix: the first infeasible one ends it; option 0 is feasible by induction
+        hi = int(np.argmin(ok)) - 1 if not ok.all() else len(opts) - 1
+        i = min(d, max(hi, 0))
+        if self.floor > 0:
             high_rest = list(decided) + [0] + self.full_counts[g + 1:]
-            reach = np.nonzero(self.macs.along(g, high_rest, opts) >= self.floor_macs)[0]
+            reach = np.nonzero(self.cost.along(g, high_rest, opts) >= self.floor)[0]
             lo = int(reach[0]) if len(reach) else len(opts) - 1
-            i = min(max(i, lo), hi)
+            i = min(max(i, lo), max(hi, 0))
         return int(opts[i])
 
     def macs_ratio(self, counts: Sequence[int]) -> float:

@@ -90,12 +90,15 @@ def export(model: nn.Module, example_input: torch.Tensor, out_dir: str | Path, n
     files["pytorch"] = str(path)
     if onnx:
         try:
-            onnx_path = out_dir / f"{name}.onnx"
-            torch.onnx.export(model.eval(), example_input, str(onnx_path), input_names=["input"],
-                              output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                              dynamo=False)
-            files["onnx"] = str(onnx_path)
+            files["onnx"] = str(export_onnx(model, example_input, out_dir / f"{name}.onnx"))
         except Exception as exc:  # noqa: BLE001 - export is a convenience; the PyTorch file is the result
             log.warning("ONNX export failed: %s", exc)
             files["onnx_error"] = str(exc)
     return files
+
+
+def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path) -> Path:
+    """The network as an ONNX file with a dynamic batch dimension (input `input`, output `logits`)."""
+    torch.onnx.export(model.eval(), example_input, str(path), input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    return Path(path)

@@ -20,12 +20,14 @@ from torch import nn
 from ..config import SearchConfig
 from ..data import DataSplits, eval_batch, load_data
 from ..errors import CheckpointError, ConfigError
+from ..latency import device_name
 from ..models import create_model, model_spec
 from ..train import configure_threads, evaluate, select_device, train
 from ..utils import resolve_device, seed_everything
-from .budget import Budget
+from .budget import Budget, MacsForm, count_options
 from .checkpoint import Checkpoint, build_model, load_checkpoint, save_checkpoint
 from .evaluate import CandidateCache, CandidateEvaluator, SimulatedEvaluator
+from .latency_table import LatencyMeter, LatencyTable, latency_table, table_key
 from .space import PruningSpace
 
 
@@ -86,12 +88,35 @@ def load_splits(config: SearchConfig, ckpt: Checkpoint) -> DataSplits:
 
 
 def build_budget(space: PruningSpace, config: SearchConfig) -> Budget:
-    """The search's budget on `space`; ConfigError when its target is out of reach."""
+    """The search's budget on `space` (MACs, or latency predicted by the cached latency table); ConfigError when
+    its target is out of reach."""
     s = config.search
-    budget = Budget(space, s.flops_target, s.min_keep, s.flops_floor, action_space=s.action_space,
-                    action_spread=s.action_spread)
+    cost, ratio, key = None, s.flops_target, "search.flops_target"
+    if s.budget == "latency":
+        cost = build_latency_table(space, config)
+        if s.latency_target is not None:
+            ratio, key = s.latency_target, "search.latency_target"
+        else:
+            ratio, key = s.latency_target_ms / cost.base, "search.latency_target_ms"
+    budget = Budget(space, ratio, s.min_keep, s.flops_floor, action_space=s.action_space,
+                    action_spread=s.action_spread, cost=cost, target_key=key)
     budget.check()
     return budget
+
+
+def build_latency_table(space: PruningSpace, config: SearchConfig) -> LatencyTable:
+    """The latency table of a `budget: latency` search: read from `search.latency_cache` (default
+    `latency_tables/` next to the baseline checkpoint), else measured on the search's device (threads:
+    `resources.torch_threads`, 1 when None) and cached there."""
+    s = config.search
+    device = resolve_device(s.device)
+    threads = config.resources.torch_threads or 1  # the same in the driver and every env runner (one table)
+    cache = Path(s.latency_cache) if s.latency_cache else config.checkpoint_path().parent / "latency_tables"
+    key = table_key(space, model=config.model.name, device=str(device), device_name=device_name(device),
+                    batch=s.latency_batch, threads=threads, min_keep=s.min_keep, statistic=s.latency_statistic)
+    meter = LatencyMeter(space, device=device, batch=s.latency_batch, threads=threads, statistic=s.latency_statistic)
+    return latency_table(space, count_options(space, s.min_keep), MacsForm(space), key=key, cache_dir=cache,
+                         meter=meter, target_ratio=s.latency_target, target_ms=s.latency_target_ms)
 
 
 def make_evaluator(model: nn.Module, space: PruningSpace, splits: DataSplits, config: SearchConfig) -> CandidateEvaluator:
@@ -133,6 +158,10 @@ def setup(config: SearchConfig) -> Problem:
         evaluator = make_evaluator(network.model, space, splits, config)
     cache = CandidateCache(space, evaluator, config.search.reward, enabled=config.search.cache)
     notes = []
+    if budget.kind == "latency":
+        table = budget.cost
+        how = f"measured {table.measured} networks" if table.measured else "read"
+        notes.append(f"{table.describe()}: {how}, {table.path}; target {budget.target:.3f} ms")
     if splits is not None and len(splits.heldout) < config.data.eval_batch:
         n = len(splits.heldout)
         notes.append(f"data.eval_batch is {config.data.eval_batch}, but the held-out split of {splits.name} has {n} "

@@ -110,12 +110,15 @@ def _train_baseline_task(config: dict, threads: int) -> bytes:
 
 
 def _check_budgets(configs: list[SearchConfig]) -> None:
-    """Every (network, FLOPs target, min_keep, rounding) is reachable: a ConfigError before trials start."""
+    """Every (network, target, min_keep, rounding) is reachable: a ConfigError before trials start (a latency
+    budget's table is measured here, once, and cached for the trials)."""
     spaces: dict[tuple, PruningSpace] = {}
     seen: set[tuple] = set()
     for cfg in configs:
         key = (str(cfg.checkpoint_path()), cfg.search.round_to)
-        combo = key + (cfg.search.flops_target, cfg.search.min_keep, cfg.search.flops_floor)
+        s = cfg.search
+        combo = key + (s.flops_target, s.min_keep, s.flops_floor, s.budget, s.latency_target, s.latency_target_ms,
+                       s.latency_batch, s.latency_statistic)
         if combo in seen:
             continue
         seen.add(combo)
