@@ -144,9 +144,12 @@ def test_ctrl_c_leaves_no_ray_process_behind(checkpoint, tmp_path):
     path = tmp_path / "search.yaml"
     path.write_text(yaml.safe_dump(search_dict(out, checkpoint, **{"stop.iterations": 200, "output.checkpoint_every": 1,
                                                                     "resources.num_cpus": 2})))
+    # as a terminal's foreground job: SIGINT not ignored (a shell's background job, e.g. a CI runner's, starts with
+    # SIGINT ignored, Python then installs no KeyboardInterrupt handler, and the signal would never arrive)
     proc = subprocess.Popen([sys.executable, "-m", "entropy_search.cli", "search", str(path), "--no-progress"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env={**os.environ, "RAY_ADDRESS": ""})
+                            env={**os.environ, "RAY_ADDRESS": ""},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None and not (out / CHECKPOINT_DIR / STATE_FILE).exists():
