@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import yaml
 
 from entropy_search.config import load_config
 from entropy_search.errors import ConfigError
@@ -69,6 +70,17 @@ def test_saved_config_difference(tmp_path):
     assert saved_config_difference(tmp_path, config) is None
     assert saved_config_difference(tmp_path, config_in(tmp_path, **{"search.reward": "accuracy"})) == (
         f"search.reward ({config.search.reward!r} -> 'accuracy')")
+
+
+def test_a_setting_added_to_the_schema_since_the_interrupted_run_does_not_block_its_resume(tmp_path):
+    """A config saved by an older version lacks the newer settings: at their defaults they match; set otherwise,
+    they are named."""
+    saved = config_in(tmp_path).to_dict()
+    del saved["search"]["budget"]
+    (tmp_path / CONFIG_FILE).write_text(yaml.safe_dump(saved))
+    assert saved_config_difference(tmp_path, config_in(tmp_path)) is None
+    assert saved_config_difference(tmp_path, config_in(tmp_path, **{"search.budget": "latency", "search.latency_target": 0.5})) == (
+        "search.budget ('macs' -> 'latency')")
 
 
 # ---------------------------------------------------------------- using a folder

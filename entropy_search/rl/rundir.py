@@ -59,7 +59,19 @@ def saved_config_difference(out: Path, config: SearchConfig) -> str | None:
         before = yaml.safe_load(saved.read_text()) or {}
     except yaml.YAMLError:
         return "no saved config"
-    return config_difference(before, config.to_dict())
+    return config_difference(_with_defaults(before, SearchConfig().to_dict()), config.to_dict())
+
+
+def _with_defaults(saved: dict, defaults: dict) -> dict:
+    """The saved config with the settings it lacks (added to the schema since it was written) at their defaults, so
+    that an upgrade alone does not block a resume."""
+    merged = dict(saved)
+    for key, default in defaults.items():
+        if key not in merged:
+            merged[key] = default
+        elif isinstance(default, dict) and isinstance(merged[key], dict):
+            merged[key] = _with_defaults(merged[key], default)
+    return merged
 
 
 def prepare_output_dir(config: SearchConfig, *, resume: bool, overwrite: bool) -> Path:
