@@ -238,6 +238,15 @@ def test_resume_after_interruption_keeps_checkpointed_candidates(ray_local, chec
     resumed = [c for c in after[len(before):]]
     known = {tuple(c["kept_channels"]) for c in before}
     assert all(c["cache_hit"] for c in resumed if tuple(c["kept_channels"]) in known)
+    if runners == 0:  # deterministic: the same candidates, in the same order, as a run that was not interrupted
+        whole = run_search(load_config(config.to_dict(), {"output.dir": str(tmp_path / "whole")}), progress=False)
+
+        def sequence(folder):
+            return [(c["iteration"], c["kept_channels"], c["reward"]) for c in read_candidates(folder)]
+
+        assert sequence(out) == sequence(tmp_path / "whole")
+        assert result["best"]["kept_channels"] == whole["best"]["kept_channels"]
+        assert result["best"]["reward"] == whole["best"]["reward"]
 
 
 def test_unreachable_target_fails_before_ray_starts(checkpoint, tmp_path):

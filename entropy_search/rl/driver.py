@@ -21,6 +21,7 @@ from ..envs import env_config, share_cache
 from ..jsonio import dumps, plain, read_jsonl, write_json, write_jsonl
 from ..problem import cache_entry
 from ..ray_runtime import quiet_ray_notices
+from ..utils import seed_everything
 from .algorithm import CANDIDATES_KEY, build_algorithm_config
 from .rundir import AGENT_DIR, CACHE_FILE, CANDIDATES_FILE, CHECKPOINT_DIR, STATE_FILE, WARM_CACHE_FILE
 
@@ -223,6 +224,7 @@ class RLSearch:
         try:
             while stop_reason(self.config, state) is None:
                 t_iter = time.perf_counter()
+                self._seed_iteration(state.iteration + 1)
                 result = self.algo.train()
                 state.iteration += 1
                 records = result.get("env_runners", {}).get(CANDIDATES_KEY, [])
@@ -273,6 +275,21 @@ class RLSearch:
                 fh, self._fh = self._fh, None
                 fh.close()
         return state
+
+    def _seed_iteration(self, iteration: int) -> None:
+        """Seed the learner and every env runner from (seed, iteration), and have each runner start the iteration
+        with fresh episodes, so that an iteration depends only on what a checkpoint holds: a resumed search then
+        repeats the uninterrupted one's iterations (exactly so without remote env runners, whose results arrive
+        in no fixed order). Episodes end at iteration boundaries (the rollout fragment is whole episodes), so the
+        reset loses nothing."""
+        seed = int(np.random.SeedSequence([self.config.seed, iteration]).generate_state(1)[0])
+        seed_everything(seed)
+
+        def reseed(runner) -> None:
+            seed_everything(seed + runner.worker_index)
+            runner._needs_initial_reset = True  # RLlib's flag for "reset the envs at the next sample"
+
+        self.algo.env_runner_group.foreach_env_runner(reseed, local_env_runner=True)
 
     def stop(self) -> None:
         if self.algo is not None:
