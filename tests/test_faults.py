@@ -81,6 +81,23 @@ def test_too_little_space_is_one_line_before_ray_starts(checkpoint, tmpfs, capsy
     assert not (out / CANDIDATES_FILE).exists() and not (out / CHECKPOINT_DIR).exists()
 
 
+def test_a_sweep_that_cannot_fit_is_one_line_before_ray_starts(checkpoint, store, tmpfs, capsys):
+    """The sweep's trials together need more than the 8 MB tmpfs holds (each alone would fit): exit 2, one line
+    naming the sweep folder, the MB needed and the trials, before Ray starts and before any trial writes."""
+    base = search_dict(tmpfs / "unused", checkpoint, **{"stop.iterations": None, "stop.candidates": 2000})
+    base.pop("resources")
+    base["output"].pop("dir")
+    path = tmpfs.parent / "sweep.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "full", "base": base, "axes": {"seed": list(range(8))}, "storage_path": str(tmpfs / "sweeps"),
+        "mlflow": {"tracking_uri": store}}))
+    assert cli.main(["sweep", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"no space left on {tmpfs / 'sweeps' / 'full'}: " in err and "MB needed for 8 trial(s)" in err
+    assert not ray.is_initialized() and not (tmpfs / "sweeps").exists()
+
+
 @pytest.mark.slow
 def test_a_full_disk_stops_the_search_in_one_line_and_resume_continues(ray_local, checkpoint, tmpfs):
     """The tmpfs fills after iteration 3 (a file takes all but 24 KB): the checkpoint of iteration 4 does not fit.

@@ -5,7 +5,8 @@ from MLflow (`entropy-search report`) (docs/design.md, "Sweeps").
 
 1. joins the Ray cluster (`resources.address`, else ``RAY_ADDRESS``) or starts Ray locally;
 2. trains each missing baseline checkpoint once, in a Ray task with a trial's resources (not once per
-   trial), and checks that every FLOPs target is reachable before any trial starts;
+   trial), and checks that every FLOPs target is reachable and that the sweep fits on its disk before any
+   trial starts (the disk before Ray starts when the baselines exist);
 3. opens (or, with ``resume``, finds again) the sweep's MLflow parent run;
 4. runs one Tune trial per point of the axes (`entropy_search.sweep.trainable.run_trial`): each trial
    is one RL search through `entropy_search.search.run_search`, in its own folder
@@ -43,6 +44,7 @@ from ..plots import sweep_comparison
 from ..problem import PruningSpace, ensure_checkpoint, load_network
 from ..problem.setup import build_budget
 from ..ray_runtime import check_fits, cluster_address, start_ray, stop_ray
+from ..rl.rundir import space_needed
 from ..store import check_reachable, resolve_tracking_uri
 from ..summary import aggregate_rows, flatten, format_aggregate, format_table
 from .schema import (
@@ -109,23 +111,45 @@ def _train_baseline_task(config: dict, threads: int) -> bytes:
     return Path(ensure_checkpoint(cfg, progress=False)).read_bytes()
 
 
-def _check_budgets(configs: list[SearchConfig]) -> None:
-    """Every (network, target, min_keep, rounding) is reachable: a ConfigError before trials start (a latency
-    budget's table is measured here, once, and cached for the trials)."""
-    spaces: dict[tuple, PruningSpace] = {}
-    seen: set[tuple] = set()
+def _spaces(configs: list[SearchConfig], spaces: dict[tuple, PruningSpace]) -> list[PruningSpace]:
+    """The pruning space of each config's baseline, built once per (checkpoint, round_to) into `spaces`."""
+    out = []
     for cfg in configs:
         key = (str(cfg.checkpoint_path()), cfg.search.round_to)
-        s = cfg.search
-        combo = key + (s.flops_target, s.min_keep, s.flops_floor, s.budget, s.latency_target, s.latency_target_ms,
-                       s.latency_batch, s.latency_statistic)
-        if combo in seen:
-            continue
-        seen.add(combo)
         if key not in spaces:
             network = load_network(cfg)
             spaces[key] = PruningSpace(network.model, network.example_input, round_to=cfg.search.round_to)
-        build_budget(spaces[key], cfg)
+        out.append(spaces[key])
+    return out
+
+
+def _check_budgets(configs: list[SearchConfig], spaces: dict[tuple, PruningSpace]) -> None:
+    """Every (network, target, min_keep, rounding) is reachable: a ConfigError before trials start (a latency
+    budget's table is measured here, once, and cached for the trials)."""
+    seen: set[tuple] = set()
+    for cfg, space in zip(configs, _spaces(configs, spaces)):
+        s = cfg.search
+        combo = (str(cfg.checkpoint_path()), s.round_to, s.flops_target, s.min_keep, s.flops_floor, s.budget,
+                 s.latency_target, s.latency_target_ms, s.latency_batch, s.latency_statistic)
+        if combo in seen:
+            continue
+        seen.add(combo)
+        build_budget(space, cfg)
+
+
+def _check_free_space(sweep: SweepConfig, configs: list[SearchConfig], spaces: dict[tuple, PruningSpace]) -> None:
+    """The whole sweep fits on the disk of its folder: every trial's need (`space_needed` of the largest trial,
+    times the trials) against the free space; one line before any trial starts, else a full disk would stop
+    trials one by one. (A resumed sweep is not checked as a whole: its finished trials need nothing more, and
+    each trial still checks its own need.)"""
+    need = sweep.num_trials() * max(space_needed(cfg, len(space.groups))
+                                    for cfg, space in zip(configs, _spaces(configs, spaces)))
+    folder = next(p for p in (sweep.sweep_dir, *sweep.sweep_dir.parents) if p.exists())
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise EntropySearchError(
+            f"no space left on {sweep.sweep_dir}: {math.ceil(need / 2**20)} MB needed for {sweep.num_trials()} "
+            f"trial(s), {free / 2**20:.1f} MB free; free some space or choose another storage_path")
 
 
 def _sweep_params(sweep: SweepConfig) -> dict[str, str]:
@@ -183,12 +207,18 @@ def run_sweep(
     tracking_uri = resolve_tracking_uri(sweep.mlflow.tracking_uri)
     check_reachable(tracking_uri)
     res = sweep.resources
+    spaces: dict[tuple, PruningSpace] = {}
+    have_baselines = all(cfg.checkpoint_path().exists() for cfg in configs)
+    if not resume and have_baselines:
+        _check_free_space(sweep, configs, spaces)  # before Ray starts
     started = start_ray(res.address, num_cpus=res.num_cpus, num_gpus=res.num_gpus)
     try:
         if not cluster_address(res.address):
             _check_fits(sweep, points)
         baselines = _train_baselines(sweep, configs)
-        _check_budgets(configs)
+        if not resume and not have_baselines:
+            _check_free_space(sweep, configs, spaces)  # the baselines it measures from exist now
+        _check_budgets(configs, spaces)
 
         mlclient = tracking.client(tracking_uri)
         experiment_id = tracking.get_or_create_experiment(mlclient, sweep.experiment_name, tracking_uri)
