@@ -1,5 +1,6 @@
 """Faults injected for real (issue 9): a full disk (a real tmpfs, enlarged afterwards), Ctrl-C of the CLI (no Ray
-process of ours left), a sweep trial whose process is killed (retried from its checkpoint in the same MLflow run).
+process of ours left), SIGKILL of the CLI between two checkpoints (the resume repeats the uninterrupted search), a
+sweep trial whose process is killed (retried from its checkpoint in the same MLflow run).
 
 The tmpfs tests mount one (we may be root); where mounting is not allowed they are skipped with the reason.
 """
@@ -183,6 +184,57 @@ def test_ctrl_c_leaves_no_ray_process_behind(checkpoint, tmp_path):
     assert proc.returncode == 130, output[-3000:]
     time.sleep(3)
     assert _alive(ours) == []
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_driver_between_checkpoints_then_resume_repeats_the_uninterrupted_search(checkpoint, tmp_path):
+    """`entropy-search search` (no remote env runners: deterministic) gets SIGKILL after an iteration whose rows are
+    written but not checkpointed; `--resume` then ends with each candidate once and the same candidates, in the
+    same order, and the same best as the same search run without interruption."""
+    every = 3
+    overrides = {"stop.iterations": 9, "output.checkpoint_every": every, "resources.num_env_runners": 0}
+
+    def command(out: Path, *extra: str) -> list[str]:
+        path = out.parent / f"{out.name}.yaml"
+        path.write_text(yaml.safe_dump(search_dict(out, checkpoint, **overrides)))
+        return [sys.executable, "-m", "entropy_search.cli", "search", str(path), "--no-progress", *extra]
+
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            committed = json.loads((out / CHECKPOINT_DIR / STATE_FILE).read_text())["iteration"] if (
+                out / CHECKPOINT_DIR / STATE_FILE).exists() else 0
+            written = max((r["iteration"] for r in read_jsonl(out / CANDIDATES_FILE)), default=0)
+            if every <= committed < written < committed + every:  # rows past a checkpoint, the next one not due
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.02)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the search ended before it could be killed between checkpoints"
+    committed = json.loads((out / CHECKPOINT_DIR / STATE_FILE).read_text())["iteration"]
+    assert max(r["iteration"] for r in read_jsonl(out / CANDIDATES_FILE)) > committed
+    assert not (out / "result.json").exists()
+
+    subprocess.run(command(out, "--resume"), check=True, capture_output=True, env=env)
+    subprocess.run(command(tmp_path / "whole"), check=True, capture_output=True, env=env)
+
+    def sequence(folder: Path) -> list:
+        return [(r["iteration"], r["kept_channels"], r["reward"]) for r in read_jsonl(folder / CANDIDATES_FILE)]
+
+    resumed, whole = (json.loads((tmp_path / name / "result.json").read_text()) for name in ("killed", "whole"))
+    assert len(sequence(out)) == resumed["cost"]["candidates"] == whole["cost"]["candidates"]
+    assert len({r["id"] for r in read_jsonl(out / CANDIDATES_FILE)}) == resumed["cost"]["candidates"]
+    assert sequence(out) == sequence(tmp_path / "whole")
+    assert resumed["best"]["kept_channels"] == whole["best"]["kept_channels"]
+    assert resumed["best"]["reward"] == whole["best"]["reward"]
 
 
 @pytest.mark.slow
