@@ -34,16 +34,31 @@ SEARCH_ONLY = ["finetune.epochs=0", "selection.enabled=false", "baselines.finetu
                "output.export_onnx=false"]
 
 
+def random_result(args, seed: int) -> dict | None:
+    """The random search of `seed`: run once, by the first variant run with that seed (its draws depend on the
+    seed only), and shared by every variant."""
+    for path in sorted(args.out.glob(f"*/s{seed}/result.json")):
+        found = json.loads(path.read_text()).get("baselines", {}).get("random")
+        if found:
+            return found
+    return None
+
+
 def run_one(args, variant: str, seed: int) -> None:
     folder = args.out / variant / f"s{seed}"
     if (folder / "result.json").exists():
         return
+    # as many random candidates as the agent has episodes (>= its distinct evaluations: never fewer than the
+    # agent's), so the random search is the same for every variant and runs once per seed
+    random = [f"baselines.random_candidates={args.iterations * args.episodes}"]
+    if random_result(args, seed) is not None:
+        random = ["baselines.enabled=false"]
     cmd = [sys.executable, "-m", "entropy_search.cli", "search", str(ROOT / "examples" / "digits_search.yaml"),
            "--output", str(folder), "--no-progress", "--overwrite",
            "--set", f"model.checkpoint={args.checkpoint}", "--set", f"search.flops_target={args.target}",
            "--set", f"search.reward={args.reward}", "--set", f"stop.iterations={args.iterations}",
-           "--set", f"seed={seed}"]
-    for item in SEARCH_ONLY + VARIANTS[variant] + args.set:
+           "--set", f"seed={seed}", "--set", f"agent.episodes_per_iteration={args.episodes}"]
+    for item in SEARCH_ONLY + random + VARIANTS[variant] + args.set:
         cmd += ["--set", item]
     t0 = time.perf_counter()
     print(f"[{time.strftime('%H:%M:%S')}] {variant} seed {seed} ...", flush=True)
@@ -57,12 +72,14 @@ def report(args) -> str:
              "| variant | seeds | agent best | random best | agent wins | distinct candidates (agent) |",
              "|---|---|---|---|---|---|"]
     for variant in args.variants:
-        results = [json.loads(p.read_text()) for p in sorted((args.out / variant).glob("s*/result.json"))]
+        paths = sorted((args.out / variant).glob("s*/result.json"))
+        results = [json.loads(p.read_text()) for p in paths]
+        randoms = [random_result(args, int(p.parent.name[1:])) for p in paths]
         if not results:
             continue
         agent = [r["best"]["reward"] for r in results]
-        rand = [r["baselines"]["random"]["best"]["reward"] for r in results]
-        distinct = [r["baselines"]["random"]["evaluations"] for r in results]
+        rand = [r["best"]["reward"] for r in randoms]
+        distinct = [r["cost"]["evaluations"] for r in results]
 
         def stat(values: list[float]) -> str:
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -80,6 +97,7 @@ def main(argv=None) -> int:
     parser.add_argument("--target", type=float, default=0.3)
     parser.add_argument("--reward", default="kl")
     parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--episodes", type=int, default=16, help="candidates per PPO iteration")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=sorted(VARIANTS))
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "agent_study")
