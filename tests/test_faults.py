@@ -1,5 +1,6 @@
 """Faults injected for real (issue 9): a full disk (a real tmpfs, enlarged afterwards), Ctrl-C of the CLI (no Ray
 process of ours left), SIGKILL of the CLI between two checkpoints (the resume repeats the uninterrupted search), a
+real MLflow server down for 30 s mid-sweep (no metric lost), a
 sweep trial whose process is killed (retried from its checkpoint in the same MLflow run).
 
 The tmpfs tests mount one (we may be root); where mounting is not allowed they are skipped with the reason.
@@ -22,6 +23,7 @@ import pytest
 import yaml
 
 from entropy_search import cli
+from entropy_search.commands.ui import free_port, server_command, wait_healthy
 from entropy_search.config import load_config
 from entropy_search.errors import EntropySearchError
 from entropy_search.jsonio import read_jsonl
@@ -282,3 +284,74 @@ def test_a_killed_trial_is_retried_from_its_checkpoint_in_the_same_run(ray_local
         res = json.loads((out / "result.json").read_text())
         rows = read_candidate_table(mlclient.download_artifacts(run.info.run_id, "candidates.csv", str(tmp_path)))
         assert len(rows) == len({r["id"] for r in rows}) == res["cost"]["candidates"]
+
+
+@pytest.mark.slow
+def test_a_tracking_server_down_for_30_s_mid_sweep_loses_no_metric(ray_local, checkpoint, tmp_path):
+    """A real `mlflow server` (sqlite) is killed once the trial has logged its first iteration and started again
+    on the same port 30 s later: the sweep finishes, every iteration's metrics are in the run once, the run and
+    the parent are FINISHED, and candidates.csv holds every candidate."""
+    store = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    (tmp_path / "mlflow").mkdir()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    servers: list[subprocess.Popen] = []
+
+    def start_server() -> None:
+        proc = subprocess.Popen(server_command(store, "127.0.0.1", port, 1), start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        servers.append(proc)
+        assert wait_healthy(url, 120, proc), "the MLflow server did not start"
+
+    def stop_server() -> None:
+        os.killpg(servers[-1].pid, signal.SIGKILL)
+        servers[-1].wait()
+
+    base = search_dict(tmp_path / "unused", checkpoint, **{"stop.iterations": 6, "output.checkpoint_every": 1,
+                                                           "agent.episodes_per_iteration": 4})
+    base.pop("resources")
+    base["output"].pop("dir")
+    sweep = load_sweep_config({
+        "name": "outage", "base": base, "axes": {"seed": [0]}, "storage_path": str(tmp_path / "sweeps"),
+        "mlflow": {"tracking_uri": url, "log_model": False},
+        "resources": {"cpus_per_trial": 0.5, "num_env_runners": 1, "cpus_per_env_runner": 0.5},
+    })
+    outage: list[float] = []
+
+    def take_the_server_down() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if any(read_jsonl(p) for p in Path(sweep.sweep_dir).glob(f"*/search/{CANDIDATES_FILE}")):
+                stop_server()
+                t0 = time.monotonic()
+                time.sleep(30)
+                start_server()
+                outage.append(time.monotonic() - t0)
+                return
+            time.sleep(0.2)
+
+    start_server()
+    try:
+        downer = threading.Thread(target=take_the_server_down, daemon=True)
+        downer.start()
+        result = run_sweep(sweep, verbose=0)
+        downer.join(timeout=180)
+        assert outage and outage[0] >= 30, "the server was not taken down mid-sweep"
+        assert result["status"] == "FINISHED" and result["failed"] == 0
+        mlclient = tracking.client(url)
+        runs = tracking.trial_runs(mlclient, result["experiment_id"], result["parent_run_id"])
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+        out = Path(sweep.sweep_dir) / runs[0].data.tags[tracking.TRIAL_NAME_TAG] / "search"
+        res = json.loads((out / "result.json").read_text())
+        for key in ("iteration", "best_reward", "reward_mean"):
+            steps = sorted(m.step for m in mlclient.get_metric_history(runs[0].info.run_id, key))
+            assert steps == list(range(1, 7)), (key, steps)
+        rows = read_candidate_table(mlclient.download_artifacts(runs[0].info.run_id, "candidates.csv", str(tmp_path)))
+        assert len(rows) == res["cost"]["candidates"]
+        assert mlclient.get_run(result["parent_run_id"]).info.status == "FINISHED"
+    finally:
+        for proc in servers:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
