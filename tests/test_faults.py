@@ -1,7 +1,7 @@
 """Faults injected for real (issue 9): a full disk (a real tmpfs, enlarged afterwards), Ctrl-C of the CLI (no Ray
 process of ours left), SIGKILL of the CLI between two checkpoints (the resume repeats the uninterrupted search), a
-real MLflow server down for 30 s mid-sweep (no metric lost), a
-sweep trial whose process is killed (retried from its checkpoint in the same MLflow run).
+sweep trial whose process is killed (retried from its checkpoint in the same MLflow run), a real MLflow server
+down for 30 s mid-sweep (no metric lost).
 
 The tmpfs tests mount one (we may be root); where mounting is not allowed they are skipped with the reason.
 """
