@@ -5,7 +5,8 @@
 2. per case, >= 100 candidates drawn as the search draws them (random actions through the budget's
    clipping, `flops_floor` as configured), each measured once (BN statistics re-estimated on 256
    training images, as the search does): every label-free reward (`entropy`, the paper's, exact;
-   `kl`; `feature`) and held-out accuracy;
+   `kl`; `feature`; `agreement`, a reward since session 7, from the top-1 agreement every case recorded)
+   and held-out accuracy;
 3. Spearman rank correlation of each reward with held-out accuracy over all candidates, and with
    held-out accuracy after a short fine-tune over >= 12 of them spread over the accuracy range (the
    test split is never used);
@@ -14,6 +15,7 @@
 
     python bench/bench_proxy.py --checkpoint CKPT --flops-target 0.5 --candidates 100 --finetuned 12 --out case.json
     python bench/bench_proxy.py --choose case1.json case2.json case3.json
+    python bench/bench_proxy.py --choose bench/proxy_cases/*.json    # the measured development cases
 
 `--entropy-variants` also measures every entropy variant (measured layers x estimator).
 """
@@ -130,7 +132,6 @@ def measure(args) -> dict:
         values = [r["reward:" + reward] for r in rows]
         result["vs_heldout"][reward] = spearman(values, acc)
         result["vs_finetuned"][reward] = spearman([r["reward:" + reward] for r in tuned], [r["finetuned"] for r in tuned])
-    result["vs_heldout"]["agreement"] = spearman([r["agreement"] for r in rows], acc)
     result["entropy_variants"] = {
         "/".join(key): {"vs_heldout": spearman([-r["entropy:" + "/".join(key)] for r in rows], acc),
                         "vs_finetuned": spearman([-r["entropy:" + "/".join(key)] for r in tuned],
@@ -158,14 +159,22 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
+def row_reward(row: dict, reward: str) -> float:
+    """A measured candidate's reward: as recorded, or computed from its measurements (a reward added since the
+    case was measured, e.g. `agreement`, from the same candidates)."""
+    return row["reward:" + reward] if "reward:" + reward in row else compute_reward(reward, row)
+
+
 def choose(paths: list[str], threshold: float) -> int:
+    """The protocol's step 4 on measured cases, its Spearman recomputed from each case's candidates."""
     cases = [json.loads(Path(p).read_text()) for p in paths]
-    table = {c["case"]: c["vs_heldout"] for c in cases}
-    print(f"{'reward':<12}" + "".join(f"{c:>28}" for c in table) + f"{'worst':>8}")
+    table = {c["case"]: {r: spearman([row_reward(row, r) for row in c["rows"]], [row["accuracy"] for row in c["rows"]])
+                         for r in LABEL_FREE_REWARDS} for c in cases}
+    print(f"{'reward':<20}" + "".join(f"{c:>28}" for c in table) + f"{'worst':>8}")
     for reward in LABEL_FREE_REWARDS:
         vals = [table[c].get(reward) for c in table]
         worst = min((v for v in vals if v is not None), default=None)
-        print(f"{reward:<12}" + "".join(f"{fmt(v):>28}" for v in vals) + f"{fmt(worst):>8}")
+        print(f"{reward:<20}" + "".join(f"{fmt(v):>28}" for v in vals) + f"{fmt(worst):>8}")
     chosen = choose_default_reward(table, threshold=threshold)
     print(f"\ndefault reward by the protocol (Spearman >= {threshold} on every case): {chosen or 'none qualifies'}")
     return 0

@@ -1,4 +1,4 @@
-"""Quality of the search: the agent under each reward (the paper's entropy, the label-free kl, accuracy) vs
+"""Quality of the search: the agent under each reward (the paper's entropy, the label-free agreement, accuracy) vs
 uniform and random pruning at the same FLOPs, and the network the final stage delivers, after the same
 fine-tuning, over seeds; mean and spread.
 
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="digits")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--targets", nargs="+", type=float, default=None, help="default: the preset's")
-    parser.add_argument("--rewards", nargs="+", default=["entropy", "kl", "accuracy"])
+    parser.add_argument("--rewards", nargs="+", default=["entropy", "agreement", "accuracy"])
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="baseline checkpoint (default: OUT/baseline.pt, trained by the first run if missing)")
     parser.add_argument("--out", type=Path, default=None, help="default: runs/quality/<preset>")

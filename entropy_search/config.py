@@ -116,8 +116,8 @@ class EntropyConfig(Section):
 class SearchSettings(Section):
     """The pruning problem: reward, FLOPs budget, action range and rounding."""
 
-    reward: Literal["entropy", "kl", "feature", "entropy_normalized", "accuracy", "accuracy_flops"] = "kl"
-    """The default, `kl`, is the label-free reward the protocol of bench/bench_proxy.py chose (bench/RESULTS.md). `entropy`: minus the spatial entropy of the kept channels (label-free, the paper's); `kl`: minus the KL divergence from the unpruned network's softmax to the candidate's on the same images (label-free); `feature`: minus the relative error of the classifier's input features against the unpruned network's (label-free); `entropy_normalized`: minus the spatial entropy with each map's divided by the most its size allows (label-free; a study of the paper's reward without its structural bias); `accuracy`: held-out top-1 (AMC R_err); `accuracy_flops`: -error*log(FLOPs) (AMC R_FLOPs)."""
+    reward: Literal["entropy", "agreement", "kl", "feature", "entropy_normalized", "accuracy", "accuracy_flops"] = "agreement"
+    """The default, `agreement`, is the label-free reward the protocol of bench/bench_proxy.py chooses (bench/RESULTS.md). `entropy`: minus the spatial entropy of the kept channels (label-free, the paper's); `agreement`: the share of images on which the candidate's top-1 class is the unpruned network's (label-free); `kl`: minus the KL divergence from the unpruned network's softmax to the candidate's on the same images (label-free); `feature`: minus the relative error of the classifier's input features against the unpruned network's (label-free); `entropy_normalized`: minus the spatial entropy with each map's divided by the most its size allows (label-free; a study of the paper's reward without its structural bias); `accuracy`: held-out top-1 (AMC R_err); `accuracy_flops`: -error*log(FLOPs) (AMC R_FLOPs)."""
 
     entropy: EntropyConfig = Field(default_factory=EntropyConfig)
     """Settings of the spatial-entropy estimator (used for every candidate, whatever the reward)."""

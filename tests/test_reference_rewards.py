@@ -4,15 +4,21 @@ default reward, and the collapse measure (issue: a search that wins)."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from entropy_search import PruningSpace, create_model
+from entropy_search.config import SearchSettings
 from entropy_search.errors import EntropySearchError
 from entropy_search.problem import CandidateEvaluator, choose_default_reward, collapse_rate, compute_reward
 from entropy_search.problem.evaluate import reference_comparison
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_reference_comparison_matches_a_hand_computed_case():
@@ -32,6 +38,10 @@ def test_reference_comparison_matches_a_hand_computed_case():
 
 
 def test_rewards_of_the_comparisons():
+    # the agreement of the hand-computed case above is 0.5: the reward is that share itself
+    assert compute_reward("agreement", {"agreement": 0.5, "accuracy": 0.9}) == 0.5
+    with pytest.raises(EntropySearchError, match="agreement"):
+        compute_reward("agreement", {"agreement": 1.5})
     assert compute_reward("kl", {"kl": 0.25}) == -0.25
     assert compute_reward("feature", {"feature_error": 0.5}) == -0.5
     assert compute_reward("entropy_normalized", {"entropy_normalized": 0.7}) == -0.7
@@ -73,6 +83,17 @@ def test_protocol_chooses_the_default_reward():
     qualifying_entropy = {c: {"entropy": 0.61, "kl": 0.99} for c in ("a", "b")}
     assert choose_default_reward(qualifying_entropy) == "entropy"  # the paper's wins when it qualifies
     assert choose_default_reward({}) is None
+
+
+def test_the_default_reward_is_the_protocols_choice_on_the_measured_development_cases():
+    """`bench/bench_proxy.py --choose` on the three development cases (their candidates' measurements,
+    bench/proxy_cases/) names the schema's default reward."""
+    cases = sorted(str(p) for p in (ROOT / "bench" / "proxy_cases").glob("*.json"))
+    assert len(cases) == 3
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_proxy.py"), "--choose", *cases],
+                          capture_output=True, text=True, check=True)
+    last = done.stdout.strip().splitlines()[-1]
+    assert last == f"default reward by the protocol (Spearman >= 0.6 on every case): {SearchSettings().reward}"
 
 
 def test_collapse_rate():

@@ -183,7 +183,7 @@ def latency_lines(latency: dict | None) -> list[str]:
 
 
 # Below this rank correlation a label-free reward says little about accuracy on the user's network
-# (bench/RESULTS.md: kl +0.96 to +0.98 on digits, entropy about 0 on Fashion-MNIST).
+# (bench/RESULTS.md: agreement +0.99 and kl +0.96 to +0.98 on digits, entropy about 0 on Fashion-MNIST).
 WEAK_PROXY = 0.3
 
 

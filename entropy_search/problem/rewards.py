@@ -5,6 +5,8 @@
 - ``accuracy`` (AMC's R_err): held-out top-1 accuracy in [0, 1] (a split of the training set,
   never the test set).
 - ``accuracy_flops`` (AMC's R_FLOPs): ``-(1 - accuracy) * log(macs)``, MACs of one forward pass.
+- ``agreement`` (label-free, the default): the share of images on which the candidate's top-1 class is the
+  unpruned network's: held-out accuracy with the unpruned network's predictions as the labels.
 - ``kl`` (label-free): minus KL(p_unpruned || p_candidate) of the softmax outputs on the same images.
 - ``feature`` (label-free): minus the relative error of the classifier's input features.
 - ``entropy_normalized`` (label-free, a study): minus the spatial entropy with each map's entropy divided
@@ -29,6 +31,7 @@ __all__ = [
     "REWARDS",
     "accuracy_flops_reward",
     "accuracy_reward",
+    "agreement_reward",
     "choose_default_reward",
     "collapse_rate",
     "compute_reward",
@@ -74,6 +77,16 @@ def kl_reward(kl: float) -> float:
     return -value
 
 
+def agreement_reward(agreement: float) -> float:
+    """The share of images whose top-1 class is the unpruned network's, in [0, 1]: how much of the network's
+    decisions is left, without labels (it ranks candidates as held-out accuracy does where the unpruned network
+    is accurate; bench/RESULTS.md, "Choosing the default reward")."""
+    value = _finite("agreement", agreement)
+    if not 0.0 <= value <= 1.0:
+        raise EntropySearchError(f"measurement 'agreement' must be a fraction in [0, 1], got {agreement!r}")
+    return value
+
+
 def feature_reward(feature_error: float) -> float:
     """Minus the relative error of the classifier's input features against the unpruned network's (label-free)."""
     value = _finite("feature_error", feature_error)
@@ -87,12 +100,13 @@ REWARDS: dict[str, Callable[..., float]] = {
     "accuracy": accuracy_reward,
     "accuracy_flops": accuracy_flops_reward,
     "kl": kl_reward,
+    "agreement": agreement_reward,
     "feature": feature_reward,
     "entropy_normalized": entropy_normalized_reward,
 }
 
 #: Rewards that need no labels (the paper's spatial entropy, and the comparisons with the unpruned network).
-LABEL_FREE_REWARDS = ("entropy", "kl", "feature", "entropy_normalized")
+LABEL_FREE_REWARDS = ("entropy", "agreement", "kl", "feature", "entropy_normalized")
 
 
 def required_measurements(name: str) -> tuple[str, ...]:
