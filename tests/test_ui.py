@@ -105,11 +105,38 @@ def _listening_sockets(port: int) -> list[str]:
     return out
 
 
-def test_ui_with_a_tracking_server_prints_its_address(capsys):
+def test_ui_with_a_tracking_server_prints_its_address_and_the_sweeps_pages_on_it(tmp_path, capsys):
+    """The store is a running `mlflow server` holding a sweep: `ui` starts nothing and prints the server's
+    address and the sweep's pages on it, which the server serves; a server that does not answer is one line."""
+    from entropy_search import tracking
     from entropy_search.cli import main
+    from entropy_search.commands.ui import free_port, server_command, wait_healthy
 
-    assert main(["ui", "--tracking-uri", "http://127.0.0.1:5999"]) == 0
-    assert "open http://127.0.0.1:5999" in capsys.readouterr().out
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlclient = tracking.client(store)
+    exp = tracking.get_or_create_experiment(mlclient, "remote-sweep", store)
+    parent, _ = tracking.open_sweep_run(mlclient, exp, name="remote", sweep_dir=str(tmp_path / "remote"), params={},
+                                        tags={}, resume=False)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(server_command(store, "127.0.0.1", port, 1), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_healthy(url, 120, proc), "the MLflow server did not start"
+        assert main(["ui", "--tracking-uri", url]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[0] == f"the configured store is a tracking server: open {url} (it serves the UI)"
+        pages = [line.split(": ", 1)[1] for line in out[1:]]
+        assert len(pages) == 2 and all(p.startswith(f"{url}/#/experiments/{exp}") for p in pages)
+        assert any(parent in p for p in pages)
+        for page in pages:
+            assert _get(page.split("#")[0])[0] == 200  # the UI's own page: the rest is the browser's route
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert main(["ui", "--tracking-uri", url]) == 2  # the same address, no server any more
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"tracking server {url} is not reachable" in err
 
 
 def test_report_of_an_unknown_sweep_is_one_line_status_2(tmp_path):

@@ -5,8 +5,9 @@ Starts `mlflow server` on the local store (``--tracking-uri``, else MLFLOW_TRACK
 (or `--sweep NAME`): its trials side by side (FLOPs ratio and accuracies as columns and charts) and
 its parent run (description with the summary table and the FLOPs-versus-accuracy plot); `--open`
 opens the first in a browser. It stops the server (its whole process group) on Ctrl-C or SIGTERM.
-When the configured store is already a tracking server (http...), it prints that address instead:
-the server is the UI. See docs/design.md, "Tracking".
+When the configured store is already a tracking server (http...), the server is the UI: it prints that
+address and the sweep's pages on it (one line, exit 2, when the server does not answer). See docs/design.md,
+"Tracking".
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import webbrowser
 from pathlib import Path
 
 from ..errors import EntropySearchError
-from ..store import is_local_store, local_store_dir, resolve_tracking_uri
+from ..store import check_reachable, is_local_store, local_store_dir, resolve_tracking_uri
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -111,8 +112,11 @@ def run(args: argparse.Namespace) -> int:
 
         uri = load_sweep_config(args.config).mlflow.tracking_uri
     uri = resolve_tracking_uri(uri)
-    if not is_local_store(uri):
+    if not is_local_store(uri):  # the server is the UI: its address and the sweep's pages on it
+        check_reachable(uri)
+        pages = sweep_pages(uri, args.sweep)
         print(f"the configured store is a tracking server: open {uri} (it serves the UI)", flush=True)
+        _announce(uri.rstrip("/"), pages, open_browser=args.open)
         return 0
     pages: dict[str, str] = {}
     db = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
@@ -131,12 +135,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         proc, url = start_server(uri, args.host, args.port, args.workers, args.timeout)
         print(f"MLflow UI: {url}  (store: {uri}; Ctrl-C stops it)", flush=True)
-        for label, page in pages.items():
-            print(f"{label}: {url}/{page}", flush=True)
-        if args.open:
-            first = f"{url}/{next(iter(pages.values()))}" if pages else url
-            if not webbrowser.open(first):
-                print(f"note: no web browser could be started here; open {first}", flush=True)
+        _announce(url, pages, open_browser=args.open)
         while proc.poll() is None:
             time.sleep(0.5)
         return proc.returncode or 0
@@ -146,6 +145,16 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous)
         if proc is not None:
             _stop(proc)
+
+
+def _announce(url: str, pages: dict[str, str], *, open_browser: bool) -> None:
+    """Print the sweep's pages under the UI's root address `url`; with `open_browser`, open the first."""
+    for label, page in pages.items():
+        print(f"{label}: {url}/{page}", flush=True)
+    if open_browser:
+        first = f"{url}/{next(iter(pages.values()))}" if pages else url
+        if not webbrowser.open(first):
+            print(f"note: no web browser could be started here; open {first}", flush=True)
 
 
 def sweep_pages(uri: str, name: str | None = None) -> dict[str, str]:
