@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from entropy_search import cli
-from entropy_search.commands.ui import free_port, server_command, wait_healthy
+from entropy_search.commands import ui
 from entropy_search.config import load_config
 from entropy_search.errors import EntropySearchError
 from entropy_search.jsonio import read_jsonl
@@ -293,16 +293,14 @@ def test_a_tracking_server_down_for_30_s_mid_sweep_loses_no_metric(ray_local, ch
     the parent are FINISHED, and candidates.csv holds every candidate."""
     store = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
     (tmp_path / "mlflow").mkdir()
-    port = free_port()
+    port = ui.free_port()
     url = f"http://127.0.0.1:{port}"
     servers: list[subprocess.Popen] = []
 
-    def start_server() -> None:
-        proc = subprocess.Popen(server_command(store, "127.0.0.1", port, 1), start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    def start_server() -> None:  # always on `port`: the trial keeps the address it was given
+        proc, started = ui.start_server(store, "127.0.0.1", port, 1, 120)
         servers.append(proc)
-        assert wait_healthy(url, 120, proc), "the MLflow server did not start"
+        assert started == url
 
     def stop_server() -> None:
         os.killpg(servers[-1].pid, signal.SIGKILL)
@@ -331,8 +329,8 @@ def test_a_tracking_server_down_for_30_s_mid_sweep_loses_no_metric(ray_local, ch
                 return
             time.sleep(0.2)
 
-    start_server()
     try:
+        start_server()
         downer = threading.Thread(target=take_the_server_down, daemon=True)
         downer.start()
         result = run_sweep(sweep, verbose=0)

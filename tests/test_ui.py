@@ -110,19 +110,15 @@ def test_ui_with_a_tracking_server_prints_its_address_and_the_sweeps_pages_on_it
     address and the sweep's pages on it, which the server serves; a server that does not answer is one line."""
     from entropy_search import tracking
     from entropy_search.cli import main
-    from entropy_search.commands.ui import free_port, server_command, wait_healthy
+    from entropy_search.commands.ui import start_server
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlclient = tracking.client(store)
     exp = tracking.get_or_create_experiment(mlclient, "remote-sweep", store)
     parent, _ = tracking.open_sweep_run(mlclient, exp, name="remote", sweep_dir=str(tmp_path / "remote"), params={},
                                         tags={}, resume=False)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(server_command(store, "127.0.0.1", port, 1), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc, url = start_server(store, "127.0.0.1", 0, 1, 120)
     try:
-        assert wait_healthy(url, 120, proc), "the MLflow server did not start"
         assert main(["ui", "--tracking-uri", url]) == 0
         out = capsys.readouterr().out.splitlines()
         assert out[0] == f"the configured store is a tracking server: open {url} (it serves the UI)"
