@@ -29,6 +29,9 @@ VARIANTS: dict[str, list[str]] = {
     "lr3e-3": ["agent.lr=0.003", "agent.num_epochs=8", "agent.num_minibatches=2"],
     "std0.5": ["agent.initial_std=0.5"],
     "std0.5-lr1e-3": ["agent.initial_std=0.5", "agent.lr=0.001", "agent.num_epochs=8", "agent.num_minibatches=2"],
+    # off-policy: SAC replays every evaluated candidate, where PPO learns from each iteration's batch once
+    "sac": ["agent.algorithm=sac"],
+    "sac-warm32": ["agent.algorithm=sac", "agent.learning_starts_episodes=32"],
 }
 SEARCH_ONLY = ["finetune.epochs=0", "selection.enabled=false", "baselines.finetune=false", "output.latency=false",
                "output.export_onnx=false"]
@@ -56,9 +59,10 @@ def run_one(args, variant: str, seed: int) -> None:
     cmd = [sys.executable, "-m", "entropy_search.cli", "search", str(ROOT / "examples" / "digits_search.yaml"),
            "--output", str(folder), "--no-progress", "--overwrite",
            "--set", f"model.checkpoint={args.checkpoint}", "--set", f"search.flops_target={args.target}",
-           "--set", f"search.reward={args.reward}", "--set", f"stop.iterations={args.iterations}",
+           "--set", f"stop.iterations={args.iterations}",
            "--set", f"seed={seed}", "--set", f"agent.episodes_per_iteration={args.episodes}"]
-    for item in SEARCH_ONLY + random + VARIANTS[variant] + args.set:
+    reward = [f"search.reward={args.reward}"] if args.reward else []  # else the schema's default
+    for item in SEARCH_ONLY + reward + random + VARIANTS[variant] + args.set:
         cmd += ["--set", item]
     t0 = time.perf_counter()
     print(f"[{time.strftime('%H:%M:%S')}] {variant} seed {seed} ...", flush=True)
@@ -67,7 +71,7 @@ def run_one(args, variant: str, seed: int) -> None:
 
 
 def report(args) -> str:
-    lines = [f"target {args.target:g}, reward {args.reward}, {args.iterations} iterations; "
+    lines = [f"target {args.target:g}, reward {args.reward or 'the default (search.reward)'}, {args.iterations} iterations; "
              "best reward found (mean ± std over seeds), agent wins = seeds where the agent's best > random's",
              "| variant | seeds | agent best | random best | agent wins | distinct candidates (agent) |",
              "|---|---|---|---|---|---|"]
@@ -95,7 +99,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True, help="the baseline checkpoint")
     parser.add_argument("--target", type=float, default=0.3)
-    parser.add_argument("--reward", default="kl")
+    parser.add_argument("--reward", default=None, help="default: the config schema's search.reward")
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--episodes", type=int, default=16, help="candidates per PPO iteration")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

@@ -29,7 +29,7 @@ import psutil
 import yaml
 
 from entropy_search import tracking
-from entropy_search.commands.ui import free_port, server_command, wait_healthy
+from entropy_search.commands.ui import free_port, start_server
 from entropy_search.jsonio import read_jsonl
 from entropy_search.problem import train_baseline
 from entropy_search.summary import read_candidate_table
@@ -74,11 +74,8 @@ class Server:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        self.proc = subprocess.Popen(server_command(self.store, "127.0.0.1", self.port, 1), env=env,
-                                     start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if not wait_healthy(self.url, 120, self.proc):
-            raise RuntimeError(f"the MLflow server did not answer at {self.url}")
+        """(Again) on the same port, so the sweep's tracking URI stays valid across the outage."""
+        self.proc, _ = start_server(self.store, "127.0.0.1", self.port, 1, timeout=120)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from tiny_runs import candidate_sequence, tiny_search
 
 from entropy_search import cli
 from entropy_search.commands import ui
@@ -44,18 +45,9 @@ def checkpoint(tmp_path_factory, train_digits_checkpoint) -> Path:
 
 
 def search_dict(out: Path, checkpoint: Path, **overrides) -> dict:
-    data = {
-        "model": {"checkpoint": str(checkpoint), "train_if_missing": False},
-        "data": {"eval_batch": 128},
-        "search": {"flops_target": 0.5, "top_k": 1, "device": "cpu"},
-        "agent": {"episodes_per_iteration": 8, "num_epochs": 2, "num_minibatches": 2},
-        "resources": {"num_env_runners": 2, "num_cpus_per_env_runner": 1, "driver_threads": 1},
-        "stop": {"iterations": 6},
-        "baselines": {"enabled": False},
-        "finetune": {"epochs": 0},
-        "output": {"dir": str(out), "checkpoint_every": 2, "export_onnx": False},
-    }
-    return load_config(data, overrides).to_dict()
+    """The tests' tiny search, top-1, 6 iterations, search only (no baselines, no fine-tune)."""
+    return tiny_search(out, checkpoint, **{"search.top_k": 1, "stop.iterations": 6, "baselines.enabled": False,
+                                           "finetune.epochs": 0, **overrides})
 
 
 @pytest.fixture
@@ -228,13 +220,10 @@ def test_sigkill_of_the_driver_between_checkpoints_then_resume_repeats_the_unint
     subprocess.run(command(out, "--resume"), check=True, capture_output=True, env=env)
     subprocess.run(command(tmp_path / "whole"), check=True, capture_output=True, env=env)
 
-    def sequence(folder: Path) -> list:
-        return [(r["iteration"], r["kept_channels"], r["reward"]) for r in read_jsonl(folder / CANDIDATES_FILE)]
-
     resumed, whole = (json.loads((tmp_path / name / "result.json").read_text()) for name in ("killed", "whole"))
-    assert len(sequence(out)) == resumed["cost"]["candidates"] == whole["cost"]["candidates"]
+    assert len(candidate_sequence(out)) == resumed["cost"]["candidates"] == whole["cost"]["candidates"]
     assert len({r["id"] for r in read_jsonl(out / CANDIDATES_FILE)}) == resumed["cost"]["candidates"]
-    assert sequence(out) == sequence(tmp_path / "whole")
+    assert candidate_sequence(out) == candidate_sequence(tmp_path / "whole")
     assert resumed["best"]["kept_channels"] == whole["best"]["kept_channels"]
     assert resumed["best"]["reward"] == whole["best"]["reward"]
 

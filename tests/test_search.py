@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_runs import candidate_sequence, tiny_search
 
 from entropy_search.config import load_config
 from entropy_search.errors import ConfigError, EntropySearchError
@@ -37,17 +38,7 @@ def checkpoint(tmp_path_factory, train_digits_checkpoint) -> Path:
 
 
 def small_config(out: Path, checkpoint: Path, **overrides):
-    base = {
-        "model": {"checkpoint": str(checkpoint), "train_if_missing": False},
-        "data": {"eval_batch": 128},
-        "search": {"flops_target": 0.5, "top_k": 2, "device": "cpu"},
-        "agent": {"episodes_per_iteration": 8, "num_epochs": 2, "num_minibatches": 2},
-        "resources": {"num_env_runners": 2, "num_cpus_per_env_runner": 1, "driver_threads": 1},
-        "stop": {"iterations": 3},
-        "finetune": {"epochs": 1},
-        "output": {"dir": str(out), "checkpoint_every": 2, "export_onnx": False},
-    }
-    return load_config(base, overrides)
+    return load_config(tiny_search(out, checkpoint, **overrides))
 
 
 def read_candidates(out: Path) -> list[dict]:
@@ -241,10 +232,7 @@ def test_resume_after_interruption_keeps_checkpointed_candidates(ray_local, chec
     if runners == 0:  # deterministic: the same candidates, in the same order, as a run that was not interrupted
         whole = run_search(load_config(config.to_dict(), {"output.dir": str(tmp_path / "whole")}), progress=False)
 
-        def sequence(folder):
-            return [(c["iteration"], c["kept_channels"], c["reward"]) for c in read_candidates(folder)]
-
-        assert sequence(out) == sequence(tmp_path / "whole")
+        assert candidate_sequence(out) == candidate_sequence(tmp_path / "whole")
         assert result["best"]["kept_channels"] == whole["best"]["kept_channels"]
         assert result["best"]["reward"] == whole["best"]["reward"]
 

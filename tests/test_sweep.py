@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tiny_runs import tiny_sweep
 
 from entropy_search import load_model
 from entropy_search.errors import ConfigError
@@ -40,36 +41,12 @@ def checkpoint(tmp_path_factory, train_digits_checkpoint) -> Path:
 pytestmark = pytest.mark.usefixtures("no_default_store")
 
 
-def sweep_dict(name: str, storage: Path, checkpoint: Path, store: str, **extra) -> dict:
-    data = {
-        "name": name,
-        "base": {
-            "model": {"checkpoint": str(checkpoint), "train_if_missing": False},
-            "data": {"eval_batch": 128},
-            "search": {"flops_target": 0.5, "top_k": 2, "device": "cpu"},
-            "agent": {"episodes_per_iteration": 4, "num_epochs": 2},
-            "stop": {"iterations": 2},
-            "baselines": {"random_candidates": 4},
-            "finetune": {"epochs": 1},
-            "output": {"checkpoint_every": 1, "export_onnx": False},
-        },
-        "axes": {"search.reward": ["entropy", "accuracy"]},
-        "max_concurrent_trials": 2,
-        "storage_path": str(storage),
-        "resources": {"cpus_per_trial": 0.5, "num_env_runners": 1, "cpus_per_env_runner": 0.5},
-        "mlflow": {"tracking_uri": store},
-    }
-    for key, value in extra.items():
-        data[key] = value
-    return data
-
-
 def child_runs(store: str, result: dict) -> list:
     return tracking.trial_runs(tracking.client(store), result["experiment_id"], result["parent_run_id"])
 
 
 def test_two_trial_sweep_is_tracked_and_consistent_with_its_results(ray_local, checkpoint, store, tmp_path):
-    sweep = load_sweep_config(sweep_dict("two", tmp_path / "sweeps", checkpoint, store))
+    sweep = load_sweep_config(tiny_sweep("two", tmp_path / "sweeps", checkpoint, store))
     result = run_sweep(sweep, verbose=0)
     assert result["status"] == "FINISHED" and result["failed"] == 0 and not result["interrupted"]
     mlclient = tracking.client(store)
@@ -150,7 +127,7 @@ def test_two_trial_sweep_is_tracked_and_consistent_with_its_results(ray_local, c
 def test_crashed_trial_is_failed_and_resume_does_not_duplicate(ray_local, checkpoint, store, tmp_path):
     """A trial that raises (a measured layer that does not exist) leaves a FAILED run with the reason;
     --resume --retry-failed runs it again in the same run, not in a new one."""
-    data = sweep_dict("crash", tmp_path / "sweeps", checkpoint, store,
+    data = tiny_sweep("crash", tmp_path / "sweeps", checkpoint, store,
                       axes={"search.entropy.layers": [["no_such_layer"]]})
     sweep = load_sweep_config(data)
     result = run_sweep(sweep, verbose=0)
@@ -171,7 +148,7 @@ def test_crashed_trial_is_failed_and_resume_does_not_duplicate(ray_local, checkp
 def test_interrupted_sweep_resumes_without_duplicate_runs(checkpoint, store, tmp_path):
     """Ctrl-C during the second of two sequential trials: the first run stays FINISHED, the second is
     KILLED; --resume finishes the second in its own run and leaves the first alone."""
-    data = sweep_dict("interrupt", tmp_path / "sweeps", checkpoint, store, max_concurrent_trials=1)
+    data = tiny_sweep("interrupt", tmp_path / "sweeps", checkpoint, store, max_concurrent_trials=1)
     data["base"]["stop"] = {"iterations": 30}
     data["base"]["baselines"] = {"enabled": False}
     data["base"]["finetune"] = {"epochs": 0}

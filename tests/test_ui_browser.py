@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny_runs import tiny_sweep
 
 from entropy_search import tracking
 from entropy_search.sweep import load_sweep_config, run_sweep
@@ -71,25 +72,9 @@ def sweep(ray_local, store, tmp_path_factory, train_digits_checkpoint) -> dict:
     """A finished 2-trial sweep on the digits CNN (about a minute on 2 cores)."""
     root = tmp_path_factory.mktemp("ui_sweep")
     checkpoint = train_digits_checkpoint(root / "digits_cnn.pt", epochs=3)
-    config = {
-        "name": SWEEP,
-        "description": "digits CNN: entropy vs accuracy reward at 2x fewer FLOPs (browser test)",
-        "base": {
-            "model": {"checkpoint": str(checkpoint), "train_if_missing": False},
-            "data": {"eval_batch": 128},
-            "search": {"flops_target": 0.5, "top_k": 2, "device": "cpu"},
-            "agent": {"episodes_per_iteration": 4, "num_epochs": 2},
-            "stop": {"iterations": 2},
-            "baselines": {"random_candidates": 4},
-            "finetune": {"epochs": 1},
-            "output": {"export_onnx": False},
-        },
-        "axes": {"search.reward": ["entropy", "accuracy"]},
-        "max_concurrent_trials": 2,
-        "storage_path": str(root / "sweeps"),
-        "resources": {"cpus_per_trial": 0.5, "num_env_runners": 1, "cpus_per_env_runner": 0.5},
-        "mlflow": {"tracking_uri": store, "log_model": False},
-    }
+    config = tiny_sweep(SWEEP, root / "sweeps", checkpoint, store,
+                        description="digits CNN: entropy vs accuracy reward at 2x fewer FLOPs (browser test)",
+                        mlflow={"tracking_uri": store, "log_model": False})
     result = run_sweep(load_sweep_config(config), verbose=0)
     assert result["status"] == "FINISHED" and result["failed"] == 0
     mlclient = tracking.client(store)
