@@ -198,6 +198,9 @@ def test_resume_after_interruption_keeps_checkpointed_candidates(ray_local, chec
         run_search(config, progress=False, on_iteration=die_at_three)
     state = json.loads((out / CHECKPOINT_DIR / STATE_FILE).read_text())
     assert state["iteration"] == 2
+    # PPO's adaptive KL coefficient, which RLlib's checkpoint leaves out (the resume below repeats the search
+    # only if it is restored)
+    assert list(state["learner"]["kl_coeffs"]) == ["default_policy"]
     checkpointed = read_jsonl(out / CHECKPOINT_DIR / CACHE_FILE)
     before = read_candidates(out)
     # one cache entry per distinct candidate (two workers may evaluate the same one at the same time)

@@ -57,6 +57,33 @@ def initial_std_setter(std: float) -> Callable[..., None]:
     return on_algorithm_init
 
 
+def adaptive_learner_state(algorithm) -> dict:
+    """What RLlib's checkpoint of the learner leaves out: PPO's adaptive KL coefficient per module (the new
+    stack's PPOLearner keeps it outside `get_state`, so a restored PPO starts again from `kl_coeff`; cf.
+    ray-project/ray#22444 for the old stack). Plain JSON for state.json; {} for SAC."""
+
+    def read(learner) -> dict:
+        coeffs = getattr(learner, "curr_kl_coeffs_per_module", {})
+        return {"kl_coeffs": {str(module): float(value.item()) for module, value in coeffs.items()}}
+
+    found = [result.get() for result in algorithm.learner_group.foreach_learner(read)]  # one learner
+    return found[0] if found and found[0]["kl_coeffs"] else {}
+
+
+def restore_adaptive_learner_state(algorithm, state: dict) -> None:
+    """Set what `adaptive_learner_state` saved, after RLlib's own restore (a resumed search then updates its
+    policy exactly as the uninterrupted one did)."""
+    coeffs = state.get("kl_coeffs") or {}
+    if not coeffs:
+        return
+
+    def write(learner) -> None:
+        for module, value in coeffs.items():
+            learner.curr_kl_coeffs_per_module[module].data.fill_(value)
+
+    algorithm.learner_group.foreach_learner(write)
+
+
 def build_algorithm_config(config: SearchConfig, n_groups: int, env_config: dict) -> AlgorithmConfig:
     """The RLlib AlgorithmConfig of a search (new API stack). `n_groups` = steps per episode; `env_config`
     is what each env runner builds its environments from (`entropy_search.envs.env_config`)."""

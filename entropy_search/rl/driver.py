@@ -22,7 +22,12 @@ from ..jsonio import dumps, plain, read_jsonl, write_json, write_jsonl
 from ..problem import cache_entry
 from ..ray_runtime import quiet_ray_notices
 from ..utils import seed_everything
-from .algorithm import CANDIDATES_KEY, build_algorithm_config
+from .algorithm import (
+    CANDIDATES_KEY,
+    adaptive_learner_state,
+    build_algorithm_config,
+    restore_adaptive_learner_state,
+)
 from .rundir import AGENT_DIR, CACHE_FILE, CANDIDATES_FILE, CHECKPOINT_DIR, STATE_FILE, WARM_CACHE_FILE
 
 log = logging.getLogger(__name__)
@@ -132,6 +137,7 @@ class RLSearch:
         self._workers: set[int] = set()  # processes that evaluated this run's candidates
         self._healthy = config.resources.num_env_runners  # healthy env runners after the last iteration
         self._agent: Path | None = None  # the agent folder of the last committed checkpoint
+        self._learner_extra: dict = {}  # learner state RLlib's checkpoint leaves out (state.json's `learner`)
 
     # -- resume
 
@@ -173,6 +179,7 @@ class RLSearch:
                 setattr(self.state, name, type(getattr(self.state, name))(saved.get(name, 0)))
             self.state.history = list(saved.get("history", []))
             self._agent = agent
+            self._learner_extra = dict(saved.get("learner", {}))
         return has_agent
 
     def _agent_dir(self, saved: dict) -> Path | None:
@@ -201,6 +208,7 @@ class RLSearch:
         self.algo = algo_config.build_algo()
         if has_agent:
             self.algo.restore_from_path(str(self._agent.resolve()))
+            restore_adaptive_learner_state(self.algo, self._learner_extra)
 
     def run(self) -> SearchState:
         if self.algo is None:
@@ -380,7 +388,7 @@ class RLSearch:
         counted = [entry for key, entry in cache.items() if key not in self.state.pending]
         write_jsonl(self.ckpt_dir / CACHE_FILE, counted + [cache[key] for key in self.state.pending])
         write_json(self.ckpt_dir / STATE_FILE, {**self.state.to_json(), "agent": agent.name,
-                                                "cache_size": len(counted)})
+                                                "cache_size": len(counted), "learner": adaptive_learner_state(self.algo)})
         self._agent = agent
         for old in self.ckpt_dir.glob(f"{AGENT_DIR}*"):
             if old != agent and old.is_dir():
