@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -169,3 +170,46 @@ def test_config_from_dict_is_the_inverse_of_to_dict(tmp_path):
     assert config_from_dict(config.to_dict()) == config
     with pytest.raises(ConfigError, match="seed: must be >= 0"):
         config_from_dict({"seed": -1})
+
+
+# A shipped config names its model and data even where they are the schema's: they say what the experiment is.
+IDENTITY_KEYS = {"model.name", "data.name"}
+
+
+def _restated_defaults(values: dict, defaults: dict, prefix: str = "") -> list[str]:
+    found = []
+    for key, value in values.items():
+        name = prefix + key
+        if isinstance(value, dict) and isinstance(defaults.get(key), dict):
+            found += _restated_defaults(value, defaults[key], name + ".")
+        elif key in defaults and defaults[key] == value and name not in IDENTITY_KEYS | {"name"}:
+            found.append(name)
+    return found
+
+
+def test_shipped_configs_set_only_what_differs_from_the_schema():
+    """Defaults live in the schema only: a shipped config that restates one keeps the old value when the schema
+    changes (session 8: the example kept lr 1e-4 after the default became 1e-3)."""
+    from entropy_search.sweep.schema import SweepConfig
+
+    repo = Path(__file__).resolve().parents[1]
+    search_defaults = SearchConfig().model_dump(mode="json")
+    problems = []
+    for path in sorted((repo / "examples").glob("*.yaml")):
+        problems += [f"{path.name}: {k}" for k in _restated_defaults(yaml.safe_load(path.read_text()), search_defaults)]
+    for path in sorted((repo / "tune_configs").glob("*.yaml")):
+        sweep = yaml.safe_load(path.read_text())
+        base, axes = sweep.pop("base", {}), sweep.pop("axes", {})
+        sweep_defaults = SweepConfig(name=sweep["name"]).model_dump(mode="json")
+        problems += [f"{path.name}: {k}" for k in _restated_defaults(sweep, sweep_defaults)]
+        problems += [f"{path.name}: base.{k}" for k in _restated_defaults(base, search_defaults)]
+        problems += [f"{path.name}: base.{k} (an axis)" for k in axes if _has_dotted(base, k)]
+    assert not problems, "keys at their schema default: " + ", ".join(problems)
+
+
+def _has_dotted(data: dict, key: str) -> bool:
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True
