@@ -81,6 +81,20 @@ def _row(result: dict, reward: str, kind: str) -> dict:
             "before": final.get("test_accuracy_before_finetune"), "after": final.get("test_accuracy_after_finetune")}
 
 
+def _finalists(result: dict) -> dict[str, dict]:
+    """The final stage's finalists by label (uniform, top1..topk, random), each with its fine-tuned accuracies."""
+    found = {"uniform": result["baselines"]["uniform"].get("final"), "random": result["baselines"]["random"].get("final")}
+    found.update({entry["label"]: entry for entry in result.get("top_k") or []})
+    return {label: found[label] for label in result["selection"]["finalists"] if found.get(label)}
+
+
+def most_accurate_finalist(result: dict) -> str:
+    """What `selection.significance: 1.0` would have delivered: the highest held-out accuracy after fine-tuning,
+    ties to the earlier finalist (uniform first), as the final stage orders them; held-out only, never test."""
+    finalists = _finalists(result)
+    return max(finalists, key=lambda label: finalists[label]["heldout_accuracy_after_finetune"])
+
+
 def report(args) -> str:
     lines = []
     for target in args.targets:
@@ -117,12 +131,18 @@ def report(args) -> str:
             gaps = [_row(r, reward, "delivered")["after"] - _row(r, reward, "uniform")["after"] for _, r in runs]
             wins = [(r["best"]["reward"], r["baselines"]["random"]["best"]["reward"]) for _, r in runs]
             winners = [(r.get("delivered") or {}).get("label", "top1") for _, r in runs]
+            plain = []
+            for _, r in runs:
+                label, finalists = most_accurate_finalist(r), _finalists(r)
+                gain = finalists[label]["test_accuracy_after_finetune"] - finalists["uniform"]["test_accuracy_after_finetune"]
+                plain.append(f"{label} {100 * gain:+.2f}")
             rhos = [((r.get("proxy") or {}).get("reward_vs_accuracy")) for _, r in runs]
             rhos = [x for x in rhos if x is not None]
             lines.append(
                 f"{reward}: delivered minus uniform after fine-tuning per seed (points) "
                 f"{', '.join(f'{100 * g:+.2f}' for g in gaps)}; delivered {', '.join(winners)}; best reward agent vs "
                 f"random {', '.join(f'{a:.4f}/{b:.4f}' for a, b in wins)}"
+                + f"; the most accurate finalist on held-out (significance 1.0) minus uniform {', '.join(plain)}"
                 + (f"; Spearman of the reward with held-out accuracy {statistics.fmean(rhos):+.2f}" if rhos else "")
             )
     return "\n".join(lines)
