@@ -54,6 +54,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from entropy_search.config import load_config
+
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -520,8 +522,9 @@ def _check_sweep(client, parent, downloads: Path, log: Path, commit: str = "") -
     table, the best policy and the pruned model."""
     smoke = _smoke()
     rewards = smoke["axes"]["search.reward"]
-    target = smoke["base"]["search"]["flops_target"]
-    iterations = smoke["base"]["stop"]["iterations"]
+    resolved = load_config(smoke["base"])  # the config sets only what differs from the schema
+    target = resolved.search.flops_target
+    iterations = resolved.stop.iterations
     where = f"sweep run {parent.info.run_id}; end of {log.name}:\n{_tail(log)}"
 
     assert parent.info.status == "FINISHED", where
