@@ -81,18 +81,18 @@ def _row(result: dict, reward: str, kind: str) -> dict:
             "before": final.get("test_accuracy_before_finetune"), "after": final.get("test_accuracy_after_finetune")}
 
 
-def _finalists(result: dict) -> dict[str, dict]:
+def finalists(result: dict) -> dict[str, dict]:
     """The final stage's finalists by label (uniform, top1..topk, random), each with its fine-tuned accuracies."""
     found = {"uniform": result["baselines"]["uniform"].get("final"), "random": result["baselines"]["random"].get("final")}
     found.update({entry["label"]: entry for entry in result.get("top_k") or []})
     return {label: found[label] for label in result["selection"]["finalists"] if found.get(label)}
 
 
-def most_accurate_finalist(result: dict) -> str:
-    """What `selection.significance: 1.0` would have delivered: the highest held-out accuracy after fine-tuning,
-    ties to the earlier finalist (uniform first), as the final stage orders them; held-out only, never test."""
-    finalists = _finalists(result)
-    return max(finalists, key=lambda label: finalists[label]["heldout_accuracy_after_finetune"])
+def most_accurate_finalist(by_label: dict[str, dict]) -> str:
+    """What `selection.significance: 1.0` would have delivered among `finalists(result)`: the highest held-out
+    accuracy after fine-tuning, ties to the earlier finalist (uniform first), as the final stage orders them;
+    held-out only, never test."""
+    return max(by_label, key=lambda label: by_label[label]["heldout_accuracy_after_finetune"])
 
 
 def report(args) -> str:
@@ -133,8 +133,9 @@ def report(args) -> str:
             winners = [(r.get("delivered") or {}).get("label", "top1") for _, r in runs]
             plain = []
             for _, r in runs:
-                label, finalists = most_accurate_finalist(r), _finalists(r)
-                gain = finalists[label]["test_accuracy_after_finetune"] - finalists["uniform"]["test_accuracy_after_finetune"]
+                by_label = finalists(r)
+                label = most_accurate_finalist(by_label)
+                gain = by_label[label]["test_accuracy_after_finetune"] - by_label["uniform"]["test_accuracy_after_finetune"]
                 plain.append(f"{label} {100 * gain:+.2f}")
             rhos = [((r.get("proxy") or {}).get("reward_vs_accuracy")) for _, r in runs]
             rhos = [x for x in rhos if x is not None]

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from bench_quality import finalists  # this folder's script: the final stage's finalists of one result.json
 from scipy.stats import spearmanr
 
 from entropy_search.data import eval_batch, load_data
@@ -33,18 +34,16 @@ from entropy_search.problem import PruningSpace, build_model, load_checkpoint, r
 MEASURES = ("zero_shot", "distilled", "short_finetune", "heldout_after_finetune")
 
 
-def finalists(run_dirs: list[Path], target: float) -> list[dict]:
-    """The fine-tuned finalists of every search at `target` under `run_dirs` (bench_quality's layout)."""
+def distinct_finalists(run_dirs: list[Path], target: float) -> list[dict]:
+    """The fine-tuned finalists of every search at `target` under `run_dirs` (bench_quality's layout), once per
+    seed and kept channels."""
     rows, seen = [], set()
     for root in run_dirs:
         for path in sorted((root / f"t{target:g}").glob("*/result.json")):
             result = json.loads(path.read_text())
             seed = result["config"]["seed"]
-            entries = [("uniform", result["baselines"]["uniform"].get("final")),
-                       ("random", result["baselines"]["random"].get("final"))]
-            entries += [(entry["label"], entry) for entry in result.get("top_k") or []]
-            for label, final in entries:
-                if not final or (seed, tuple(final["kept_channels"])) in seen:
+            for label, final in finalists(result).items():
+                if (seed, tuple(final["kept_channels"])) in seen:
                     continue
                 seen.add((seed, tuple(final["kept_channels"])))
                 rows.append({"search": f"{root.name}/{path.parent.name}", "finalist": label, "seed": seed,
@@ -66,7 +65,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="JSON file of the rows and correlations")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = finalists(args.runs, args.target)
+    rows = distinct_finalists(args.runs, args.target)
     if len(rows) < 3:
         print(f"error: {len(rows)} finalists at target {args.target:g} under {', '.join(map(str, args.runs))}; need 3", file=sys.stderr)
         return 2

@@ -190,7 +190,7 @@ def _restated_defaults(values: dict, defaults: dict, prefix: str = "") -> list[s
 def test_shipped_configs_set_only_what_differs_from_the_schema():
     """Defaults live in the schema only: a shipped config that restates one keeps the old value when the schema
     changes (session 8: the example kept lr 1e-4 after the default became 1e-3)."""
-    from entropy_search.sweep.schema import SweepConfig
+    from entropy_search.sweep.schema import SweepConfig  # deferred: the sweep schema imports Ray (Tune)
 
     repo = Path(__file__).resolve().parents[1]
     search_defaults = SearchConfig().model_dump(mode="json")
