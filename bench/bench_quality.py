@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from entropy_search.problem import guarded_winner
+
 ROOT = Path(__file__).resolve().parent.parent
 
 PRESETS: dict[str, dict] = {
@@ -88,11 +90,15 @@ def finalists(result: dict) -> dict[str, dict]:
     return {label: found[label] for label in result["selection"]["finalists"] if found.get(label)}
 
 
-def most_accurate_finalist(by_label: dict[str, dict]) -> str:
-    """What `selection.significance: 1.0` would have delivered among `finalists(result)`: the highest held-out
-    accuracy after fine-tuning, ties to the earlier finalist (uniform first), as the final stage orders them;
-    held-out only, never test."""
-    return max(by_label, key=lambda label: by_label[label]["heldout_accuracy_after_finetune"])
+def delivered_at(result: dict, significance: float) -> str | None:
+    """The finalist the final stage would have delivered at `significance`, from the held-out accuracies and
+    paired p-values its rung recorded (held-out only, never test); None for a run that recorded no p-values
+    (before the paired test, or `selection.method: halving`)."""
+    rungs = (result.get("selection") or {}).get("rungs") or []
+    if not rungs or "p_value_vs_uniform" not in rungs[0]:
+        return None
+    return guarded_winner(rungs[0]["heldout_accuracy"], rungs[0]["p_value_vs_uniform"], reference="uniform",
+                          significance=significance)
 
 
 def report(args) -> str:
@@ -131,19 +137,24 @@ def report(args) -> str:
             gaps = [_row(r, reward, "delivered")["after"] - _row(r, reward, "uniform")["after"] for _, r in runs]
             wins = [(r["best"]["reward"], r["baselines"]["random"]["best"]["reward"]) for _, r in runs]
             winners = [(r.get("delivered") or {}).get("label", "top1") for _, r in runs]
-            plain = []
-            for _, r in runs:
-                by_label = finalists(r)
-                label = most_accurate_finalist(by_label)
-                gain = by_label[label]["test_accuracy_after_finetune"] - by_label["uniform"]["test_accuracy_after_finetune"]
-                plain.append(f"{label} {100 * gain:+.2f}")
+            by_level = []
+            for level in args.levels:
+                gains = []
+                for _, r in runs:
+                    by_label, label = finalists(r), delivered_at(r, level)
+                    if label is None:
+                        gains.append("n/a")
+                        continue
+                    gain = by_label[label]["test_accuracy_after_finetune"] - by_label["uniform"]["test_accuracy_after_finetune"]
+                    gains.append(f"{label} {100 * gain:+.2f}")
+                by_level.append(f"{level:g}: {', '.join(gains)}")
             rhos = [((r.get("proxy") or {}).get("reward_vs_accuracy")) for _, r in runs]
             rhos = [x for x in rhos if x is not None]
             lines.append(
                 f"{reward}: delivered minus uniform after fine-tuning per seed (points) "
                 f"{', '.join(f'{100 * g:+.2f}' for g in gaps)}; delivered {', '.join(winners)}; best reward agent vs "
                 f"random {', '.join(f'{a:.4f}/{b:.4f}' for a, b in wins)}"
-                + f"; the most accurate finalist on held-out (significance 1.0) minus uniform {', '.join(plain)}"
+                + f"; delivered at selection.significance (held-out p-values as recorded) minus uniform, {'; '.join(by_level)}"
                 + (f"; Spearman of the reward with held-out accuracy {statistics.fmean(rhos):+.2f}" if rhos else "")
             )
     return "\n".join(lines)
@@ -161,6 +172,8 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more config overrides")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--verbose", action="store_true", help="show each search's output")
+    parser.add_argument("--levels", nargs="+", type=float, default=[0.05, 0.2, 1.0],
+                        help="selection.significance levels whose deliveries the report reconstructs")
     args = parser.parse_args(argv)
     args.targets = args.targets or PRESETS[args.preset]["targets"]
     args.out = (args.out or ROOT / "runs" / "quality" / args.preset).resolve()

@@ -13,6 +13,7 @@ from entropy_search.problem import (
     PruningSpace,
     build_model,
     guarded_choice,
+    guarded_winner,
     load_checkpoint,
     paired_p_value,
     random_counts,
@@ -125,3 +126,20 @@ def test_guarded_choice_keeps_uniform_unless_another_finalist_beats_it_significa
     # without uniform among the finalists: the most accurate, the earlier of equals
     assert guarded_choice(["top1", "top2"], {"top1": two_more, "top2": two_more}, reference=None,
                           significance=0.05) == ("top1", {})
+
+
+def test_guarded_winner_on_recorded_figures_repeats_the_choice_at_every_level():
+    uniform = _correct("1" * 90 + "0" * 10)
+    correct = {"uniform": uniform, "top1": _correct("1" * 92 + "0" * 8), "top2": _correct("1" * 95 + "0" * 5),
+               "random": _correct("1" * 80 + "0" * 20)}
+    accuracy = {lb: float(c.float().mean()) for lb, c in correct.items()}
+    for significance, expected in [(0.01, "uniform"), (0.05, "top2"), (0.3, "top2"), (1.0, "top2")]:
+        winner, p_values = guarded_choice(list(correct), correct, reference="uniform", significance=significance)
+        assert winner == expected
+        assert guarded_winner(accuracy, p_values, reference="uniform", significance=significance) == expected
+    # p(top2) = 1/32 and p(top1) = 1/4: a level between them leaves only top2; if top2 is dropped, 0.3 takes top1
+    del accuracy["top2"]
+    assert guarded_winner(accuracy, p_values, reference="uniform", significance=0.2) == "uniform"
+    assert guarded_winner(accuracy, p_values, reference="uniform", significance=0.3) == "top1"
+    with pytest.raises(EntropySearchError, match="at least one finalist"):
+        guarded_winner({}, {}, reference="uniform", significance=0.05)

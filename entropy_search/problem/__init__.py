@@ -23,7 +23,7 @@ from .rewards import (
     compute_reward,
     proxy_agreement,
 )
-from .selection import guarded_choice, paired_p_value, successive_halving
+from .selection import guarded_choice, guarded_winner, paired_p_value, successive_halving
 from .setup import Network, Problem, ensure_checkpoint, load_network, load_splits, setup, train_baseline
 from .space import ChannelGroup, PruningSpace
 
@@ -68,6 +68,7 @@ __all__ = [
     "setup",
     "spatial_entropy",
     "guarded_choice",
+    "guarded_winner",
     "paired_p_value",
     "successive_halving",
     "train_baseline",

@@ -108,18 +108,30 @@ def paired_p_value(challenger: torch.Tensor, reference: torch.Tensor) -> float:
 def guarded_choice(labels: Sequence[str], correct: dict[str, torch.Tensor], *, reference: str | None,
                    significance: float) -> tuple[str, dict[str, float]]:
     """The finalist to deliver, judged by held-out correctness after fine-tuning (docs/design.md, "The final
-    stage"): `reference` (uniform pruning, the known-safe choice) unless another finalist is more accurate and
-    beats it significantly (one-sided exact McNemar p < `significance`); among those that do, the most
-    accurate, equal accuracies going to the earlier label. Without a reference: the most accurate.
+    stage"): `guarded_winner` over the finalists' held-out accuracies and their paired p-values against
+    `reference` (uniform pruning, the known-safe choice).
 
     Returns (winner, {label: p-value against the reference}) (no p-values without a reference)."""
     if not labels:
         raise EntropySearchError("the final stage needs at least one finalist")
     accuracy = {lb: int(correct[lb].sum()) / max(1, correct[lb].numel()) for lb in labels}
     if reference is None or reference not in labels:
-        return max(labels, key=lambda lb: accuracy[lb]), {}
+        return guarded_winner(accuracy, {}, reference=None, significance=significance), {}
     p_values = {lb: paired_p_value(correct[lb], correct[reference]) for lb in labels if lb != reference}
+    return guarded_winner(accuracy, p_values, reference=reference, significance=significance), p_values
+
+
+def guarded_winner(accuracy: dict[str, float], p_values: dict[str, float], *, reference: str | None,
+                   significance: float) -> str:
+    """The guarded rule on recorded figures (a result.json's final-stage rung holds both): `reference` unless
+    another finalist is more accurate and beats it with p-value < `significance`; among those that do, the most
+    accurate, equal accuracies going to the earlier label (the order of `accuracy`). Without a reference: the
+    most accurate."""
+    if not accuracy:
+        raise EntropySearchError("the final stage needs at least one finalist")
+    labels = list(accuracy)
+    if reference is None or reference not in accuracy:
+        return max(labels, key=lambda lb: accuracy[lb])
     better = [lb for lb in labels if lb != reference and accuracy[lb] > accuracy[reference]
               and p_values[lb] < significance]
-    winner = max(better, key=lambda lb: accuracy[lb]) if better else reference
-    return winner, p_values
+    return max(better, key=lambda lb: accuracy[lb]) if better else reference
