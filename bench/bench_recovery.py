@@ -5,7 +5,8 @@ after the full fine-tune in its result.json), measure, on the held-out split (ne
 - `zero_shot`: top-1 agreement with the unpruned network after adaptive BN (what the default reward measures);
 - `distilled`: the same agreement after `--steps` SGD steps of label-free distillation (KL divergence to the
   unpruned network's softmax on training images; no labels);
-- `short_finetune`: held-out accuracy after `--steps` labelled SGD steps (batch 128, lr 0.01, momentum 0.9);
+- `short_finetune`: accuracy on the whole held-out split after `--steps` labelled SGD steps (batch 128, lr 0.01),
+  `bench_proxy.short_finetune_accuracy`, the protocol's short fine-tune (`entropy_search.train.train`);
 - `heldout_after_finetune`: the final stage's own judge, from result.json;
 
 and print each one's Spearman rank correlation with the test accuracy after the full fine-tune. A finalist that
@@ -25,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from bench_quality import finalists  # this folder's script: the final stage's finalists of one result.json
+from bench_proxy import short_finetune_accuracy  # this folder's scripts: the protocol's short fine-tune,
+from bench_quality import finalists  # and the final stage's finalists of one result.json
 from scipy.stats import spearmanr
 
 from entropy_search.data import eval_batch, load_data
@@ -77,10 +79,9 @@ def main(argv=None) -> int:
     teacher = build_model(ckpt).eval()
     space = PruningSpace(teacher, ckpt.example_input())
     calibration, _ = eval_batch(splits, 256, split="train", seed=0)
-    hx, hy = eval_batch(splits, args.heldout, split="heldout", seed=0)
+    hx, _ = eval_batch(splits, args.heldout, split="heldout", seed=0)
     order = np.random.default_rng(0).permutation(len(splits.train))[: args.steps * 128]
     tx = torch.stack([splits.train[int(i)][0] for i in order])
-    ty = torch.tensor([int(splits.train[int(i)][1]) for i in order])
     with torch.no_grad():
         teacher_logits = torch.cat([teacher(tx[i:i + 512]) for i in range(0, len(tx), 512)])
         teacher_top1 = torch.cat([teacher(hx[i:i + 512]) for i in range(0, len(hx), 512)]).argmax(1)
@@ -90,7 +91,8 @@ def main(argv=None) -> int:
         with torch.no_grad():
             return torch.cat([model(hx[i:i + 512]) for i in range(0, len(hx), 512)]).argmax(1)
 
-    def recovered(keep: list[float], labelled: bool) -> torch.Tensor:
+    def distilled_top1(keep: list[float]) -> torch.Tensor:
+        """Held-out top-1 after `--steps` SGD steps of label-free distillation from the unpruned network."""
         torch.manual_seed(0)
         model = space.prune(keep)
         recalibrate_batchnorm(model, calibration)
@@ -98,11 +100,8 @@ def main(argv=None) -> int:
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         for step in range(args.steps):
             batch = slice(step * 128, (step + 1) * 128)
-            logits = model(tx[batch])
-            if labelled:
-                loss = F.cross_entropy(logits, ty[batch])
-            else:
-                loss = F.kl_div(F.log_softmax(logits, 1), F.softmax(teacher_logits[batch], 1), reduction="batchmean")
+            loss = F.kl_div(F.log_softmax(model(tx[batch]), 1), F.softmax(teacher_logits[batch], 1),
+                            reduction="batchmean")
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -113,8 +112,8 @@ def main(argv=None) -> int:
         model = space.prune(row["keep"])
         recalibrate_batchnorm(model, calibration)
         row["zero_shot"] = float((heldout_top1(model) == teacher_top1).float().mean())
-        row["distilled"] = float((recovered(row["keep"], labelled=False) == teacher_top1).float().mean())
-        row["short_finetune"] = float((recovered(row["keep"], labelled=True) == hy).float().mean())
+        row["distilled"] = float((distilled_top1(row["keep"]) == teacher_top1).float().mean())
+        row["short_finetune"] = short_finetune_accuracy(space, row["keep"], splits, calibration, args.steps, seed=0)
         print(f"{row['search']}:{row['finalist']} seed {row['seed']}: MACs {row['macs_ratio']:.3f} zero-shot "
               f"{row['zero_shot']:.3f} distilled {row['distilled']:.3f} short fine-tune {row['short_finetune']:.3f} "
               f"held-out/test after fine-tune {100 * row['heldout_after_finetune']:.2f}/"

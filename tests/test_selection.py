@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -143,3 +146,19 @@ def test_guarded_winner_on_recorded_figures_repeats_the_choice_at_every_level():
     assert guarded_winner(accuracy, p_values, reference="uniform", significance=0.3) == "top1"
     with pytest.raises(EntropySearchError, match="at least one finalist"):
         guarded_winner({}, {}, reference="uniform", significance=0.05)
+
+
+def test_bench_quality_reconstructs_the_delivery_at_another_level_from_a_result_file():
+    """bench_quality's report (bench/RESULTS.md, "the final stage's significance level") replays the guarded
+    rule on a result.json's recorded rung; a run without recorded p-values has no answer."""
+    spec = importlib.util.spec_from_file_location("bench_quality", Path(__file__).resolve().parents[1] / "bench" / "bench_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rung = {"heldout_accuracy": {"uniform": 0.920, "top1": 0.923, "random": 0.925},
+            "p_value_vs_uniform": {"top1": 0.15, "random": 0.30}}
+    result = {"selection": {"winner": "uniform", "rungs": [rung]}}
+    assert bench.delivered_at(result, 0.05) == "uniform"
+    assert bench.delivered_at(result, 0.2) == "top1"
+    assert bench.delivered_at(result, 1.0) == "random"
+    del rung["p_value_vs_uniform"]
+    assert bench.delivered_at(result, 0.2) is None
