@@ -137,11 +137,11 @@ def report(args) -> str:
             gaps = [_row(r, reward, "delivered")["after"] - _row(r, reward, "uniform")["after"] for _, r in runs]
             wins = [(r["best"]["reward"], r["baselines"]["random"]["best"]["reward"]) for _, r in runs]
             winners = [(r.get("delivered") or {}).get("label", "top1") for _, r in runs]
-            by_level = []
+            by_level, finals = [], [finalists(r) for _, r in runs]
             for level in args.levels:
                 gains = []
-                for _, r in runs:
-                    by_label, label = finalists(r), delivered_at(r, level)
+                for (_, r), by_label in zip(runs, finals):
+                    label = delivered_at(r, level)
                     if label is None:
                         gains.append("n/a")
                         continue

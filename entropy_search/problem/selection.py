@@ -112,12 +112,9 @@ def guarded_choice(labels: Sequence[str], correct: dict[str, torch.Tensor], *, r
     `reference` (uniform pruning, the known-safe choice).
 
     Returns (winner, {label: p-value against the reference}) (no p-values without a reference)."""
-    if not labels:
-        raise EntropySearchError("the final stage needs at least one finalist")
     accuracy = {lb: int(correct[lb].sum()) / max(1, correct[lb].numel()) for lb in labels}
-    if reference is None or reference not in labels:
-        return guarded_winner(accuracy, {}, reference=None, significance=significance), {}
-    p_values = {lb: paired_p_value(correct[lb], correct[reference]) for lb in labels if lb != reference}
+    p_values = ({lb: paired_p_value(correct[lb], correct[reference]) for lb in labels if lb != reference}
+                if reference in accuracy else {})
     return guarded_winner(accuracy, p_values, reference=reference, significance=significance), p_values
 
 
