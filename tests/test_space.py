@@ -206,3 +206,21 @@ def test_masked_sliced_pruned_agree_on_cuda(case):
     assert _rel(masked, expected) < 1e-4
     assert _rel(sliced, expected) < 1e-4
     assert space.macs(keep) == count_macs(pruned, x.cuda())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_prune_where_the_network_lives_on_the_gpu(case):
+    """An evaluator moves the network to the GPU while the space's example input stays on the CPU: pruning
+    there gives, on the GPU, the network that pruning on the CPU gives."""
+    name, model, space, x = case
+    keep = [random.Random(11).uniform(0.1, 1.0) for _ in space.groups]
+    on_cpu = space.prune(keep).eval()
+    model.cuda()
+    try:
+        on_gpu = space.prune(keep).eval()
+    finally:
+        model.cpu()
+    assert next(on_gpu.parameters()).is_cuda
+    for (key, a), (_, b) in zip(on_cpu.state_dict().items(), on_gpu.state_dict().items()):
+        assert torch.equal(a, b.cpu()), key

@@ -41,7 +41,7 @@ def finalize(
     Returns (measurements, the pruned and fine-tuned model)."""
     keep = space.check_keep(keep)
     counts = space.kept_channels(keep)
-    pruned = space.prune(keep)
+    pruned = space.prune(keep).to(space.example_input.device)  # counted where the example input is
     macs = count_macs(pruned, space.example_input)
     params = count_params(pruned)
     analytic = space.macs_of_counts(counts)

@@ -22,6 +22,7 @@ positions times the number of weights it keeps, recorded once from a forward of 
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 import os
@@ -652,8 +653,10 @@ class PruningSpace:
         modules = dict(model.named_modules())
         was_training = model.training
         model.eval()
-        with torch.enable_grad():
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=self.example_input, verbose=False)
+        device = next(itertools.chain(model.parameters(), model.buffers()), self.example_input).device
+        with torch.enable_grad():  # traced where the network lives (an evaluator may have moved it to a GPU)
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=self.example_input.to(device),
+                                                          verbose=False)
         for g, kept in enumerate(indices):
             channels = self.groups[g].channels
             if kept.numel() == channels:
@@ -676,7 +679,7 @@ class PruningSpace:
             for t in self._tensors:
                 value = _stored(t)
                 for dim, index in t.cuts(indices):
-                    value = value.index_select(dim, index)
+                    value = value.index_select(dim, index.to(value.device))
                 name = self._names[t.module]
                 target = getattr(pruned[name], t.name)
                 if tuple(target.shape) != tuple(value.shape):
