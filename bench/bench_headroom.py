@@ -1,4 +1,4 @@
-"""How much room is there above uniform pruning at a target? The ceiling any search can reach.
+"""How much room is there above uniform pruning at a target? A sample of what any search there can gain.
 
 Draws `--candidates` candidates as the search's random baseline draws them (the config's action space,
 floor and rounding), measures each as the search does (held-out batch, adaptive BN, the config's
@@ -24,16 +24,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_proxy import spearman  # this folder's scripts: the protocol's rank correlation
+from bench_proxy import spearman  # this folder's scripts: the protocol's rank correlation,
+from bench_quality import PRESETS  # and the setting the quality tables search
 
 from entropy_search.commands.search import parse_overrides
 from entropy_search.config import load_config
 from entropy_search.jsonio import write_json
 from entropy_search.problem import ensure_checkpoint, finalize, random_counts, setup, uniform_counts
 from entropy_search.utils import environment_info
-
-#: ResNet-20 / Fashion-MNIST as bench_quality's `fashion` preset searches it (its overrides, less the target).
-FASHION = {"model.name": "resnet20", "data.name": "fashion_mnist", "data.eval_batch": 256, "finetune.epochs": 5}
 
 
 def finetune_queue(uniform: dict, drawn: list[dict], *, top: int, random: int, uniform_seeds: int, seed: int,
@@ -53,7 +51,7 @@ def finetune_queue(uniform: dict, drawn: list[dict], *, top: int, random: int, u
 
 def measure(args) -> dict:
     started = time.perf_counter()
-    config = load_config(None, {**FASHION, **parse_overrides(args.set)})
+    config = load_config(None, parse_overrides(PRESETS["fashion"]["overrides"] + args.set))
     t0 = time.perf_counter()
     ensure_checkpoint(config, progress=False)
     baseline_seconds = time.perf_counter() - t0
@@ -167,7 +165,8 @@ def _shard(text: str) -> tuple[int, int]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="search config overrides (over ResNet-20 / Fashion-MNIST, 5 fine-tune epochs)")
+                        help="search config overrides, over bench_quality's `fashion` preset (ResNet-20 / Fashion-MNIST, "
+                             "5 fine-tune epochs, a 2-epoch baseline when the checkpoint is missing)")
     parser.add_argument("--candidates", type=int, default=200, help="candidates drawn and measured zero-shot")
     parser.add_argument("--top", type=int, default=8, help="fine-tuned: the highest-reward candidates")
     parser.add_argument("--random", type=int, default=8, help="fine-tuned: other drawn candidates, at random")
