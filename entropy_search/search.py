@@ -234,7 +234,7 @@ def finish_search(
 
     # ---- the best candidates, pruned for real, fine-tuned, tested
     full = problem.evaluator.evaluate([1.0] * len(problem.space.groups))
-    problem.model.to("cpu")  # pruning traces the graph with the (CPU) example input; training moves models back
+    problem.model.to("cpu")  # counted with the (CPU) example input; training moves models back
     base = {
         "macs": int(problem.space.base_macs),
         "params": int(problem.space.base_params),
