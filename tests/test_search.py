@@ -270,7 +270,7 @@ def test_cli_smoke_run_trains_a_missing_baseline(ray_local, tmp_path, capsys):
     path.write_text(f"output:\n  dir: {tmp_path / 'out'}\nmodel:\n  checkpoint: {real}\nresources:\n  num_env_runners: 2\n")
     assert main(["search", str(path), "--smoke", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "candidates/s" in out and "uniform" in out
+    assert "candidates/s" in out and "uniform" in out and "final stage: " in out
     assert f"proxy: the {load_config({}).search.reward} reward vs held-out accuracy, Spearman" in out
     result = json.loads((tmp_path / "out" / "smoke" / RESULT_FILE).read_text())
     assert (tmp_path / "out" / "smoke" / "baseline.pt").exists()
@@ -292,6 +292,31 @@ def test_summary_reports_the_proxy_and_warns_when_a_label_free_reward_barely_tra
     assert kl == ["proxy: the kl reward vs held-out accuracy, Spearman +0.90 over 40 candidates (1 = same ranking)",
                   "the paper's entropy reward vs held-out accuracy: Spearman -0.20"]
     assert proxy_lines({"candidates": 2, "entropy_reward_vs_accuracy": None, "reward_vs_accuracy": None}, "entropy") == []
+
+
+def test_summary_says_why_the_delivered_network_was_delivered():
+    from entropy_search.commands.search import selection_lines
+
+    full = {"enabled": True, "method": "full", "winner": "uniform", "rungs": [
+        {"epochs": 5, "heldout_accuracy": {"uniform": 0.9267, "top1": 0.9277, "random": 0.9283},
+         "p_value_vs_uniform": {"top1": 0.3735, "random": 0.2799}, "significance": 0.2}]}
+    assert selection_lines(full) == [
+        "final stage: held-out accuracy after the full fine-tune uniform 92.67%, top1 92.77% (p 0.37), random 92.83% "
+        "(p 0.28); another finalist replaces uniform only when more accurate at p < 0.2 (selection.significance): "
+        "uniform delivered"]
+    halving = {"enabled": True, "method": "halving", "winner": "top1", "rungs": [
+        {"steps": 30, "heldout_accuracy": {"uniform": 0.5, "top1": 0.75}, "continue": ["top1"], "eliminated": ["uniform"]}]}
+    assert selection_lines(halving) == ["final stage: successive halving on short fine-tunes, top1 delivered",
+                                        "  30 steps: held-out uniform 50.00%, top1 75.00%; eliminated uniform"]
+    assert selection_lines({"enabled": False, "method": "full", "winner": "top1", "rungs": []}) == [
+        "final stage: off, the agent's best (top1) is delivered"]
+    assert selection_lines({"enabled": True, "method": "full", "winner": "uniform", "rungs": []}) == [
+        "final stage: one distinct finalist (uniform), delivered"]
+    assert selection_lines(None) == [] and selection_lines({"enabled": True, "winner": None, "rungs": []}) == []
+    before_the_paired_test = {"enabled": True, "method": "full", "winner": "random", "rungs": [
+        {"epochs": 5, "heldout_accuracy": {"uniform": 0.929, "random": 0.9305}}]}
+    assert selection_lines(before_the_paired_test) == [
+        "final stage: held-out accuracy after the full fine-tune uniform 92.90%, random 93.05%: random delivered"]
 
 
 # ---------------------------------------------------------------- after the agent, without Ray

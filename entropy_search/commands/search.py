@@ -143,6 +143,7 @@ def summary(result: dict) -> str:
         lines.append(f"best: test {pct(best['test_accuracy_before_finetune'])} before fine-tune, "
                      f"{pct(best['test_accuracy_after_finetune'])} after")
     lines.extend(proxy_lines(result.get("proxy") or {}, cfg["search"]["reward"]))
+    lines.extend(selection_lines(result.get("selection")))
     lines.extend(latency_lines(result.get("latency")))
     lines.append(
         f"cost: {cost['candidates']} candidates ({cost['evaluations']} evaluated, {cost['cache_hits']} cached) in "
@@ -153,6 +154,33 @@ def summary(result: dict) -> str:
     )
     lines.append(f"result: {Path(cfg['output']['dir']) / 'result.json'}")
     return "\n".join(lines)
+
+
+def selection_lines(selection: dict | None) -> list[str]:
+    """Why the delivered network is the one delivered: what the final stage saw on the held-out split (never
+    the test split, whose figures above are only reported) and its rule."""
+    if not selection or selection.get("winner") is None:
+        return []
+    winner = selection["winner"]
+    if not selection.get("enabled"):
+        return [f"final stage: off, the agent's best ({winner}) is delivered"]
+    rungs = selection.get("rungs") or []
+    if not rungs:
+        return [f"final stage: one distinct finalist ({winner}), delivered"]
+    if selection.get("method") == "full":
+        rung = rungs[0]
+        p_values = rung.get("p_value_vs_uniform") or {}
+        scores = ", ".join(f"{label} {100 * acc:.2f}%" + (f" (p {p_values[label]:.2f})" if label in p_values else "")
+                           for label, acc in rung["heldout_accuracy"].items())
+        rule = ("" if rung.get("significance") is None else  # results written before the paired test have none
+                f"; another finalist replaces uniform only when more accurate at p < {rung['significance']:g} "
+                "(selection.significance)")
+        return [f"final stage: held-out accuracy after the full fine-tune {scores}{rule}: {winner} delivered"]
+    lines = [f"final stage: successive halving on short fine-tunes, {winner} delivered"]
+    for rung in rungs:
+        scores = ", ".join(f"{label} {100 * acc:.2f}%" for label, acc in rung["heldout_accuracy"].items())
+        lines.append(f"  {rung['steps']} steps: held-out {scores}; eliminated {', '.join(rung['eliminated']) or '-'}")
+    return lines
 
 
 def latency_lines(latency: dict | None) -> list[str]:
