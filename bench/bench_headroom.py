@@ -23,14 +23,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from bench_proxy import spearman  # this folder's scripts: the protocol's rank correlation,
 from bench_quality import PRESETS  # and the setting the quality tables search
 
 from entropy_search.commands.search import parse_overrides
 from entropy_search.config import load_config
 from entropy_search.jsonio import write_json
-from entropy_search.problem import ensure_checkpoint, finalize, random_counts, setup, uniform_counts
+from entropy_search.problem import ensure_checkpoint, finalize, random_counts, setup, uniform_baseline
 from entropy_search.utils import environment_info
 
 
@@ -67,13 +66,13 @@ def measure(args) -> dict:
         if counts not in drawn:
             drawn[counts] = problem.evaluate(counts)[0]
     measure_seconds = time.perf_counter() - t0
-    uniform = problem.evaluate(uniform_counts(budget)[1])[0]
+    uniform = uniform_baseline(budget, lambda counts: problem.evaluate(counts)[0])["best"]
     queue = finetune_queue(uniform, list(drawn.values()), top=args.top, random=args.random,
                            uniform_seeds=args.uniform_seeds, seed=config.seed, rng=rng)
     shard, shards = args.shard
     queue = queue[shard::shards]
     result = {
-        "config": config.to_dict(), "environment": environment_info(), "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "config": config.to_dict(), "environment": environment_info(),
         "baseline_seconds": baseline_seconds, "measure_seconds": measure_seconds, "candidates": len(drawn),
         "base_test_accuracy": problem.network.checkpoint.metrics.get("test_acc"),
         "reward": config.search.reward, "rows": [],
@@ -119,7 +118,7 @@ def report(results: list[dict]) -> str:
     lines = [f"{config['model']['name']} / {config['data']['name']} at flops_target {config['search']['flops_target']:g}, "
              f"baseline {_pct(result.get('base_test_accuracy'))} "
              f"({config['model']['checkpoint']}), reward {result['reward']}, {result['candidates']} candidates drawn, "
-             f"{len(others)} fine-tuned for {config['finetune']['epochs']} epochs on {result['device']}",
+             f"{len(others)} fine-tuned for {config['finetune']['epochs']} epochs on {_device(result)}",
              "| candidates | n | MACs ratio | reward | held-out after FT (%) | test after FT (%) |", "|---|---|---|---|---|---|"]
     for kind in ("uniform", "top", "random"):
         group = [r for r in rows if r["kind"] == kind]
@@ -145,6 +144,11 @@ def report(results: list[dict]) -> str:
     if left:
         lines.append(f"stopped by --deadline with {left} fine-tunes left")
     return "\n".join(lines)
+
+
+def _device(result: dict) -> str:
+    cuda = result["environment"]["cuda"]
+    return "cpu" if cuda == "none" else cuda
 
 
 def _pct(value: float | None) -> str:

@@ -48,7 +48,7 @@ def test_the_report_merges_shards_and_compares_with_uniform_s_mean():
                 "heldout_accuracy_after_finetune": held}
 
     shards = [{"config": config, "base_test_accuracy": 0.93, "reward": "agreement", "candidates": 4,
-               "device": "cpu", "rows": [row("uniform", 0.910, 0.920), row("top", 0.918, 0.921, 0.2)]},
+               "environment": {"cuda": "none"}, "rows": [row("uniform", 0.910, 0.920), row("top", 0.918, 0.921, 0.2)]},
               {"config": config, "rows": [row("uniform", 0.920, 0.924), row("random", 0.921, 0.930)],
                "stopped_by_deadline": 2}]
     text = bench.report(shards)
