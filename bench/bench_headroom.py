@@ -20,6 +20,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -108,15 +109,11 @@ def report(results: list[dict]) -> str:
     if not uniform or not others:
         return "not enough fine-tuned candidates for a report"
 
-    def pct(values: list[float]) -> str:
-        mean = 100 * statistics.fmean(values)
-        return f"{mean:.2f} ± {100 * statistics.stdev(values):.2f}" if len(values) > 1 else f"{mean:.2f}"
-
     config = result["config"]
     test_u = statistics.fmean(r["test_accuracy_after_finetune"] for r in uniform)
     held_u = statistics.fmean(r["heldout_accuracy_after_finetune"] for r in uniform)
     lines = [f"{config['model']['name']} / {config['data']['name']} at flops_target {config['search']['flops_target']:g}, "
-             f"baseline {_pct(result.get('base_test_accuracy'))} "
+             f"baseline {_percent(result.get('base_test_accuracy'))} "
              f"({config['model']['checkpoint']}), reward {result['reward']}, {result['candidates']} candidates drawn, "
              f"{len(others)} fine-tuned for {config['finetune']['epochs']} epochs on {_device(result)}",
              "| candidates | n | MACs ratio | reward | held-out after FT (%) | test after FT (%) |", "|---|---|---|---|---|---|"]
@@ -125,8 +122,8 @@ def report(results: list[dict]) -> str:
         if group:
             lines.append(f"| {kind} | {len(group)} | {statistics.fmean(r['macs_ratio'] for r in group):.3f} "
                          f"| {statistics.fmean(r['reward'] for r in group):.4f} "
-                         f"| {pct([r['heldout_accuracy_after_finetune'] for r in group])} "
-                         f"| {pct([r['test_accuracy_after_finetune'] for r in group])} |")
+                         f"| {percent([r['heldout_accuracy_after_finetune'] for r in group])} "
+                         f"| {percent([r['test_accuracy_after_finetune'] for r in group])} |")
     best_test = max(others, key=lambda r: r["test_accuracy_after_finetune"])
     best_held = max(others, key=lambda r: r["heldout_accuracy_after_finetune"])
     lines += [
@@ -151,7 +148,7 @@ def _device(result: dict) -> str:
     return "cpu" if cuda == "none" else cuda
 
 
-def _pct(value: float | None) -> str:
+def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
@@ -159,35 +156,49 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:+.2f}"
 
 
-def _shard(text: str) -> tuple[int, int]:
+def percent(values: list[float]) -> str:
+    """Mean ± std of accuracies in percent (the mean alone for one value)."""
+    mean = 100 * statistics.fmean(values)
+    return f"{mean:.2f} ± {100 * statistics.stdev(values):.2f}" if len(values) > 1 else f"{mean:.2f}"
+
+
+def parse_shard(text: str) -> tuple[int, int]:
     k, _, n = text.partition("/")
     if not (k.isdigit() and n.isdigit() and int(k) < int(n)):
         raise argparse.ArgumentTypeError(f"expected K/N with 0 <= K < N, got {text!r}")
     return int(k), int(n)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def study_arguments(description: str, out: str) -> argparse.ArgumentParser:
+    """The options every fine-tuning study of this folder shares: config overrides over the `fashion` preset,
+    shards, the output file and the report of finished shards."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="search config overrides, over bench_quality's `fashion` preset (ResNet-20 / Fashion-MNIST, "
                              "5 fine-tune epochs, a 2-epoch baseline when the checkpoint is missing)")
+    parser.add_argument("--shard", type=parse_shard, default=(0, 1), metavar="K/N",
+                        help="fine-tune only every N-th network of the queue from the K-th (K = 0..N-1), so N "
+                             "processes share the work (or one GPU); --report merges their files")
+    parser.add_argument("--out", type=Path, default=Path(out))
+    parser.add_argument("--report", type=Path, nargs="+", metavar="JSON", help="print the report of one study from its shards' files")
+    return parser
+
+
+def run_study(args: argparse.Namespace, measure: Callable[[argparse.Namespace], dict],
+              report: Callable[[list[dict]], str]) -> int:
+    """Print the report of the shards' files named by --report, or measure (writing --out as it goes) and report."""
+    print(report([json.loads(p.read_text()) for p in args.report] if args.report else [measure(args)]))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = study_arguments(__doc__, "headroom.json")
     parser.add_argument("--candidates", type=int, default=200, help="candidates drawn and measured zero-shot")
     parser.add_argument("--top", type=int, default=8, help="fine-tuned: the highest-reward candidates")
     parser.add_argument("--random", type=int, default=8, help="fine-tuned: other drawn candidates, at random")
     parser.add_argument("--uniform-seeds", type=int, default=2, help="fine-tunes of uniform pruning (seeds seed, seed+1...)")
     parser.add_argument("--deadline", type=float, default=None, help="seconds after the start (baseline training included) after which no new fine-tune starts")
-    parser.add_argument("--shard", type=_shard, default=(0, 1), metavar="K/N",
-                        help="fine-tune only every N-th candidate of the queue from the K-th (K = 0..N-1), so N "
-                             "processes share one GPU; --report merges their files")
-    parser.add_argument("--out", type=Path, default=Path("headroom.json"))
-    parser.add_argument("--report", type=Path, nargs="+", metavar="JSON",
-                        help="print the report of one study from its shards' files")
-    args = parser.parse_args(argv)
-    if args.report:
-        print(report([json.loads(p.read_text()) for p in args.report]))
-        return 0
-    print(report([measure(args)]))
-    return 0
+    return run_study(parser.parse_args(argv), measure, report)
 
 
 if __name__ == "__main__":

@@ -2,28 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-def _bench_headroom():
-    sys.path.insert(0, str(BENCH))  # the script imports its neighbour bench_proxy
-    try:
-        spec = importlib.util.spec_from_file_location("bench_headroom", BENCH / "bench_headroom.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
+from bench_scripts import load_bench
 
 
 def test_the_queue_holds_uniform_per_seed_the_best_by_reward_and_others_and_its_shards_split_it():
-    bench = _bench_headroom()
+    bench = load_bench("bench_headroom")
     drawn = [{"reward": r, "id": i} for i, r in enumerate([0.5, 0.9, 0.1, 0.7, 0.3, 0.8])]
     queue = bench.finetune_queue({"id": "u"}, drawn, top=2, random=3, uniform_seeds=2, seed=5,
                                  rng=np.random.default_rng(0))
@@ -39,7 +23,7 @@ def test_the_queue_holds_uniform_per_seed_the_best_by_reward_and_others_and_its_
 
 
 def test_the_report_merges_shards_and_compares_with_uniform_s_mean():
-    bench = _bench_headroom()
+    bench = load_bench("bench_headroom")
     config = {"model": {"name": "m", "checkpoint": "c"}, "data": {"name": "d"}, "search": {"flops_target": 0.1},
               "finetune": {"epochs": 5}}
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from bench_scripts import load_bench
 from torch import nn
 
 import entropy_search.problem.entropy as ent
@@ -383,9 +383,7 @@ def test_default_sample_is_per_device():
 
 
 def test_bench_quick_runs(capsys):
-    spec = importlib.util.spec_from_file_location("bench_entropy", ROOT / "bench" / "bench_entropy.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("bench_entropy")
     bench.main(["--quick", "--device", "cpu"])
     out = capsys.readouterr().out
     assert "ratio" in out and "fast exact" in out and "fast default" in out and "spearman" in out

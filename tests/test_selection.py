@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from bench_scripts import load_bench
 
 from entropy_search.data import eval_batch, load_data
 from entropy_search.errors import ConfigError, EntropySearchError
@@ -151,9 +149,7 @@ def test_guarded_winner_on_recorded_figures_repeats_the_choice_at_every_level():
 def test_bench_quality_reconstructs_the_delivery_at_another_level_from_a_result_file():
     """bench_quality's report (bench/RESULTS.md, "the final stage's significance level") replays the guarded
     rule on a result.json's recorded rung; a run without recorded p-values has no answer."""
-    spec = importlib.util.spec_from_file_location("bench_quality", Path(__file__).resolve().parents[1] / "bench" / "bench_quality.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("bench_quality")
     rung = {"heldout_accuracy": {"uniform": 0.920, "top1": 0.923, "random": 0.925},
             "p_value_vs_uniform": {"top1": 0.15, "random": 0.30}}
     result = {"selection": {"winner": "uniform", "rungs": [rung]}}

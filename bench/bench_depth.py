@@ -1,0 +1,159 @@
+"""Would a space that also removes residual blocks find room above uniform pruning where channels alone find none?
+
+bench_headroom.py measured that at 10x on ResNet-20 / Fashion-MNIST no channel allocation of the search's space
+beats uniform pruning after the protocol's fine-tune. This study asks the next question before any search is
+built for it: at the same MACs, does a shallower network of wider layers recover better? Each `--variants`
+entry `a-b-c` drops the last a, b, c blocks of the network's stages (`layer1`, `layer2`, ... as torchvision and
+the registry's CIFAR ResNets name them; a stage's first block, which may change the shape, is never dropped) by
+replacing them with the identity, which is what a residual block with an identity shortcut computes without its
+branch. The shallower network is then pruned uniformly (the search's own `uniform_counts`, same rounding, floor
+and `min_keep`) to `search.flops_target` of the *full* network's MACs, and gets the protocol's full fine-tune
+(`finalize`, the search's own) for `--seeds` fine-tune seeds. `0-0-0` is uniform pruning itself.
+Every fine-tuned network is written to `--out` as it finishes; the test split is only reported.
+
+    python bench/bench_depth.py --set model.checkpoint=CKPT --set search.flops_target=0.1 --out d.json
+    python bench/bench_depth.py --report d.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+
+import torch
+from bench_headroom import percent, run_study, study_arguments  # this folder: a study's options and figures,
+from bench_quality import PRESETS  # and the setting the quality tables search
+from torch import nn
+
+from entropy_search.commands.search import parse_overrides
+from entropy_search.config import load_config
+from entropy_search.errors import EntropySearchError
+from entropy_search.jsonio import write_json
+from entropy_search.problem import Budget, PruningSpace, ensure_checkpoint, finalize, setup, uniform_counts
+from entropy_search.utils import environment_info
+
+
+def stages(model: nn.Module) -> list[nn.Sequential]:
+    """The residual stages `layer1`, `layer2`, ... of a ResNet, in order."""
+    found = []
+    while isinstance(getattr(model, f"layer{len(found) + 1}", None), nn.Sequential):
+        found.append(getattr(model, f"layer{len(found) + 1}"))
+    if not found:
+        raise EntropySearchError(f"{type(model).__name__} has no residual stages named layer1, layer2, ...")
+    return found
+
+
+def drop_blocks(model: nn.Module, example_input: torch.Tensor, per_stage: list[int]) -> nn.Module:
+    """A copy of `model` with the last `per_stage[s]` blocks of stage s replaced by the identity; refuses a
+    block whose output shape differs from its input's (only a shape-preserving block can become the identity)."""
+    parts = stages(model)
+    if len(per_stage) != len(parts):
+        raise EntropySearchError(f"a variant names {len(per_stage)} stages; the network has {len(parts)}")
+    for s, (stage, k) in enumerate(zip(parts, per_stage)):
+        if not 0 <= k < len(stage):
+            raise EntropySearchError(f"stage layer{s + 1} has {len(stage)} blocks: can drop 0 to {len(stage) - 1}, not {k}")
+    shapes: dict[nn.Module, tuple] = {}
+    hooks = [block.register_forward_hook(lambda m, i, o: shapes.__setitem__(m, (i[0].shape, o.shape)))
+             for stage in parts for block in stage]
+    try:
+        with torch.no_grad():
+            model.eval()(example_input)
+    finally:
+        for h in hooks:
+            h.remove()
+    shallow = copy.deepcopy(model)
+    for s, (stage, k) in enumerate(zip(stages(shallow), per_stage)):
+        for i in range(len(stage) - k, len(stage)):
+            before, after = shapes[parts[s][i]]
+            if before != after:
+                raise EntropySearchError(f"layer{s + 1}.{i} maps {tuple(before)} to {tuple(after)}: it cannot become the identity")
+            stage[i] = nn.Identity()
+    return shallow
+
+
+def parse_variant(text: str) -> list[int]:
+    parts = text.split("-")
+    if not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"expected blocks dropped per stage as a-b-c, got {text!r}")
+    return [int(p) for p in parts]
+
+
+def checked_variant(text: str) -> str:
+    parse_variant(text)
+    return text
+
+
+def measure(args) -> dict:
+    config = load_config(None, parse_overrides(PRESETS["fashion"]["overrides"] + args.set))
+    ensure_checkpoint(config, progress=False)
+    problem = setup(config)
+    s = config.search
+    full_macs = problem.space.base_macs
+    result = {"config": config.to_dict(), "environment": environment_info(), "variants": args.variants,
+              "base_test_accuracy": problem.network.checkpoint.metrics.get("test_acc"), "rows": []}
+    queue = [(v, config.seed + i) for i in range(args.seeds) for v in args.variants]
+    shard, shards = args.shard
+    for variant, seed in queue[shard::shards]:
+        shallow = drop_blocks(problem.model, problem.network.example_input, parse_variant(variant))
+        space = PruningSpace(shallow, problem.network.example_input, round_to=s.round_to)
+        budget = Budget(space, s.flops_target * full_macs / space.base_macs, s.min_keep, s.flops_floor)
+        budget.check()
+        ratio, counts = uniform_counts(budget)
+        measured, _ = finalize(space, problem.splits, space.counts_to_keep(counts), finetune=config.finetune,
+                               calibration=problem.evaluator.calibration, seed=seed, progress=False)
+        row = {"variant": variant, "finetune_seed": seed, "uniform_keep": ratio, "macs_ratio": measured["macs"] / full_macs,
+               **{k: measured[k] for k in ("kept_channels", "macs", "analytic_macs_match", "finetune_seconds",
+                                           "test_accuracy_before_finetune", "heldout_accuracy_after_finetune",
+                                           "test_accuracy_after_finetune")}}
+        result["rows"].append(row)
+        write_json(args.out, result)
+        print(f"{variant:8s} seed {seed} keep {ratio:.3f} MACs {row['macs_ratio']:.3f} (exact: {row['analytic_macs_match']}) "
+              f"test before FT {100 * row['test_accuracy_before_finetune']:.2f} held-out after FT "
+              f"{100 * row['heldout_accuracy_after_finetune']:.2f} test {100 * row['test_accuracy_after_finetune']:.2f} "
+              f"({row['finetune_seconds']:.0f} s)", flush=True)
+    return result
+
+
+def report(results: list[dict]) -> str:
+    """The table of one study from its shards' files: each variant's mean ± std over fine-tune seeds, and its
+    difference from the full-depth variant (uniform pruning) on test."""
+    result = results[0]
+    rows = [row for r in results for row in r["rows"]]
+    config = result["config"]
+    cuda = result["environment"]["cuda"]
+
+    base = result.get("base_test_accuracy")
+    lines = [f"{config['model']['name']} / {config['data']['name']} at flops_target {config['search']['flops_target']:g} "
+             f"of the full network's MACs, baseline {'n/a' if base is None else f'{100 * base:.2f}%'} "
+             f"({config['model']['checkpoint']}), {config['finetune']['epochs']} fine-tune epochs on "
+             f"{'cpu' if cuda == 'none' else cuda}",
+             "| blocks dropped per stage | n | uniform keep | MACs ratio | exact MACs | test before FT (%) "
+             "| held-out after FT (%) | test after FT (%) | minus full depth on test |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    full = [r["test_accuracy_after_finetune"] for r in rows if set(parse_variant(r["variant"])) == {0}]
+    for variant in result["variants"]:
+        group = [r for r in rows if r["variant"] == variant]
+        if not group:
+            continue
+        test = [r["test_accuracy_after_finetune"] for r in group]
+        diff = f"{100 * (statistics.fmean(test) - statistics.fmean(full)):+.2f}" if full else "n/a"
+        lines.append(f"| {variant} | {len(group)} | {statistics.fmean(r['uniform_keep'] for r in group):.3f} "
+                     f"| {statistics.fmean(r['macs_ratio'] for r in group):.3f} "
+                     f"| {all(r['analytic_macs_match'] for r in group)} "
+                     f"| {percent([r['test_accuracy_before_finetune'] for r in group])} "
+                     f"| {percent([r['heldout_accuracy_after_finetune'] for r in group])} | {percent(test)} | {diff} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = study_arguments(__doc__, "depth.json")
+    parser.add_argument("--variants", nargs="+", type=checked_variant, default=["0-0-0", "1-1-1", "2-2-2"], metavar="A-B-C",
+                        help="blocks dropped at the end of each stage; 0-0-0 is uniform pruning of the full network")
+    parser.add_argument("--seeds", type=int, default=3, help="fine-tune seeds per variant (seed, seed+1, ...)")
+    return run_study(parser.parse_args(argv), measure, report)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
