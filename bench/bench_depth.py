@@ -31,7 +31,16 @@ from entropy_search.commands.search import parse_overrides
 from entropy_search.config import load_config
 from entropy_search.errors import EntropySearchError
 from entropy_search.jsonio import write_json
-from entropy_search.problem import Budget, PruningSpace, ensure_checkpoint, finalize, setup, uniform_counts
+from entropy_search.latency import device_name, interleaved_latency
+from entropy_search.problem import (
+    Budget,
+    Problem,
+    PruningSpace,
+    ensure_checkpoint,
+    finalize,
+    setup,
+    uniform_counts,
+)
 from entropy_search.utils import environment_info
 
 
@@ -85,22 +94,53 @@ def checked_variant(text: str) -> str:
     return text
 
 
+def uniform_variant(problem: Problem, variant: str) -> tuple[PruningSpace, float, list[int]]:
+    """The shallower network of `variant`'s space, and its uniform pruning (ratio, counts) to the search's
+    `flops_target` of the full network's MACs."""
+    s = problem.config.search
+    shallow = drop_blocks(problem.model, problem.network.example_input, parse_variant(variant))
+    space = PruningSpace(shallow, problem.network.example_input, round_to=s.round_to)
+    budget = Budget(space, s.flops_target * problem.space.base_macs / space.base_macs, s.min_keep, s.flops_floor)
+    budget.check()
+    ratio, counts = uniform_counts(budget)
+    return space, ratio, counts
+
+
+def latencies(args) -> str:
+    """Each variant's pruned network timed against the unpruned one on this machine's CPU, 1 thread, interleaved
+    (latency does not depend on the weights, so no fine-tune is needed)."""
+    config = load_config(None, parse_overrides(PRESETS["fashion"]["overrides"] + args.set))
+    ensure_checkpoint(config, progress=False)
+    problem = setup(config)
+    torch.set_num_threads(1)
+    networks = {"unpruned": (problem.model.cpu(), problem.space.base_macs)}
+    for variant in args.variants:
+        space, _, counts = uniform_variant(problem, variant)
+        networks[variant] = (space.prune(space.counts_to_keep(counts)).cpu(), space.macs_of_counts(counts))
+    times = interleaved_latency([m for m, _ in networks.values()], problem.network.example_input.cpu(), rounds=args.rounds)
+    base = times[0]["ms"]
+    lines = [f"{config.model.name} at flops_target "
+             f"{config.search.flops_target:g}: median ms per forward, 1 thread, {args.rounds} interleaved rounds, "
+             f"{device_name('cpu')}",
+             "| network | MACs ratio | batch 1 (ms) | batch 32 (ms) | speed-up batch 1 | speed-up batch 32 |", "|---|---|---|---|---|---|"]
+    for (name, (_, macs)), timed in zip(networks.items(), times):
+        ms = timed["ms"]
+        lines.append(f"| {name} | {macs / problem.space.base_macs:.3f} | {ms['1']:.3f} | {ms['32']:.3f} "
+                     f"| {base['1'] / ms['1']:.2f}x | {base['32'] / ms['32']:.2f}x |")
+    return "\n".join(lines)
+
+
 def measure(args) -> dict:
     config = load_config(None, parse_overrides(PRESETS["fashion"]["overrides"] + args.set))
     ensure_checkpoint(config, progress=False)
     problem = setup(config)
-    s = config.search
     full_macs = problem.space.base_macs
     result = {"config": config.to_dict(), "environment": environment_info(), "variants": args.variants,
               "base_test_accuracy": problem.network.checkpoint.metrics.get("test_acc"), "rows": []}
     queue = [(v, config.seed + i) for i in range(args.seeds) for v in args.variants]
     shard, shards = args.shard
     for variant, seed in queue[shard::shards]:
-        shallow = drop_blocks(problem.model, problem.network.example_input, parse_variant(variant))
-        space = PruningSpace(shallow, problem.network.example_input, round_to=s.round_to)
-        budget = Budget(space, s.flops_target * full_macs / space.base_macs, s.min_keep, s.flops_floor)
-        budget.check()
-        ratio, counts = uniform_counts(budget)
+        space, ratio, counts = uniform_variant(problem, variant)
         measured, _ = finalize(space, problem.splits, space.counts_to_keep(counts), finetune=config.finetune,
                                calibration=problem.evaluator.calibration, seed=seed, progress=False)
         row = {"variant": variant, "finetune_seed": seed, "uniform_keep": ratio, "macs_ratio": measured["macs"] / full_macs,
@@ -152,7 +192,14 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", nargs="+", type=checked_variant, default=["0-0-0", "1-1-1", "2-2-2"], metavar="A-B-C",
                         help="blocks dropped at the end of each stage; 0-0-0 is uniform pruning of the full network")
     parser.add_argument("--seeds", type=int, default=3, help="fine-tune seeds per variant (seed, seed+1, ...)")
-    return run_study(parser.parse_args(argv), measure, report)
+    parser.add_argument("--latency", action="store_true",
+                        help="time each variant's pruned network against the unpruned one instead (CPU, 1 thread)")
+    parser.add_argument("--rounds", type=int, default=5, help="with --latency: interleaved rounds")
+    args = parser.parse_args(argv)
+    if args.latency:
+        print(latencies(args))
+        return 0
+    return run_study(args, measure, report)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from bench_scripts import load_bench
@@ -68,3 +70,20 @@ def test_the_report_compares_each_variant_with_full_depth_on_test():
     text = bench.report(shards)
     assert "| 0-0-0 | 2 |" in text and text.splitlines()[3].endswith("| +0.00 |")
     assert "| 1-1-1 | 2 |" in text and text.splitlines()[4].endswith("| +1.40 |")
+
+
+def test_a_small_study_fine_tunes_each_variant_at_the_full_network_s_budget_and_times_them(tmp_path, capsys):
+    """End to end on digits: every variant is pruned to the target of the full network's MACs, counted exactly,
+    written as it finishes, and timed against the unpruned network."""
+    bench = load_bench("bench_depth")
+    common = ["--set", "data.name=digits", "--set", f"model.checkpoint={tmp_path / 'r20.pt'}", "--set", "model.train_epochs=1",
+              "--set", "search.flops_target=0.3", "--variants", "0-0-0", "1-1-1"]
+    assert bench.main(common + ["--set", "finetune.epochs=1", "--seeds", "1", "--out", str(tmp_path / "d.json")]) == 0
+    rows = json.loads((tmp_path / "d.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["0-0-0", "1-1-1"]
+    assert all(r["analytic_macs_match"] and 0.97 * 0.3 <= r["macs_ratio"] <= 0.3 for r in rows)
+    assert rows[1]["uniform_keep"] > rows[0]["uniform_keep"]  # fewer blocks: wider layers at the same MACs
+    capsys.readouterr()
+    assert bench.main(common + ["--latency", "--rounds", "1"]) == 0
+    table = capsys.readouterr().out
+    assert "| unpruned | 1.000 |" in table and "| 0-0-0 | 0.29" in table and "| 1-1-1 | 0.29" in table
