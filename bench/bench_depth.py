@@ -11,16 +11,25 @@ and `min_keep`) to `search.flops_target` of the *full* network's MACs, and gets 
 (`finalize`, the search's own) for `--seeds` fine-tune seeds. `0-0-0` is uniform pruning itself.
 Every fine-tuned network is written to `--out` as it finishes; the test split is only reported.
 
+Fewer layers also run faster at the same MACs. `--latency` times each variant against the unpruned network
+(CPU, 1 thread); with `--equal-latency` it first widens each shallower variant until it is as slow at batch 1 as
+full-depth uniform pruning and writes those keep ratios, which `--keep-from` then fine-tunes: a comparison at
+equal latency, where the shallower networks have more MACs.
+
     python bench/bench_depth.py --set model.checkpoint=CKPT --set search.flops_target=0.1 --out d.json
     python bench/bench_depth.py --report d.json
+    python bench/bench_depth.py --set model.checkpoint=CKPT --set search.flops_target=0.1 --latency --equal-latency --out keep.json
+    python bench/bench_depth.py --set model.checkpoint=CKPT --set search.flops_target=0.1 --keep-from keep.json --out e.json
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import sys
+from pathlib import Path
 
 import torch
 from bench_headroom import percent, run_study, study_arguments  # this folder: a study's options and figures,
@@ -94,38 +103,78 @@ def checked_variant(text: str) -> str:
     return text
 
 
-def uniform_variant(problem: Problem, variant: str) -> tuple[PruningSpace, float, list[int]]:
-    """The shallower network of `variant`'s space, and its uniform pruning (ratio, counts) to the search's
-    `flops_target` of the full network's MACs."""
+def variant_space(problem: Problem, variant: str) -> tuple[PruningSpace, Budget]:
+    """The channel groups of `variant`'s shallower network, and its budget: the search's `flops_target` of the
+    *full* network's MACs (same `min_keep`, floor and rounding)."""
     s = problem.config.search
     shallow = drop_blocks(problem.model, problem.network.example_input, parse_variant(variant))
     space = PruningSpace(shallow, problem.network.example_input, round_to=s.round_to)
     budget = Budget(space, s.flops_target * problem.space.base_macs / space.base_macs, s.min_keep, s.flops_floor)
     budget.check()
+    return space, budget
+
+
+def uniform_variant(problem: Problem, variant: str, keep: float | None = None) -> tuple[PruningSpace, float, list[int]]:
+    """`variant`'s space and its uniform pruning (ratio, counts): to the budget, or at the ratio `keep` when given."""
+    space, budget = variant_space(problem, variant)
+    if keep is not None:
+        return space, keep, budget.counts_at(keep)
     ratio, counts = uniform_counts(budget)
     return space, ratio, counts
 
 
+def pruned(space: PruningSpace, counts: list[int]) -> nn.Module:
+    return space.prune(space.counts_to_keep(counts)).cpu()
+
+
+def batch1_ms(models: list[nn.Module], example_input: torch.Tensor, rounds: int) -> list[float]:
+    return [t["ms"]["1"] for t in interleaved_latency(models, example_input, batch_sizes=(1,), rounds=rounds)]
+
+
+def equal_latency_keep(problem: Problem, variant: str, reference: nn.Module, *, rounds: int, steps: int = 8) -> float:
+    """The largest uniform keep ratio of `variant` whose pruned network is no slower at batch 1 than `reference`
+    (bisection from the MAC-matched ratio, each step timed interleaved with the reference)."""
+    x = problem.network.example_input.cpu()
+    space, budget = variant_space(problem, variant)
+    lo, hi = uniform_counts(budget)[0], 1.0
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        ref_ms, ms = batch1_ms([reference, pruned(space, budget.counts_at(mid))], x, rounds)
+        lo, hi = (mid, hi) if ms <= ref_ms else (lo, mid)
+    return lo
+
+
 def latencies(args) -> str:
     """Each variant's pruned network timed against the unpruned one on this machine's CPU, 1 thread, interleaved
-    (latency does not depend on the weights, so no fine-tune is needed)."""
+    (latency does not depend on the weights, so no fine-tune is needed). With `--equal-latency`, first find each
+    variant's keep ratio at full-depth uniform pruning's batch-1 latency and write them to --out."""
     config = load_config(None, parse_overrides(PRESETS["fashion"]["overrides"] + args.set))
     ensure_checkpoint(config, progress=False)
     problem = setup(config)
     torch.set_num_threads(1)
+    full_depth = "-".join("0" * len(stages(problem.model)))
+    space, _, counts = uniform_variant(problem, full_depth)
+    reference = pruned(space, counts)
+    keeps = {}
+    if args.equal_latency:
+        keeps = {v: equal_latency_keep(problem, v, reference, rounds=args.rounds) for v in args.variants if v != full_depth}
+        write_json(args.out, {"reference": full_depth, "flops_target": config.search.flops_target, "keep": keeps,
+                              "device": device_name("cpu")})
     networks = {"unpruned": (problem.model.cpu(), problem.space.base_macs)}
     for variant in args.variants:
-        space, _, counts = uniform_variant(problem, variant)
-        networks[variant] = (space.prune(space.counts_to_keep(counts)).cpu(), space.macs_of_counts(counts))
+        space, _, counts = uniform_variant(problem, variant, keeps.get(variant))
+        networks[variant] = (pruned(space, counts), space.macs_of_counts(counts))
     times = interleaved_latency([m for m, _ in networks.values()], problem.network.example_input.cpu(), rounds=args.rounds)
     base = times[0]["ms"]
-    lines = [f"{config.model.name} at flops_target "
-             f"{config.search.flops_target:g}: median ms per forward, 1 thread, {args.rounds} interleaved rounds, "
-             f"{device_name('cpu')}",
-             "| network | MACs ratio | batch 1 (ms) | batch 32 (ms) | speed-up batch 1 | speed-up batch 32 |", "|---|---|---|---|---|---|"]
+    lines = [f"{config.model.name} at flops_target {config.search.flops_target:g}"
+             f"{' (shallower variants at full-depth pruning latency)' if keeps else ''}: median ms per forward, 1 thread, "
+             f"{args.rounds} interleaved rounds, {device_name('cpu')}",
+             "| network | uniform keep | MACs ratio | batch 1 (ms) | batch 32 (ms) | speed-up batch 1 | speed-up batch 32 |",
+             "|---|---|---|---|---|---|---|"]
     for (name, (_, macs)), timed in zip(networks.items(), times):
         ms = timed["ms"]
-        lines.append(f"| {name} | {macs / problem.space.base_macs:.3f} | {ms['1']:.3f} | {ms['32']:.3f} "
+        keep = "1" if name == "unpruned" else f"{keeps.get(name, uniform_variant(problem, name)[1]):.3f}"
+        lines.append(f"| {name} | {keep} | {macs / problem.space.base_macs:.3f} | {ms['1']:.3f} | {ms['32']:.3f} "
                      f"| {base['1'] / ms['1']:.2f}x | {base['32'] / ms['32']:.2f}x |")
     return "\n".join(lines)
 
@@ -137,10 +186,12 @@ def measure(args) -> dict:
     full_macs = problem.space.base_macs
     result = {"config": config.to_dict(), "environment": environment_info(), "variants": args.variants,
               "base_test_accuracy": problem.network.checkpoint.metrics.get("test_acc"), "rows": []}
+    keeps = json.loads(args.keep_from.read_text())["keep"] if args.keep_from else {}
+    result.update(keep_from=str(args.keep_from) if args.keep_from else None, equal_latency_keep=keeps)
     queue = [(v, config.seed + i) for i in range(args.seeds) for v in args.variants]
     shard, shards = args.shard
     for variant, seed in queue[shard::shards]:
-        space, ratio, counts = uniform_variant(problem, variant)
+        space, ratio, counts = uniform_variant(problem, variant, keeps.get(variant))
         measured, _ = finalize(space, problem.splits, space.counts_to_keep(counts), finetune=config.finetune,
                                calibration=problem.evaluator.calibration, seed=seed, progress=False)
         row = {"variant": variant, "finetune_seed": seed, "uniform_keep": ratio, "macs_ratio": measured["macs"] / full_macs,
@@ -157,10 +208,11 @@ def measure(args) -> dict:
 
 
 def report(results: list[dict]) -> str:
-    """The table of one study from its shards' files: each variant's mean ± std over fine-tune seeds, and its
-    difference from the full-depth variant (uniform pruning) on test."""
+    """The table of one study from its shards' files (of one run or several on the same baseline and target): each
+    variant's mean ± std over fine-tune seeds, and its difference from the full-depth variant (uniform pruning)
+    on test."""
     result = results[0]
-    rows = [row for r in results for row in r["rows"]]
+    rows = [{**row, "label": _label(row["variant"], r)} for r in results for row in r["rows"]]
     config = result["config"]
     cuda = result["environment"]["cuda"]
 
@@ -173,18 +225,25 @@ def report(results: list[dict]) -> str:
              "| held-out after FT (%) | test after FT (%) | minus full depth on test |",
              "|---|---|---|---|---|---|---|---|---|"]
     full = [r["test_accuracy_after_finetune"] for r in rows if set(parse_variant(r["variant"])) == {0}]
-    for variant in result["variants"]:
-        group = [r for r in rows if r["variant"] == variant]
+    labels = list(dict.fromkeys(_label(v, r) for r in results for v in r.get("variants", [])))  # several runs too
+    for label in labels:
+        group = [r for r in rows if r["label"] == label]
         if not group:
             continue
         test = [r["test_accuracy_after_finetune"] for r in group]
         diff = f"{100 * (statistics.fmean(test) - statistics.fmean(full)):+.2f}" if full else "n/a"
-        lines.append(f"| {variant} | {len(group)} | {statistics.fmean(r['uniform_keep'] for r in group):.3f} "
+        lines.append(f"| {label} | {len(group)} | {statistics.fmean(r['uniform_keep'] for r in group):.3f} "
                      f"| {statistics.fmean(r['macs_ratio'] for r in group):.3f} "
                      f"| {all(r['analytic_macs_match'] for r in group)} "
                      f"| {percent([r['test_accuracy_before_finetune'] for r in group])} "
                      f"| {percent([r['heldout_accuracy_after_finetune'] for r in group])} | {percent(test)} | {diff} |")
     return "\n".join(lines)
+
+
+def _label(variant: str, result: dict) -> str:
+    """A variant as the report names it: pruned to the full network's MACs, or to the latency an --equal-latency
+    run matched (then its MACs are larger)."""
+    return f"{variant} at equal latency" if variant in result.get("equal_latency_keep", {}) else variant
 
 
 def main(argv=None) -> int:
@@ -195,6 +254,11 @@ def main(argv=None) -> int:
     parser.add_argument("--latency", action="store_true",
                         help="time each variant's pruned network against the unpruned one instead (CPU, 1 thread)")
     parser.add_argument("--rounds", type=int, default=5, help="with --latency: interleaved rounds")
+    parser.add_argument("--equal-latency", action="store_true",
+                        help="with --latency: prune each variant to full-depth uniform pruning's batch-1 latency instead "
+                             "of its MACs, and write the keep ratios to --out")
+    parser.add_argument("--keep-from", type=Path, metavar="JSON",
+                        help="fine-tune each variant at the keep ratio an --equal-latency run wrote (full depth: its MACs)")
     args = parser.parse_args(argv)
     if args.latency:
         print(latencies(args))

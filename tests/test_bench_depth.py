@@ -74,16 +74,26 @@ def test_the_report_compares_each_variant_with_full_depth_on_test():
 
 def test_a_small_study_fine_tunes_each_variant_at_the_full_network_s_budget_and_times_them(tmp_path, capsys):
     """End to end on digits: every variant is pruned to the target of the full network's MACs, counted exactly,
-    written as it finishes, and timed against the unpruned network."""
+    written as it finishes, and timed against the unpruned network; at equal latency a shallower variant keeps
+    at least the channels it keeps at equal MACs, and the report names it apart."""
     bench = load_bench("bench_depth")
-    common = ["--set", "data.name=digits", "--set", f"model.checkpoint={tmp_path / 'r20.pt'}", "--set", "model.train_epochs=1",
-              "--set", "search.flops_target=0.3", "--variants", "0-0-0", "1-1-1"]
-    assert bench.main(common + ["--set", "finetune.epochs=1", "--seeds", "1", "--out", str(tmp_path / "d.json")]) == 0
+    digits = ["--set", "data.name=digits", "--set", f"model.checkpoint={tmp_path / 'r20.pt'}", "--set", "model.train_epochs=1",
+              "--set", "search.flops_target=0.3", "--set", "finetune.epochs=1"]
+    common = digits + ["--variants", "0-0-0", "1-1-1"]
+    assert bench.main(common + ["--seeds", "1", "--out", str(tmp_path / "d.json")]) == 0
     rows = json.loads((tmp_path / "d.json").read_text())["rows"]
     assert [r["variant"] for r in rows] == ["0-0-0", "1-1-1"]
     assert all(r["analytic_macs_match"] and 0.97 * 0.3 <= r["macs_ratio"] <= 0.3 for r in rows)
     assert rows[1]["uniform_keep"] > rows[0]["uniform_keep"]  # fewer blocks: wider layers at the same MACs
     capsys.readouterr()
-    assert bench.main(common + ["--latency", "--rounds", "1"]) == 0
+    assert bench.main(common + ["--latency", "--equal-latency", "--rounds", "1", "--out", str(tmp_path / "keep.json")]) == 0
     table = capsys.readouterr().out
-    assert "| unpruned | 1.000 |" in table and "| 0-0-0 | 0.29" in table and "| 1-1-1 | 0.29" in table
+    assert "| unpruned | 1 | 1.000 |" in table and "| 0-0-0 | 0.539 | 0.29" in table and "| 1-1-1 |" in table
+    keep = json.loads((tmp_path / "keep.json").read_text())["keep"]
+    assert list(keep) == ["1-1-1"] and rows[1]["uniform_keep"] <= keep["1-1-1"] <= 1.0
+    assert bench.main(digits + ["--variants", "1-1-1", "--seeds", "1",
+                                     "--keep-from", str(tmp_path / "keep.json"), "--out", str(tmp_path / "e.json")]) == 0
+    matched = json.loads((tmp_path / "e.json").read_text())
+    assert matched["rows"][0]["uniform_keep"] == keep["1-1-1"] and matched["rows"][0]["analytic_macs_match"]
+    text = bench.report([json.loads((tmp_path / "d.json").read_text()), matched])
+    assert "| 1-1-1 | 1 |" in text and "| 1-1-1 at equal latency | 1 |" in text
