@@ -32,7 +32,12 @@ import sys
 from pathlib import Path
 
 import torch
-from bench_headroom import percent, run_study, study_arguments  # this folder: a study's options and figures,
+from bench_headroom import (  # this folder: a study's options and figures,
+    add_row,
+    percent,
+    run_study,
+    study_arguments,
+)
 from bench_quality import PRESETS  # and the setting the quality tables search
 from torch import nn
 
@@ -194,12 +199,8 @@ def measure(args) -> dict:
         space, ratio, counts = uniform_variant(problem, variant, keeps.get(variant))
         measured, _ = finalize(space, problem.splits, space.counts_to_keep(counts), finetune=config.finetune,
                                calibration=problem.evaluator.calibration, seed=seed, progress=False)
-        row = {"variant": variant, "finetune_seed": seed, "uniform_keep": ratio, "macs_ratio": measured["macs"] / full_macs,
-               **{k: measured[k] for k in ("kept_channels", "macs", "analytic_macs_match", "finetune_seconds",
-                                           "test_accuracy_before_finetune", "heldout_accuracy_after_finetune",
-                                           "test_accuracy_after_finetune")}}
-        result["rows"].append(row)
-        write_json(args.out, result)
+        row = add_row(result, args.out, measured, variant=variant, finetune_seed=seed, uniform_keep=ratio,
+                      macs=measured["macs"], macs_ratio=measured["macs"] / full_macs)
         print(f"{variant:8s} seed {seed} keep {ratio:.3f} MACs {row['macs_ratio']:.3f} (exact: {row['analytic_macs_match']}) "
               f"test before FT {100 * row['test_accuracy_before_finetune']:.2f} held-out after FT "
               f"{100 * row['heldout_accuracy_after_finetune']:.2f} test {100 * row['test_accuracy_after_finetune']:.2f} "

@@ -86,18 +86,28 @@ def measure(args) -> dict:
             break
         measured, _ = finalize(space, problem.splits, record["keep"], finetune=config.finetune,
                                calibration=problem.evaluator.calibration, seed=seed, progress=False)
-        row = {"kind": kind, "finetune_seed": seed, "reward": record["reward"], "heldout_accuracy": record["accuracy"],
-               **{k: measured[k] for k in ("kept_channels", "macs_ratio", "analytic_macs_match", "finetune_seconds",
-                                           "test_accuracy_before_finetune", "heldout_accuracy_after_finetune",
-                                           "test_accuracy_after_finetune")}}
-        result["rows"].append(row)
-        write_json(args.out, result)
+        row = add_row(result, args.out, measured, kind=kind, finetune_seed=seed, reward=record["reward"],
+                      heldout_accuracy=record["accuracy"], macs_ratio=measured["macs_ratio"])
         print(f"{kind:8s} reward {row['reward']:.4f} MACs {row['macs_ratio']:.3f} held-out after FT "
               f"{100 * row['heldout_accuracy_after_finetune']:.2f} test {100 * row['test_accuracy_after_finetune']:.2f} "
               f"({row['finetune_seconds']:.0f} s)", flush=True)
     result["finetune_seconds"] = time.perf_counter() - start
     write_json(args.out, result)
     return result
+
+
+FINETUNE_FIELDS = ("kept_channels", "analytic_macs_match", "finetune_seconds", "test_accuracy_before_finetune",
+                   "heldout_accuracy_after_finetune", "test_accuracy_after_finetune")
+"""What a study's row keeps of `finalize`'s measurements."""
+
+
+def add_row(result: dict, out: Path, measured: dict, **fields) -> dict:
+    """Append a fine-tuned network's row (`fields`, then `FINETUNE_FIELDS` of its measurements) to the study's
+    result and write the result at once, so a stopped study keeps every finished fine-tune."""
+    row = {**fields, **{k: measured[k] for k in FINETUNE_FIELDS}}
+    result["rows"].append(row)
+    write_json(out, result)
+    return row
 
 
 def report(results: list[dict]) -> str:
