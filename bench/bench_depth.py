@@ -33,10 +33,12 @@ from pathlib import Path
 
 import torch
 from bench_headroom import (  # this folder: a study's options and figures,
+    accuracy_or_na,
     add_row,
     percent,
     run_study,
     study_arguments,
+    study_device,
 )
 from bench_quality import PRESETS  # and the setting the quality tables search
 from torch import nn
@@ -149,13 +151,20 @@ def equal_latency_keep(problem: Problem, variant: str, reference: nn.Module, *, 
     return lo
 
 
+def study_problem(args) -> Problem:
+    """The pruning problem of the study's config (the `fashion` preset under --set), its baseline trained when
+    missing."""
+    config = load_config(None, parse_overrides(PRESETS["fashion"]["overrides"] + args.set))
+    ensure_checkpoint(config, progress=False)
+    return setup(config)
+
+
 def latencies(args) -> str:
     """Each variant's pruned network timed against the unpruned one on this machine's CPU, 1 thread, interleaved
     (latency does not depend on the weights, so no fine-tune is needed). With `--equal-latency`, first find each
     variant's keep ratio at full-depth uniform pruning's batch-1 latency and write them to --out."""
-    config = load_config(None, parse_overrides(PRESETS["fashion"]["overrides"] + args.set))
-    ensure_checkpoint(config, progress=False)
-    problem = setup(config)
+    problem = study_problem(args)
+    config = problem.config
     torch.set_num_threads(1)
     full_depth = "-".join("0" * len(stages(problem.model)))
     space, _, counts = uniform_variant(problem, full_depth)
@@ -165,29 +174,28 @@ def latencies(args) -> str:
         keeps = {v: equal_latency_keep(problem, v, reference, rounds=args.rounds) for v in args.variants if v != full_depth}
         write_json(args.out, {"reference": full_depth, "flops_target": config.search.flops_target, "keep": keeps,
                               "device": device_name("cpu")})
-    networks = {"unpruned": (problem.model.cpu(), problem.space.base_macs)}
+    networks = {"unpruned": (problem.model.cpu(), problem.space.base_macs, 1.0)}
     for variant in args.variants:
-        space, _, counts = uniform_variant(problem, variant, keeps.get(variant))
-        networks[variant] = (pruned(space, counts), space.macs_of_counts(counts))
-    times = interleaved_latency([m for m, _ in networks.values()], problem.network.example_input.cpu(), rounds=args.rounds)
+        space, ratio, counts = uniform_variant(problem, variant, keeps.get(variant))
+        networks[variant] = (pruned(space, counts), space.macs_of_counts(counts), ratio)
+    times = interleaved_latency([m for m, _, _ in networks.values()], problem.network.example_input.cpu(), rounds=args.rounds)
     base = times[0]["ms"]
     lines = [f"{config.model.name} at flops_target {config.search.flops_target:g}"
              f"{' (shallower variants at full-depth pruning latency)' if keeps else ''}: median ms per forward, 1 thread, "
              f"{args.rounds} interleaved rounds, {device_name('cpu')}",
              "| network | uniform keep | MACs ratio | batch 1 (ms) | batch 32 (ms) | speed-up batch 1 | speed-up batch 32 |",
              "|---|---|---|---|---|---|---|"]
-    for (name, (_, macs)), timed in zip(networks.items(), times):
+    for (name, (_, macs, ratio)), timed in zip(networks.items(), times):
         ms = timed["ms"]
-        keep = "1" if name == "unpruned" else f"{keeps.get(name, uniform_variant(problem, name)[1]):.3f}"
+        keep = "1" if name == "unpruned" else f"{ratio:.3f}"
         lines.append(f"| {name} | {keep} | {macs / problem.space.base_macs:.3f} | {ms['1']:.3f} | {ms['32']:.3f} "
                      f"| {base['1'] / ms['1']:.2f}x | {base['32'] / ms['32']:.2f}x |")
     return "\n".join(lines)
 
 
 def measure(args) -> dict:
-    config = load_config(None, parse_overrides(PRESETS["fashion"]["overrides"] + args.set))
-    ensure_checkpoint(config, progress=False)
-    problem = setup(config)
+    problem = study_problem(args)
+    config = problem.config
     full_macs = problem.space.base_macs
     result = {"config": config.to_dict(), "environment": environment_info(), "variants": args.variants,
               "base_test_accuracy": problem.network.checkpoint.metrics.get("test_acc"), "rows": []}
@@ -215,13 +223,9 @@ def report(results: list[dict]) -> str:
     result = results[0]
     rows = [{**row, "label": _label(row["variant"], r)} for r in results for row in r["rows"]]
     config = result["config"]
-    cuda = result["environment"]["cuda"]
-
-    base = result.get("base_test_accuracy")
     lines = [f"{config['model']['name']} / {config['data']['name']} at flops_target {config['search']['flops_target']:g} "
-             f"of the full network's MACs, baseline {'n/a' if base is None else f'{100 * base:.2f}%'} "
-             f"({config['model']['checkpoint']}), {config['finetune']['epochs']} fine-tune epochs on "
-             f"{'cpu' if cuda == 'none' else cuda}",
+             f"of the full network's MACs, baseline {accuracy_or_na(result.get('base_test_accuracy'))} "
+             f"({config['model']['checkpoint']}), {config['finetune']['epochs']} fine-tune epochs on {study_device(result)}",
              "| blocks dropped per stage | n | uniform keep | MACs ratio | exact MACs | test before FT (%) "
              "| held-out after FT (%) | test after FT (%) | minus full depth on test |",
              "|---|---|---|---|---|---|---|---|---|"]

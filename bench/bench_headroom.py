@@ -123,9 +123,9 @@ def report(results: list[dict]) -> str:
     test_u = statistics.fmean(r["test_accuracy_after_finetune"] for r in uniform)
     held_u = statistics.fmean(r["heldout_accuracy_after_finetune"] for r in uniform)
     lines = [f"{config['model']['name']} / {config['data']['name']} at flops_target {config['search']['flops_target']:g}, "
-             f"baseline {_percent(result.get('base_test_accuracy'))} "
+             f"baseline {accuracy_or_na(result.get('base_test_accuracy'))} "
              f"({config['model']['checkpoint']}), reward {result['reward']}, {result['candidates']} candidates drawn, "
-             f"{len(others)} fine-tuned for {config['finetune']['epochs']} epochs on {_device(result)}",
+             f"{len(others)} fine-tuned for {config['finetune']['epochs']} epochs on {study_device(result)}",
              "| candidates | n | MACs ratio | reward | held-out after FT (%) | test after FT (%) |", "|---|---|---|---|---|---|"]
     for kind in ("uniform", "top", "random"):
         group = [r for r in rows if r["kind"] == kind]
@@ -153,12 +153,14 @@ def report(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _device(result: dict) -> str:
+def study_device(result: dict) -> str:
+    """Where a study's fine-tunes ran, from its environment record: the GPU's name, or cpu."""
     cuda = result["environment"]["cuda"]
     return "cpu" if cuda == "none" else cuda
 
 
-def _percent(value: float | None) -> str:
+def accuracy_or_na(value: float | None) -> str:
+    """One accuracy in percent, or n/a when it was not recorded."""
     return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
