@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from entropy_search.summary import agent_pick
+
 ROOT = Path(__file__).resolve().parent.parent
 
 #: agent settings compared; `default` is the schema's
@@ -83,7 +85,7 @@ def report(args) -> str:
         randoms = [random_result(args, int(p.parent.name[1:])) for p in paths]
         if not results:
             continue
-        agent = [r["best"]["reward"] for r in results]
+        agent = [agent_pick(r)["reward"] for r in results]
         rand = [r["best"]["reward"] for r in randoms]
         distinct = [r["cost"]["evaluations"] for r in results]
 

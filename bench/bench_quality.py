@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from entropy_search.problem import guarded_winner
+from entropy_search.summary import agent_pick, delivered_network
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,7 +75,7 @@ def _stats(values: list[float]) -> str:
 
 def _row(result: dict, reward: str, kind: str) -> dict:
     if kind in ("agent", "delivered"):
-        best = result["best"] if kind == "agent" else (result.get("delivered") or result["best"])
+        best = agent_pick(result) if kind == "agent" else delivered_network(result)
         return {"macs": best["macs_ratio"], "heldout": best["heldout_accuracy"],
                 "before": best["test_accuracy_before_finetune"], "after": best["test_accuracy_after_finetune"]}
     res = result["baselines"][kind]
@@ -135,7 +136,7 @@ def report(args) -> str:
             if not runs:
                 continue
             gaps = [_row(r, reward, "delivered")["after"] - _row(r, reward, "uniform")["after"] for _, r in runs]
-            wins = [(r["best"]["reward"], r["baselines"]["random"]["best"]["reward"]) for _, r in runs]
+            wins = [(agent_pick(r)["reward"], r["baselines"]["random"]["best"]["reward"]) for _, r in runs]
             winners = [(r.get("delivered") or {}).get("label", "top1") for _, r in runs]
             by_level, finals = [], [finalists(r) for _, r in runs]
             for level in args.levels:

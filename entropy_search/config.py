@@ -91,7 +91,10 @@ class DataConfig(Section):
     """Where the data set lives on disk (not needed for `digits`)."""
 
     heldout_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
-    """Part of the training set held out from baseline training (for the held-out accuracy of candidates) when the search trains its baseline; a given checkpoint keeps the fraction and seed it was trained with."""
+    """Part of the training set held out from baseline training (for the held-out accuracy of candidates) when the search trains its baseline; a given checkpoint keeps the fraction and seed it was trained with (unused with `heldout`)."""
+
+    heldout: Annotated[str, Field(min_length=1)] | None = None
+    """The held-out split, for a baseline trained elsewhere (a checkpoint that does not record the `heldout_fraction` and seed it was trained with, whose drawn held-out split may hold images it trained on): a JSON split file, a list of indices into the data set's training set that the baseline never trained on (or `{"heldout": [...]}`), which then leave the train split; or a folder of images with one subfolder per class (named as the data set's classes, or 0..K-1), read with the data set's evaluation transform, the train split then being the whole training set. None: drawn from the training set with the checkpoint's fraction and seed."""
 
     eval_batch: PositiveInt = 512
     """Fixed batch of held-out images (a split of the training set, never the test set) on which every candidate is measured: spatial entropy (labels unused) and held-out accuracy."""
@@ -439,7 +442,8 @@ class SearchConfig(Section):
 # ---------------------------------------------------------------- loading
 
 
-_PATH_KEYS = (("model", "checkpoint"), ("data", "root"), ("output", "dir"), ("search", "latency_cache"))
+_PATH_KEYS = (("model", "checkpoint"), ("data", "root"), ("data", "heldout"), ("output", "dir"),
+              ("search", "latency_cache"))
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:
@@ -560,8 +564,8 @@ def load_config(
     """Load a search config from a YAML file (or a dict), apply `overrides` and validate.
 
     `overrides` maps dotted keys (``"search.flops_target"``) or nested dicts to values; they win over
-    the file. Relative paths (model.checkpoint, data.root, output.dir) are made absolute against the
-    current directory when `resolve_paths`, so Ray workers and Tune trials (other working
+    the file. Relative paths (model.checkpoint, data.root, data.heldout, output.dir) are made absolute
+    against the current directory when `resolve_paths`, so Ray workers and Tune trials (other working
     directories) find the same files.
     """
     if isinstance(path_or_dict, SearchConfig):

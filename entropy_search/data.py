@@ -2,6 +2,7 @@
 
 Every loader returns the same `DataSplits`: a training part, a deterministic held-out part of the
 training set (for the RL reward, never the test set) and the test split (for final reporting only).
+`with_heldout` replaces the drawn held-out part by a given one (a split file or a folder of images).
 All splits yield `(float tensor [C, H, W], normalised; int label)`. A data set that is not on the
 machine and cannot be fetched raises `DataUnavailableError` saying how to get it.
 """
@@ -9,15 +10,18 @@ machine and cannot be fetched raises `DataUnavailableError` saying how to get it
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, Subset
 
 from .errors import ConfigError, DataUnavailableError, EntropySearchError
@@ -53,6 +57,8 @@ class DataSplits:
     image_size: int
     train_eval: Dataset | None = None
     classes: list[str] = field(default_factory=list)
+    eval_transform: Callable[[Image.Image], torch.Tensor] | None = None
+    """An image file -> a normalised input like the held-out split's (reads a folder given as held-out set)."""
 
 
 def default_data_root() -> Path:
@@ -92,6 +98,28 @@ class ArrayDataset(Dataset):
         if self.augment:
             x = random_crop_flip(x, self.pad)
         return (x - self.mean) / self.std, int(self.labels[index])
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """An image file read as an image of an in-memory data set: its channels and size, scaled to [0, 1] and
+    normalised with the data set's mean and std (what `ArrayDataset` does to its stored images)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    channels: int
+    size: tuple[int, int]
+    """(height, width)."""
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = image.convert("L" if self.channels == 1 else "RGB")
+        height, width = self.size
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.Resampling.BILINEAR)
+        x = torch.from_numpy(np.array(image, dtype=np.float32) / 255)
+        x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
+        return (x - mean) / torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
 
 
 def random_crop_flip(x: torch.Tensor, pad: int) -> torch.Tensor:
@@ -211,6 +239,7 @@ def _array_splits(
         image_size=train_images.shape[-1],
         train_eval=Subset(plain, train_idx),
         classes=list(classes or []),
+        eval_transform=ImageTransform(tuple(mean), tuple(std), train_images.shape[1], tuple(train_images.shape[-2:])),
     )
 
 
@@ -405,6 +434,7 @@ def _image_folder(path: Path, heldout_fraction: float, seed: int, image_size: in
         image_size=image_size,
         train_eval=Subset(train_plain, train_idx),
         classes=list(train_aug.classes),
+        eval_transform=plain,
     )
 
 
@@ -428,6 +458,96 @@ class ImageFiles(Dataset):
         path, label = self.samples[index]
         image = default_loader(path)
         return (self.transform(image) if self.transform else image), label
+
+
+# ---------------------------------------------------------------- a given held-out split
+
+
+def with_heldout(splits: DataSplits, path: str | os.PathLike) -> DataSplits:
+    """`splits` with the held-out split that `path` gives instead of the drawn one: a JSON split file (indices into
+    the data set's training set, which leave the train split) or a folder of images in ImageFolder layout."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return replace(splits, heldout=heldout_folder(path, splits))
+    if path.is_file():
+        return _split_off(splits, read_split_file(path), path)
+    raise ConfigError(f"{path} does not exist; give a JSON split file or a folder of held-out images")
+
+
+def read_split_file(path: Path) -> list[int]:
+    """The indices of a JSON split file: a list of integers, or `{"heldout": [...]}`."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"split file {path} is not readable JSON ({exc})") from None
+    if isinstance(data, dict) and set(data) == {"heldout"}:
+        data = data["heldout"]
+    if not isinstance(data, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in data):
+        raise ConfigError(f"split file {path} must hold a list of training-set indices (integers) or "
+                          '{"heldout": [...]}')
+    if not data:
+        raise ConfigError(f"split file {path} lists no held-out images")
+    return data
+
+
+def _split_off(splits: DataSplits, indices: list[int], path: Path) -> DataSplits:
+    """The images at `indices` of the training set become the held-out split and leave the train split."""
+    parts = (splits.train, splits.heldout, splits.train_eval or splits.train)
+    if not all(isinstance(part, Subset) for part in parts):
+        raise ConfigError(f"data set {splits.name} does not index its training set; give a folder of held-out "
+                          f"images instead of the split file {path}")
+    n = len(splits.train.dataset)
+    bad = sorted({i for i in indices if not 0 <= i < n})
+    twice = sorted(i for i, count in Counter(indices).items() if count > 1)
+    if bad:
+        raise ConfigError(f"split file {path}: index {_few(bad)} out of range: the training set of {splits.name} "
+                          f"has {n} images (indices 0 to {n - 1})")
+    if twice:
+        raise ConfigError(f"split file {path}: index {_few(twice)} given more than once")
+    held = set(indices)
+    rest = [i for i in sorted({*parts[0].indices, *parts[1].indices}) if i not in held]
+    if not rest:
+        raise ConfigError(f"split file {path} holds out the whole training set of {splits.name}")
+    return replace(splits, train=Subset(parts[0].dataset, rest), heldout=Subset(parts[1].dataset, sorted(held)),
+                   train_eval=Subset(parts[2].dataset, rest))
+
+
+def _few(values: list[int], shown: int = 5) -> str:
+    """`1, 2, 3` or `1, 2, 3, 4, 5 (and 7 more)`."""
+    more = f" (and {len(values) - shown} more)" if len(values) > shown else ""
+    return ", ".join(map(str, values[:shown])) + more
+
+
+def heldout_folder(path: Path, splits: DataSplits) -> ImageFiles:
+    """The images of `path/<class>/*`, labelled with the data set's classes and read with its evaluation
+    transform."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset  # deferred, as every torchvision loader here
+
+    if splits.eval_transform is None:
+        raise ConfigError(f"data set {splits.name} cannot read image files; give a split file instead of {path}")
+    class_to_idx = _folder_classes(path, splits)
+    try:
+        samples = make_dataset(str(path), class_to_idx, IMG_EXTENSIONS, allow_empty=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot read held-out folder {path}: {exc}") from None
+    if not samples:
+        raise ConfigError(f"held-out folder {path} holds no images")
+    return ImageFiles(samples, transform=splits.eval_transform)
+
+
+def _folder_classes(path: Path, splits: DataSplits) -> dict[str, int]:
+    """Subfolder name -> class index: subfolders named as the data set's classes, or by class index 0..K-1."""
+    folders = set(_class_dirs(path))
+    by_index = {str(i): i for i in range(splits.num_classes)}
+    by_name = {name: i for i, name in enumerate(splits.classes)} or by_index
+    for names in (by_name, by_index):
+        if folders == set(names):
+            return names
+    missing, unknown = sorted(set(by_name) - folders), sorted(folders - set(by_name))
+    raise ConfigError(
+        f"held-out folder {path} needs one subfolder per class of {splits.name} (named as its classes, or 0 to "
+        f"{splits.num_classes - 1}); missing: {', '.join(missing) or 'none'}; unknown: {', '.join(unknown) or 'none'}"
+    )
 
 
 # ---------------------------------------------------------------- evaluation batches

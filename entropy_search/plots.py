@@ -1,10 +1,10 @@
 """Plots of searches and sweeps (matplotlib, Agg backend: no display needed).
 
 * `candidate_scatter`: one search's candidates, FLOPs ratio versus held-out accuracy, coloured by
-  iteration, with the top-k and the best candidate, the uniform and random-search baselines and the
-  unpruned network marked, and the FLOPs target as a line.
-* `sweep_comparison`: one point per trial, FLOPs ratio versus test accuracy after fine-tuning (left)
-  and held-out accuracy at search time (middle), one colour per reward (entropy vs accuracy ...), the
+  iteration, with the top-k, the agent's pick, the delivered network, the uniform and random-search
+  baselines and the unpruned network marked, and the FLOPs target as a line.
+* `sweep_comparison`: one point per trial, the delivered network's FLOPs ratio versus its test accuracy
+  after fine-tuning (left) and held-out accuracy at search time (middle), one colour per reward, the
   mean per reward and target joined by a line, the uniform baseline for comparison; and, for the trials
   whose latency was measured, the measured speed-up of the delivered and uniform networks against their
   MACs ratio, next to the speed-up the MAC ratio promises (right).
@@ -51,7 +51,11 @@ def candidate_scatter(records: Sequence[Mapping[str, Any]], result: Mapping[str,
         ax.scatter([t["macs_ratio"] for t in top], [t[yk_final] for t in top], s=90, facecolors="none",
                    edgecolors="black", linewidths=1.3, label=f"top-{len(top)}")
         ax.scatter([top[0]["macs_ratio"]], [top[0][yk_final]], marker="*", s=260, c="red", edgecolors="black",
-                   zorder=5, label="best (agent)")
+                   zorder=5, label="agent's pick")
+    delivered = result.get("delivered") or {}
+    if _ok(delivered.get("macs_ratio")) and _ok(delivered.get(yk_final)):
+        ax.scatter([delivered["macs_ratio"]], [delivered[yk_final]], marker="P", s=200, c="gold", edgecolors="black",
+                   zorder=6, label=f"delivered ({delivered.get('label')})")
     markers = {"uniform": ("s", "tab:orange"), "random": ("^", "tab:green")}
     for name, res in (result.get("baselines") or {}).items():
         rec = res.get("best") or {}
@@ -93,7 +97,7 @@ def sweep_comparison(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike,
 
     path = Path(path)
     batches = sorted({int(k.rsplit("_b", 1)[1]) for r in rows for k in r
-                      if k.startswith(("delivered_speedup_b", "uniform_speedup_b")) and _ok(r[k])})
+                      if k.startswith(("speedup_b", "uniform_speedup_b")) and _ok(r[k])})
     fig, axes = plt.subplots(1, 3 if batches else 2, figsize=(18 if batches else 12, 5), dpi=110, sharex=True)
     panels = (("test_accuracy", "uniform_test_accuracy", "random_test_accuracy", "test accuracy after fine-tuning"),
               ("heldout_accuracy", "uniform_heldout_accuracy", "random_heldout_accuracy",
@@ -107,7 +111,7 @@ def sweep_comparison(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike,
             if not mine:
                 continue
             ax.scatter([r["macs_ratio"] for r in mine], [r[key] for r in mine], c=colour, s=40, alpha=0.8,
-                       edgecolors="black", linewidths=0.5, label=f"reward {reward}")
+                       edgecolors="black", linewidths=0.5, label=f"delivered, reward {reward}")
             _mean_line(ax, mine, "macs_ratio", key, colour, np)
         uni = [r for r in rows if _ok(r.get("uniform_macs_ratio")) and _ok(r.get(ukey))]
         if uni:
@@ -143,9 +147,9 @@ def _speedup_panel(ax, rows, batches, np) -> None:
     markers = ("o", "s", "^", "D", "v")
     xs = []
     for i, batch in enumerate(batches):
-        for who, colour in (("delivered", "tab:red"), ("uniform", "tab:orange")):
-            pts = [(r[f"{who}_macs_ratio"], r[f"{who}_speedup_b{batch}"]) for r in rows
-                   if _ok(r.get(f"{who}_macs_ratio")) and _ok(r.get(f"{who}_speedup_b{batch}"))]
+        for who, prefix, colour in (("delivered", "", "tab:red"), ("uniform", "uniform_", "tab:orange")):
+            pts = [(r[f"{prefix}macs_ratio"], r[f"{prefix}speedup_b{batch}"]) for r in rows
+                   if _ok(r.get(f"{prefix}macs_ratio")) and _ok(r.get(f"{prefix}speedup_b{batch}"))]
             if pts:
                 xs += [p[0] for p in pts]
                 ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)], c=colour,

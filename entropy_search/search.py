@@ -10,7 +10,8 @@
    the cache and the top-k are checkpointed so that `resume=True` continues;
 3. `finish_search`: the baselines under the same budget and number of evaluations (uniform, random),
    the top-k (and the baselines' best) finalised (`entropy_search.problem.finalize`: pruned for real,
-   fine-tuned, tested), the best exported, and `result.json` written.
+   fine-tuned, tested), the final stage's choice of the delivered network, its export, and `result.json`
+   (whose unprefixed figures are the delivered network's; `agent` is the agent's own pick).
 
 `on_iteration(metrics)` is called after every training iteration with a flat dict of numbers (the
 Tune sweep logs them to MLflow).
@@ -40,6 +41,7 @@ from .problem import (
     count_params,
     ensure_checkpoint,
     export,
+    finalist_records,
     finalize,
     guarded_choice,
     proxy_agreement,
@@ -99,21 +101,13 @@ def finalize_record(problem: Problem, config: SearchConfig, record: dict, *, lab
 
 def select_delivered(problem: Problem, config: SearchConfig, state: SearchState, baselines: dict,
                      finalized: dict, *, progress: bool = True) -> dict:
-    """The final stage over the finalists: the uniform candidate, the agent's top-k and random search's best
-    (duplicates once, in that order of preference). `selection.method: full` judges each by its held-out
-    correctness after its full fine-tune: uniform pruning is delivered unless another finalist beats it
-    significantly on the same images (`guarded_choice`); `halving` by successive halving on short fine-tunes.
-    Off: the agent's best. Every finalist it needs, and the winner, end up in `finalized` ({label: (record, model)})."""
-    finalists: dict[tuple[int, ...], tuple[str, dict]] = {}
-    uniform = (baselines.get("uniform") or {}).get("best")
-    if uniform is not None and config.selection.enabled:  # first: ties go to the known-safe choice
-        finalists[tuple(uniform["kept_channels"])] = ("uniform", uniform)
-    for rank, record in enumerate(state.top_k):
-        finalists.setdefault(tuple(record["kept_channels"]), (f"top{rank + 1}", record))
-    record = (baselines.get("random") or {}).get("best")
-    if record is not None:
-        finalists.setdefault(tuple(record["kept_channels"]), ("random", record))
-    records = {label: record for label, record in finalists.values()}
+    """The final stage over the finalists (`finalist_records`: the uniform candidate, the agent's top-k and random
+    search's best). `selection.method: full` judges each by its held-out correctness after its full fine-tune:
+    uniform pruning is delivered unless another finalist beats it significantly on the same images
+    (`guarded_choice`); `halving` by successive halving on short fine-tunes. Off: the agent's pick. Every
+    finalist it needs, and the winner, end up in `finalized` ({label: (record, model)})."""
+    uniform = (baselines.get("uniform") or {}).get("best") if config.selection.enabled else None
+    records = finalist_records(uniform, state.top_k, (baselines.get("random") or {}).get("best"))
     labels = list(records)
 
     def ensure_finalized(label: str) -> None:
@@ -123,7 +117,7 @@ def select_delivered(problem: Problem, config: SearchConfig, state: SearchState,
     sel = config.selection
     t0 = time.perf_counter()
     if not sel.enabled or len(labels) <= 1:
-        out = {"enabled": sel.enabled, "method": sel.method, "winner": labels[0] if labels else None, "rungs": []}
+        out = {"enabled": sel.enabled, "method": sel.method, "winner": labels[0], "rungs": []}
     elif sel.method == "halving":
         out = successive_halving(problem.space, problem.splits, [(lb, records[lb]["keep"]) for lb in labels],
                                  calibration=problem.evaluator.calibration, rung_steps=sel.rung_steps, eta=sel.eta,
@@ -143,8 +137,7 @@ def select_delivered(problem: Problem, config: SearchConfig, state: SearchState,
                 "significance": sel.significance, "continue": [winner],
                 "eliminated": [lb for lb in labels if lb != winner]}
         out = {"enabled": True, "method": "full", "winner": winner, "rungs": [rung]}
-    if out["winner"] is not None:
-        ensure_finalized(out["winner"])
+    ensure_finalized(out["winner"])
     return {**out, "finalists": labels, "seconds": time.perf_counter() - t0}
 
 
@@ -209,30 +202,88 @@ def finish_search(
     setup_seconds: float = 0.0,
     t_start: float | None = None,
 ) -> dict:
-    """After the agent: baselines under the same budget and evaluations, the top-k (and the baselines' best)
-    pruned for real, fine-tuned and tested, the best exported, `result.json` written. No Ray."""
+    """The end of a search, after the agent and without Ray, in five steps:
+
+    1. `run_baselines`: uniform pruning and random search under the same budget and number of evaluations;
+    2. `finalize_finalists`: the agent's top-k (and the baselines' best) pruned for real, fine-tuned and tested;
+    3. `select_delivered`: the final stage, which picks the network the user gets;
+    4. `export_delivered`: that network written as `best_pruned.pt` (and `best_pruned.onnx`);
+    5. `search_result`: `result.json`, whose unprefixed figures are the delivered network's and `agent*` the
+       agent's own pick (with the measured latency, when asked).
+
+    Returns the result."""
     t_start = time.perf_counter() if t_start is None else t_start
-    out = Path(config.output.dir)
-    search_seconds = state.wall_seconds
     if config.resources.driver_threads:
         torch.set_num_threads(config.resources.driver_threads)
     if state.best is None:
         raise EntropySearchError("the search evaluated no candidate; raise stop.iterations or stop.candidates")
+    base = measure_unpruned(problem)
+    t0 = time.perf_counter()
+    baselines = run_baselines(problem, config, state)
+    t1 = time.perf_counter()
+    top_k, finalized = finalize_finalists(problem, config, state, baselines, progress=progress)
+    t2 = time.perf_counter()
+    selection = select_delivered(problem, config, state, baselines, finalized, progress=progress)
+    winner = selection["winner"]
+    files = export_delivered(problem, config, *finalized[winner])
+    seconds = {"setup_seconds": setup_seconds, "baselines_seconds": t1 - t0, "finetune_seconds": t2 - t1}
+    result = search_result(config, problem, state, base=base, top_k=top_k, baselines=baselines, selection=selection,
+                           delivered=finalized[winner][0], files=files, seconds=seconds, t_start=t_start)
+    if config.output.latency:
+        result["latency"] = measure_latency(problem, finalized, winner, files, config)
+    write_json(Path(config.output.dir) / RESULT_FILE, result)
+    return result
 
-    # ---- baselines under the same budget and number of evaluations
-    t_base = time.perf_counter()
+
+def run_baselines(problem: Problem, config: SearchConfig, state: SearchState) -> dict[str, Any]:
+    """Uniform pruning and random search (as many distinct candidates as the agent evaluated, unless
+    `baselines.random_candidates` says otherwise) under the search's budget, through the driver's cache."""
+    if not config.baselines.enabled:
+        return {}
 
     def evaluate(counts) -> dict:
         return problem.evaluate(counts)[0]
 
-    baselines: dict[str, Any] = {}
-    if config.baselines.enabled:
-        baselines["uniform"] = uniform_baseline(problem.budget, evaluate)
-        n_random = config.baselines.random_candidates or max(state.evaluations, 1)
-        baselines["random"] = random_search(problem.budget, evaluate, n_random, seed=config.seed + 1)
-    baselines_seconds = time.perf_counter() - t_base
+    n_random = config.baselines.random_candidates or max(state.evaluations, 1)
+    return {"uniform": uniform_baseline(problem.budget, evaluate),
+            "random": random_search(problem.budget, evaluate, n_random, seed=config.seed + 1)}
 
-    # ---- the best candidates, pruned for real, fine-tuned, tested
+
+def finalize_finalists(problem: Problem, config: SearchConfig, state: SearchState, baselines: dict, *,
+                       progress: bool) -> tuple[list[dict], dict[str, tuple[dict, torch.nn.Module]]]:
+    """The agent's top-k and, with `baselines.finetune`, each baseline's best, pruned for real, fine-tuned and
+    tested (`finalize_record`); each baseline's record gets its `final`. Returns (the top-k's records,
+    {label: (record, pruned model)})."""
+    top_k, finalized = [], {}
+    for rank, record in enumerate(state.top_k):
+        final, pruned = finalize_record(problem, config, record, label=f"top{rank + 1}", progress=progress)
+        final["rank"] = rank + 1
+        top_k.append(final)
+        finalized[final["label"]] = (final, pruned)
+    if config.baselines.enabled and config.baselines.finetune:
+        for name, res in baselines.items():
+            if res.get("best") is not None:
+                res["final"], pruned = finalize_record(problem, config, res["best"], label=name, progress=progress)
+                finalized[name] = (res["final"], pruned)
+    return top_k, finalized
+
+
+def export_delivered(problem: Problem, config: SearchConfig, delivered: dict, model: torch.nn.Module) -> dict:
+    """The delivered network as `best_pruned.pt` (an entropy-search checkpoint with its keep ratios and its
+    measured test accuracy, MACs and parameters) and, with `output.export_onnx`, `best_pruned.onnx`; returns
+    the search's files."""
+    out = Path(config.output.dir)
+    files = {"candidates": str(out / CANDIDATES_FILE), "config": str(out / CONFIG_FILE),
+             "checkpoint": str(out / CHECKPOINT_DIR)}
+    files.update(export(model, problem.space.example_input, out, "best_pruned", onnx=config.output.export_onnx,
+                        base=problem.network.checkpoint, keep=delivered["keep"], round_to=config.search.round_to,
+                        metrics={k: delivered[k] for k in ("test_accuracy_after_finetune", "macs", "params")}))
+    return files
+
+
+def measure_unpruned(problem: Problem) -> dict:
+    """The unpruned network: analytic and counted MACs and parameters, test accuracy, and the search's own
+    measurements of it (held-out accuracy and entropy on the evaluation batch)."""
     full = problem.evaluator.evaluate([1.0] * len(problem.space.groups))
     problem.model.to("cpu")  # counted with the (CPU) example input; training moves models back
     base = {
@@ -245,34 +296,17 @@ def finish_search(
         "entropy": full.get("entropy"),
     }
     problem.model.to("cpu")
-    t_ft = time.perf_counter()
-    top_k, finalized = [], {}
-    for rank, record in enumerate(state.top_k):
-        final, pruned = finalize_record(problem, config, record, label=f"top{rank + 1}", progress=progress)
-        final["rank"] = rank + 1
-        top_k.append(final)
-        finalized[final["label"]] = (final, pruned)
-    if config.baselines.enabled and config.baselines.finetune:
-        for name, res in baselines.items():
-            if res.get("best") is not None:
-                res["final"], pruned = finalize_record(problem, config, res["best"], label=name, progress=progress)
-                finalized[name] = (res["final"], pruned)
-    finetune_seconds = time.perf_counter() - t_ft
+    return base
 
-    # ---- the final stage: which finalist (same budget, same fine-tune) the user gets
-    selection = select_delivered(problem, config, state, baselines, finalized, progress=progress)
-    winner = selection["winner"]
-    delivered, delivered_model = finalized[winner] if winner is not None else (None, None)
-    files = {"candidates": str(out / CANDIDATES_FILE), "config": str(out / CONFIG_FILE),
-             "checkpoint": str(out / CHECKPOINT_DIR)}
-    if delivered_model is not None:
-        files.update(export(delivered_model, problem.space.example_input, out, "best_pruned",
-                            onnx=config.output.export_onnx, base=problem.network.checkpoint, keep=delivered["keep"],
-                            round_to=config.search.round_to,
-                            metrics={k: delivered[k] for k in ("test_accuracy_after_finetune", "macs", "params")}))
 
-    best = top_k[0] if top_k else None
-    result = {
+def search_result(config: SearchConfig, problem: Problem, state: SearchState, *, base: dict, top_k: list[dict],
+                  baselines: dict,
+                  selection: dict, delivered: dict, files: dict, seconds: dict, t_start: float) -> dict:
+    """The content of `result.json`. `delivered` and `policy` are the network the user gets (`best_pruned.pt`);
+    `agent` and `agent_policy` the agent's own pick (its top-1 by reward), reported next to the baselines so the
+    search stays measurable."""
+    agent = top_k[0] if top_k else None
+    return {
         "config": config.to_dict(),
         "environment": environment_info(),
         "groups": [
@@ -280,42 +314,43 @@ def finish_search(
             for g in problem.space.groups
         ],
         "base": base,
-        "best_policy": best["policy"] if best else None,
-        "delivered_policy": delivered["policy"] if delivered else None,
-        "best": best,
+        "policy": delivered["policy"],
+        "delivered": delivered,
+        "agent_policy": agent["policy"] if agent else None,
+        "agent": agent,
         "top_k": top_k,
         "baselines": baselines,
         "selection": selection,
-        "delivered": delivered,
-        "comparison": _comparison(best, baselines, delivered),
+        "comparison": _comparison(delivered, agent, baselines),
         # does the reward rank the candidates as held-out accuracy does? (every candidate the agent evaluated)
         "proxy": proxy_agreement(list(state.cache.values())),
-        "cost": {
-            "iterations": state.iteration,
-            "candidates": state.episodes,
-            "evaluations": state.evaluations,
-            "cache_hits": state.cache_hits,
-            "setup_seconds": setup_seconds,
-            "search_seconds": search_seconds,
-            "candidates_per_second": state.episodes / max(search_seconds, 1e-9),
-            "evaluations_per_second": state.evaluations / max(search_seconds, 1e-9),
-            "eval_seconds": state.eval_seconds,
-            # the env runners' time not spent evaluating candidates (sampling, agent, sync, collection)
-            "rl_overhead": max(0.0, 1.0 - state.eval_seconds / (max(config.resources.num_env_runners, 1) * max(search_seconds, 1e-9))),
-            "baselines_seconds": baselines_seconds,
-            "finetune_seconds": finetune_seconds,
-            "total_seconds": time.perf_counter() - t_start,
-            "num_env_runners": config.resources.num_env_runners,
-            "env_runners_lost": state.env_runners_lost,
-            "env_runner_restarts": state.env_runner_restarts,
-        },
+        "cost": search_cost(config, state, seconds, t_start),
         "history": state.history,
         "files": files,
     }
-    if config.output.latency and delivered_model is not None:
-        result["latency"] = measure_latency(problem, finalized, winner, files, config)
-    write_json(out / RESULT_FILE, result)
-    return result
+
+
+def search_cost(config: SearchConfig, state: SearchState, seconds: dict, t_start: float) -> dict:
+    """What the search cost: iterations, candidates and evaluations, seconds per phase, throughput."""
+    search_seconds = max(state.wall_seconds, 1e-9)
+    runners = max(config.resources.num_env_runners, 1)
+    return {
+        "iterations": state.iteration,
+        "candidates": state.episodes,
+        "evaluations": state.evaluations,
+        "cache_hits": state.cache_hits,
+        "search_seconds": state.wall_seconds,
+        "candidates_per_second": state.episodes / search_seconds,
+        "evaluations_per_second": state.evaluations / search_seconds,
+        "eval_seconds": state.eval_seconds,
+        # the env runners' time not spent evaluating candidates (sampling, agent, sync, collection)
+        "rl_overhead": max(0.0, 1.0 - state.eval_seconds / (runners * search_seconds)),
+        **seconds,
+        "total_seconds": time.perf_counter() - t_start,
+        "num_env_runners": config.resources.num_env_runners,
+        "env_runners_lost": state.env_runners_lost,
+        "env_runner_restarts": state.env_runner_restarts,
+    }
 
 
 def measure_latency(problem: Problem, finalized: dict, winner: str, files: dict, config: SearchConfig) -> dict:
@@ -376,15 +411,13 @@ def _user_error(exc: Exception, search: RLSearch | None) -> Exception:
     )
 
 
-def _comparison(best: dict | None, baselines: dict, delivered: dict | None = None) -> dict:
-    """Agent vs baselines (and the delivered network) in one place: reward, FLOPs, test accuracy after fine-tuning."""
-    rows = {}
-    if delivered:
-        rows["delivered"] = {k: delivered.get(k) for k in
-                             ("reward", "macs_ratio", "heldout_accuracy", "test_accuracy_after_finetune")}
-        rows["delivered"]["label"] = delivered.get("label")
-    if best:
-        rows["agent"] = {k: best.get(k) for k in ("reward", "macs_ratio", "heldout_accuracy", "test_accuracy_after_finetune")}
+def _comparison(delivered: dict, agent: dict | None, baselines: dict) -> dict:
+    """The delivered network, the agent's own pick and the baselines in one place: reward, MACs ratio, held-out
+    accuracy at search time and test accuracy after fine-tuning."""
+    keys = ("reward", "macs_ratio", "heldout_accuracy", "test_accuracy_after_finetune")
+    rows = {"delivered": {**{k: delivered.get(k) for k in keys}, "label": delivered.get("label")}}
+    if agent:
+        rows["agent"] = {k: agent.get(k) for k in keys}
     for name, res in baselines.items():
         rec, final = res.get("best") or {}, res.get("final") or {}
         rows[name] = {

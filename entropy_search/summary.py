@@ -1,6 +1,7 @@
 """Summaries of searches and sweeps as plain tables: no MLflow here (docs/design.md, "Tracking").
 
-`final_metrics` flattens a search's result.json into the numbers tracked per trial; `format_table`,
+`final_metrics` flattens a search's result.json into the numbers tracked per trial (unprefixed: the delivered
+network's; `agent_*`: the agent's own pick); `format_table`,
 `aggregate_rows` and `write_summary` turn one row per trial into the sweep's summary table, its
 mean ± std over seeds, and the files logged on the sweep's parent run.
 """
@@ -92,37 +93,63 @@ def _parse_cell(value: str):
     return value
 
 
-def best_policy(result: Mapping[str, Any]) -> dict:
-    """The best candidate's policy (keep ratio per channel group) with its numbers."""
-    best = result.get("best") or {}
-    keys = ("reward", "macs", "params", "macs_ratio", "params_ratio", "entropy", "heldout_accuracy",
-            "test_accuracy_before_finetune", "test_accuracy_after_finetune", "kept_channels")
-    return {"policy": result.get("best_policy"), **{k: best.get(k) for k in keys},
+def agent_pick(result: Mapping[str, Any]) -> dict:
+    """The agent's own pick (its top-1 by reward, finalised) of a search result; result files written before
+    the delivered network was named apart call it `best`."""
+    return dict(result.get("agent") or result.get("best") or {})
+
+
+def delivered_network(result: Mapping[str, Any]) -> dict:
+    """The network the search delivered (`best_pruned.pt`) with its measured figures; result files written
+    before the final stage existed delivered the agent's pick."""
+    return dict(result.get("delivered") or agent_pick(result))
+
+
+def delivered_policy(result: Mapping[str, Any]) -> dict | None:
+    """{group name: keep ratio} of the delivered network."""
+    return (result.get("policy") or delivered_network(result).get("policy") or result.get("delivered_policy")
+            or result.get("best_policy"))
+
+
+#: A finalised network's figures, as recorded by the search (record key, flat metric name).
+NETWORK_FIGURES = (("reward", "reward"), ("macs_ratio", "macs_ratio"), ("params_ratio", "params_ratio"),
+                   ("macs", "macs"), ("params", "params"), ("entropy", "entropy"),
+                   ("heldout_accuracy", "heldout_accuracy"),
+                   ("heldout_accuracy_after_finetune", "heldout_accuracy_after_finetune"),
+                   ("test_accuracy_before_finetune", "test_accuracy_before_finetune"),
+                   ("test_accuracy_after_finetune", "test_accuracy"))
+
+
+def policy_file(result: Mapping[str, Any]) -> dict:
+    """The delivered network's policy (keep ratio per channel group) with its figures, which finalist it was,
+    and the agent's own pick next to it (`policy.json`, logged with every trial)."""
+    delivered, agent = delivered_network(result), agent_pick(result)
+    keys = [key for key, _ in NETWORK_FIGURES] + ["kept_channels"]
+    return {"policy": delivered_policy(result), "delivered": delivered.get("label"),
+            **{k: delivered.get(k) for k in keys},
             "flops_target": (result.get("config") or {}).get("search", {}).get("flops_target"),
-            "groups": [g.get("name") for g in result.get("groups") or []]}
+            "groups": [g.get("name") for g in result.get("groups") or []],
+            "agent": {"policy": agent.get("policy"), **{k: agent.get(k) for k in keys}}}
 
 
 def final_metrics(result: Mapping[str, Any]) -> dict[str, float]:
-    """The numbers of a finished search, flat: best candidate, baselines, baseline model, cost."""
-    best = result.get("best") or {}
+    """The numbers of a finished search, flat. Unprefixed names are the delivered network's (what
+    `best_pruned.pt` holds); `agent_*` the agent's own pick; `uniform_*`, `random_*` the baselines; `base_*`
+    the unpruned network; `cost_*` the search's cost."""
+    delivered, agent = delivered_network(result), agent_pick(result)
     base = result.get("base") or {}
     cost = result.get("cost") or {}
-    m: dict[str, Any] = {
-        "reward": best.get("reward"),
-        "macs_ratio": best.get("macs_ratio"),
-        "params_ratio": best.get("params_ratio"),
-        "macs": best.get("macs"),
-        "params": best.get("params"),
-        "entropy": best.get("entropy"),
-        "heldout_accuracy": best.get("heldout_accuracy"),
-        "test_accuracy_before_finetune": best.get("test_accuracy_before_finetune"),
-        "test_accuracy": best.get("test_accuracy_after_finetune"),
+    m: dict[str, Any] = {}
+    for key, name in NETWORK_FIGURES:
+        m[name] = delivered.get(key)
+        m[f"agent_{name}"] = agent.get(key)
+    m.update({
         "base_macs": base.get("macs"),
         "base_params": base.get("params"),
         "base_test_accuracy": base.get("test_accuracy"),
         "base_heldout_accuracy": base.get("heldout_accuracy"),
         "base_entropy": base.get("entropy"),
-    }
+    })
     for name, res in (result.get("baselines") or {}).items():
         rec, fin = res.get("best") or {}, res.get("final") or {}
         m[f"{name}_reward"] = rec.get("reward")
@@ -132,21 +159,19 @@ def final_metrics(result: Mapping[str, Any]) -> dict[str, float]:
         m[f"{name}_heldout_accuracy"] = rec.get("accuracy")
         m[f"{name}_test_accuracy"] = fin.get("test_accuracy_after_finetune")
         m[f"{name}_evaluations"] = res.get("evaluations")
-    delivered = result.get("delivered") or {}
-    m["delivered_test_accuracy"] = delivered.get("test_accuracy_after_finetune")
-    m["delivered_macs_ratio"] = delivered.get("macs_ratio")
-    m["delivered_heldout_accuracy"] = delivered.get("heldout_accuracy")
     latency = result.get("latency") or {}
     label = delivered.get("label")
     for batch, ms in ((latency.get("unpruned") or {}).get("ms") or {}).items():
         m[f"base_latency_ms_b{batch}"] = ms
     for name, row in (latency.get("networks") or {}).items():
-        for prefix in dict.fromkeys([name, "delivered"] if name == label else [name]):
+        # the delivered network unprefixed; uniform pruning under its name too, so its columns are always there
+        prefixes = ["" if name == label else f"{name}_"] + (["uniform_"] if name == label == "uniform" else [])
+        for prefix in prefixes:
             for batch, ms in row["pytorch"]["ms"].items():
-                m[f"{prefix}_latency_ms_b{batch}"] = ms
-                m[f"{prefix}_speedup_b{batch}"] = row["speedup"].get(batch)
+                m[f"{prefix}latency_ms_b{batch}"] = ms
+                m[f"{prefix}speedup_b{batch}"] = row["speedup"].get(batch)
             for batch, ms in ((row.get("onnxruntime") or {}).get("ms") or {}).items():
-                m[f"{prefix}_onnxruntime_ms_b{batch}"] = ms
+                m[f"{prefix}onnxruntime_ms_b{batch}"] = ms
     check = latency.get("budget") or {}
     if check:
         m["latency_budget_target_ratio"] = check.get("target_ratio")
@@ -161,18 +186,37 @@ def final_metrics(result: Mapping[str, Any]) -> dict[str, float]:
     return numeric(m)
 
 
-#: (column title, row key, format) of the printed summary table, after the axes.
+def upgrade_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    """A trial's final metrics as `final_metrics` names them now. Runs logged before the delivered network had
+    the unprefixed names gave them to the agent's pick and the delivered network's to `delivered_*`: those are
+    renamed (the agent's to `agent_*`, the delivered network's unprefixed); newer runs are returned as they are."""
+    if "delivered_test_accuracy" not in metrics or "agent_test_accuracy" in metrics:
+        return dict(metrics)
+    out = {k: v for k, v in metrics.items() if not k.startswith("delivered_")}
+    for _, name in NETWORK_FIGURES:
+        if name in metrics:
+            out[f"agent_{name}"] = out.pop(name)
+    for key, value in metrics.items():
+        if key.startswith("delivered_"):
+            out[key.removeprefix("delivered_")] = value
+    return out
+
+
+#: (column title, row key, format) of the printed summary table, after the axes: first the delivered network
+#: (which finalist it is, then its figures), then the agent's own pick and the baselines after the same fine-tune.
 SUMMARY_COLUMNS = (
     ("status", "status", "s"),
+    ("delivered", "delivered", "s"),
     ("MACs", "macs_ratio", ".3f"),
     ("params", "params_ratio", ".3f"),
-    ("best reward", "reward", ".4f"),
     ("held-out", "heldout_accuracy", "%"),
     ("test pre-FT", "test_accuracy_before_finetune", "%"),
     ("test FT", "test_accuracy", "%"),
+    ("agent MACs", "agent_macs_ratio", ".3f"),
+    ("agent FT", "agent_test_accuracy", "%"),
     ("uniform FT", "uniform_test_accuracy", "%"),
     ("random FT", "random_test_accuracy", "%"),
-    ("delivered FT", "delivered_test_accuracy", "%"),
+    ("agent reward", "agent_reward", ".4f"),
     ("proxy", "proxy_reward_spearman", ".2f"),
     ("cand", "cost_candidates", ".0f"),
     ("cand/s", "cost_candidates_per_second", ".1f"),
@@ -240,8 +284,8 @@ def aggregate_rows(rows: Sequence[Mapping[str, Any]], over: str = "seed") -> lis
 def format_aggregate(agg: Sequence[Mapping[str, Any]], *, markdown: bool = False) -> str:
     axes = axis_names(agg)
     cols = [c for c in SUMMARY_COLUMNS if c[1] in ("macs_ratio", "heldout_accuracy", "test_accuracy",
-                                                    "uniform_test_accuracy", "random_test_accuracy",
-                                                    "delivered_test_accuracy")]
+                                                    "agent_test_accuracy", "uniform_test_accuracy",
+                                                    "random_test_accuracy")]
     headers = [a.split(".")[-1] for a in axes] + ["n"] + [c[0] for c in cols]
     body = []
     for row in agg:

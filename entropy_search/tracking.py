@@ -13,11 +13,13 @@ The only module that imports MLflow (the pure tables it logs are in `entropy_sea
   torch and MLflow versions, hardware; metrics per training iteration (step = iteration: reward
   mean/max, the best candidate's FLOPs and parameter ratios, entropy and held-out accuracy,
   candidates evaluated, candidates per second...); final metrics (test accuracy before/after
-  fine-tuning of the best candidate and of the uniform/random baselines, cost); artifacts: the table
-  of every evaluated candidate (``candidates.csv``), the best policy (``best_policy.json``), the
-  FLOPs-versus-accuracy scatter (``scatter.png``), ``result.json``/``config.yaml``, the ONNX export
-  when present, and the pruned, fine-tuned model (``mlflow.pytorch``, with input example and
-  signature).
+  fine-tuning: unprefixed, of the delivered network, the one ``best_pruned.pt`` holds; ``agent_*``, of
+  the agent's own pick; ``uniform_*``/``random_*``, of the baselines; cost); tag
+  ``entropy_search.delivered`` = which finalist was delivered; artifacts: the table of every evaluated
+  candidate (``candidates.csv``), the delivered network's policy with the agent's next to it
+  (``policy.json``), the FLOPs-versus-accuracy scatter (``scatter.png``), ``result.json``/``config.yaml``,
+  the ONNX export when present, and the delivered network itself (``mlflow.pytorch``, with input example,
+  signature, and its own MACs, kept channels and test accuracy as the logged model's params and metric).
 
 Runs are found again by tags, never created twice: a resumed sweep reuses its parent run (tag
 ``entropy_search.sweep_dir``) and a restarted trial its child run (tag ``entropy_search.trial_name``).
@@ -57,12 +59,14 @@ from .plots import candidate_scatter
 from .problem import load_checkpoint, load_model
 from .store import local_store_dir, resolve_tracking_uri
 from .summary import (
-    best_policy,
+    delivered_network,
     final_metrics,
     finite,
     flatten,
     format_table,
     numeric,
+    policy_file,
+    upgrade_metrics,
     write_candidate_table,
     write_summary,
 )
@@ -74,6 +78,8 @@ SWEEP_DIR_TAG = "entropy_search.sweep_dir"
 TRIAL_ID_TAG = "entropy_search.trial_id"
 TRIAL_NAME_TAG = "entropy_search.trial_name"
 AXES_TAG = "entropy_search.axes"
+#: Which finalist the final stage delivered (uniform, top1, ..., random).
+DELIVERED_TAG = "entropy_search.delivered"
 STATUS_NOTE_TAG = "entropy_search.status_note"
 PARENT_TAG = "mlflow.parentRunId"
 NOTE_TAG = "mlflow.note.content"
@@ -82,9 +88,10 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 #: Experiment tag prefix of a shared runs view (what the UI's "Share" button saves; the URL names its key).
 SHARED_VIEW_PREFIX = "mlflow.sharedViewState."
-#: Final metrics shown as columns of a sweep's runs view, in this order.
-VIEW_METRICS = ("macs_ratio", "test_accuracy", "heldout_accuracy", "uniform_test_accuracy", "random_test_accuracy",
-                "params_ratio", "reward")
+#: Final metrics shown as columns of a sweep's runs view, in this order: the delivered network's first, then the
+#: agent's own pick and the baselines.
+VIEW_METRICS = ("macs_ratio", "test_accuracy", "heldout_accuracy_after_finetune", "params_ratio", "agent_macs_ratio",
+                "agent_test_accuracy", "uniform_test_accuracy", "random_test_accuracy")
 
 #: MLflow limits: params per batch and characters per param value.
 _PARAMS_PER_BATCH = 100
@@ -287,7 +294,7 @@ def sweep_view_state(parent_run_id: str) -> dict[str, Any]:
     FLOPs ratio and accuracies as columns, and charts of FLOPs ratio versus test and held-out accuracy
     and of the reward per iteration."""
     section = "entropy-search-sweep"
-    columns = [f"metrics.`{key}`" for key in VIEW_METRICS]
+    columns = [f"tags.`{DELIVERED_TAG}`"] + [f"metrics.`{key}`" for key in VIEW_METRICS]
 
     def chart(uuid: str, **config) -> dict[str, Any]:
         return {"uuid": f"entropy-search-{uuid}", "runsCountToCompare": 100, "metricSectionId": section,
@@ -418,13 +425,14 @@ class TrialRun:
         step = int((result.get("cost") or {}).get("iterations") or 0)
         final = final_metrics(result)
         log_metrics(self.client, self.run_id, final, step=step)
+        set_tags(self.client, self.run_id, {DELIVERED_TAG: delivered_network(result).get("label")})
         art = out / "mlflow"
         art.mkdir(parents=True, exist_ok=True)
         records = read_jsonl(out / "candidates.jsonl")
         write_candidate_table(records, art / "candidates.csv")
-        (art / "best_policy.json").write_text(json.dumps(best_policy(result), indent=2) + "\n")
+        (art / "policy.json").write_text(json.dumps(policy_file(result), indent=2) + "\n")
         candidate_scatter(records, result, art / "scatter.png")
-        for path in (art / "candidates.csv", art / "best_policy.json", art / "scatter.png"):
+        for path in (art / "candidates.csv", art / "policy.json", art / "scatter.png"):
             self.client.log_artifact(self.run_id, str(path))
         for name in ("result.json", "config.yaml"):
             if (out / name).exists():
@@ -437,21 +445,24 @@ class TrialRun:
         return final
 
     def log_model(self, result: Mapping[str, Any], path: str, *, registered_model_name: str | None = None) -> None:
-        """The pruned, fine-tuned model with `mlflow.pytorch`, an input example and its signature."""
+        """The delivered network (`best_pruned.pt` at `path`) with `mlflow.pytorch`, an input example, its
+        signature, and its own figures: MACs ratio, MACs and kept channels as params, its test accuracy after
+        fine-tuning as the model's metric."""
         model = load_model(path)
         example = input_example(result)
         with torch.no_grad():
             output = model(torch.from_numpy(example)).numpy()
         signature = infer_signature(example, output)
-        best = result.get("best") or {}
+        delivered = delivered_network(result)
         with _fluent_store(self.tracking_uri), mlflow.start_run(run_id=self.run_id, log_system_metrics=False):
             info = mlflow.pytorch.log_model(
                 model, name="pruned_model", input_example=example, signature=signature,
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
                 registered_model_name=registered_model_name,
-                params={"macs_ratio": best.get("macs_ratio"), "kept_channels": json.dumps(best.get("kept_channels"))},
+                params={"delivered": delivered.get("label"), "macs_ratio": delivered.get("macs_ratio"),
+                        "macs": delivered.get("macs"), "kept_channels": json.dumps(delivered.get("kept_channels"))},
             )
-            test_acc = best.get("test_accuracy_after_finetune")
+            test_acc = delivered.get("test_accuracy_after_finetune")
             if finite(test_acc):
                 mlflow.log_metric("model_test_accuracy", float(test_acc), model_id=getattr(info, "model_id", None))
         # leaving the context set the run FINISHED; the caller sets the final status itself
@@ -522,8 +533,9 @@ def sweep_rows(mlclient, experiment_id: str, parent_run_id: str) -> list[dict]:
             "flops_target": _float(params.get("search.flops_target")),
             "model": params.get("model.name"),
             "seed": params.get("seed"),
+            "delivered": tags.get(DELIVERED_TAG),
         }
-        row.update(metrics)
+        row.update(upgrade_metrics(metrics))
         if "macs_ratio" not in metrics and "best_macs_ratio" in metrics:
             row["search_macs_ratio"] = metrics["best_macs_ratio"]
         rows.append(row)

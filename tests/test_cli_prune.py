@@ -96,11 +96,15 @@ def test_prune_with_a_search_result_takes_its_delivered_policy_by_group_name(bas
     ckpt = load_checkpoint(baseline)
     names = [g.name for g in PruningSpace(build_model(ckpt), ckpt.example_input()).groups]
     delivered = dict(zip(reversed(names), [1.0, 0.75, 0.25, 0.5]))  # a JSON object in another order than the groups
-    result = tmp_path / "result.json"
-    result.write_text(json.dumps({"best_policy": {n: 1.0 for n in names}, "delivered_policy": delivered}))
-    out = tmp_path / "delivered.pt"
-    assert main(["prune", str(baseline), "--policy", str(result), "--epochs", "0", "--out", str(out)]) == 0
-    assert load_checkpoint(out).keep == [delivered[n] for n in names]
+    agent = {n: 1.0 for n in names}
+    for i, written in enumerate([{"policy": delivered, "agent_policy": agent},  # result.json
+                                 {"policy": delivered, "agent": {"policy": agent}},  # its policy.json in MLflow
+                                 {"best_policy": agent, "delivered_policy": delivered}]):  # older result files
+        result = tmp_path / f"result{i}.json"
+        result.write_text(json.dumps(written))
+        out = tmp_path / f"delivered{i}.pt"
+        assert main(["prune", str(baseline), "--policy", str(result), "--epochs", "0", "--out", str(out)]) == 0
+        assert load_checkpoint(out).keep == [delivered[n] for n in names]
     wrong = tmp_path / "wrong.json"
     wrong.write_text(json.dumps({"delivered_policy": {"no_such_layer": 0.5}}))
     assert main(["prune", str(baseline), "--policy", str(wrong), "--epochs", "0"]) == 2

@@ -560,9 +560,9 @@ def _check_sweep(client, parent, downloads: Path, log: Path, commit: str = "") -
         for baseline in ("uniform", "random"):
             assert f"{baseline}_test_accuracy" in m, (name, baseline)
         have = _artifacts(client, run_id)
-        assert {"candidates.csv", "best_policy.json", "scatter.png"} <= have, (name, have)
+        assert {"candidates.csv", "policy.json", "scatter.png"} <= have, (name, have)
         assert {"search/result.json", "search/config.yaml"} <= _artifacts(client, run_id, "search"), name
-        # Downloaded back through the server: the candidate table and the best policy.
+        # Downloaded back through the server: the candidate table and the delivered policy.
         dest = downloads / name
         dest.mkdir(parents=True)
         with open(client.download_artifacts(run_id, "candidates.csv", str(dest)), newline="") as fh:
@@ -570,7 +570,7 @@ def _check_sweep(client, parent, downloads: Path, log: Path, commit: str = "") -
         assert len(rows) == m["cost_candidates"] > 0, (name, len(rows))
         assert min(float(r["macs_ratio"]) for r in rows) <= target + 1e-9
         policy = json.loads(
-            Path(client.download_artifacts(run_id, "best_policy.json", str(dest))).read_text()
+            Path(client.download_artifacts(run_id, "policy.json", str(dest))).read_text()
         )
         assert policy["policy"] and policy["flops_target"] == target, (name, policy)
         assert policy["macs_ratio"] == pytest.approx(m["macs_ratio"]), name

@@ -67,6 +67,8 @@ def test_dotted_and_nested_overrides_win_over_the_file(tmp_path):
         ({"search": {"entropy": {"sample": 0}}}, "search.entropy.sample: must be in (0, 1]"),
         ({"data": {"heldout_fraction": 1.0}}, "data.heldout_fraction: Input should be less than 1, got 1.0"),
         ({"data": {"heldout_fraction": -0.1}}, "data.heldout_fraction:"),
+        ({"data": {"heldout": ""}}, "data.heldout: String should have at least 1 character"),
+        ({"data": {"heldout": 3}}, "data.heldout: Input should be a valid string"),
     ],
 )
 def test_errors_name_the_key(data, expected):
@@ -136,6 +138,13 @@ def test_every_field_is_documented():
     text = schema_reference()
     for line in text.splitlines():
         assert line.split("#", 1)[1].strip(), f"undocumented: {line}"
+
+
+def test_heldout_set_is_optional_and_its_path_resolved(tmp_path, monkeypatch):
+    """`data.heldout` (a split file or a folder of held-out images) defaults to None: the held-out split is drawn."""
+    assert load_config({}).data.heldout is None
+    monkeypatch.chdir(tmp_path)
+    assert load_config({"data": {"heldout": "split.json"}}).data.heldout == str(tmp_path / "split.json")
 
 
 def test_heldout_fraction_defaults_to_a_tenth():

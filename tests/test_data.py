@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import pickle
 import struct
 from pathlib import Path
@@ -23,6 +24,7 @@ from entropy_search.data import (
     load_data,
     register_dataset,
     split_heldout,
+    with_heldout,
 )
 from entropy_search.errors import ConfigError, DataUnavailableError, EntropySearchError
 
@@ -356,3 +358,97 @@ def test_imagefolder_errors(tmp_path):
     (tmp_path / "three" / "val").mkdir()
     with pytest.raises(DataUnavailableError, match="cannot read image folder"):
         load_data(f"imagefolder:{tmp_path / 'three'}")
+
+
+# ---------------------------------------------------------------- a given held-out split (data.heldout)
+
+
+def _split_file(path: Path, content) -> Path:
+    path.write_text(json.dumps(content))
+    return path
+
+
+def test_split_file_holds_out_exactly_its_indices(tmp_path):
+    """The listed training images are the held-out split and leave the train split (and its plain view)."""
+    full = load_data("digits", heldout_fraction=0.0)
+    held = [1436, 0, 7, 500]
+    for content in (held, {"heldout": held}):
+        splits = with_heldout(full, _split_file(tmp_path / "split.json", content))
+        assert splits.heldout.indices == sorted(held)
+        assert splits.train.indices == splits.train_eval.indices == [i for i in range(1437) if i not in held]
+        assert torch.equal(splits.heldout[0][0], full.train_eval[0][0])  # un-augmented images of the training set
+        assert splits.test is full.test
+    drawn = load_data("digits")  # from a drawn split too: what neither part lists stays out of both
+    splits = with_heldout(drawn, _split_file(tmp_path / "split.json", held))
+    assert set(splits.train.indices) | set(splits.heldout.indices) == set(range(1437))
+
+
+def test_image_folder_as_heldout_split(tmp_path):
+    """A folder of images, one subfolder per class, read like the data set's own images; the train split stays."""
+    from PIL import Image
+
+    full = load_data("digits", heldout_fraction=0.0)
+    chosen = [3, 40, 41, 900]
+    for i in chosen:
+        image, label = full.train_eval.dataset.images[i], int(full.train_eval.dataset.labels[i])
+        (tmp_path / str(label)).mkdir(exist_ok=True)
+        Image.fromarray((image[0].numpy() * 255 / 16).round().astype(np.uint8)).save(tmp_path / str(label) / f"{i}.png")
+    for label in range(10):
+        (tmp_path / str(label)).mkdir(exist_ok=True)
+    splits = with_heldout(full, tmp_path)
+    assert len(splits.heldout) == 4 and splits.train is full.train
+    by_file = {Path(path).stem: k for k, (path, _) in enumerate(splits.heldout.samples)}
+    for i in chosen:
+        x, y = splits.heldout[by_file[str(i)]]
+        assert y == full.train_eval[i][1] and x.shape == (1, 8, 8)
+        torch.testing.assert_close(x, full.train_eval[i][0], atol=0.02, rtol=0)
+    x, y = eval_batch(splits, 8)
+    assert x.shape == (4, 1, 8, 8)
+
+
+def test_image_folder_named_by_class_index_resized_to_the_data_set(tmp_path):
+    """Class names a folder cannot hold (Fashion-MNIST's 'T-shirt/top') can be given as indices; RGB images of
+    another size are converted to the data set's channels and size."""
+    images, labels = torch.randint(0, 256, (6, 1, 4, 4), dtype=torch.uint8), torch.tensor([0, 1] * 3)
+    splits = data_mod._array_splits("tiny", images, labels, images, labels, mean=(0.5,), std=(0.25,), scale=1 / 255,
+                                    augment=False, num_classes=2, heldout_fraction=0.0, seed=0,
+                                    classes=["T-shirt/top", "Trouser"])
+    _write_folder(tmp_path, {"held": {"0": 2, "1": 1}})
+    held = with_heldout(splits, tmp_path / "held").heldout
+    assert [label for _, label in held.samples] == [0, 0, 1] and held[0][0].shape == (1, 4, 4)
+
+
+def test_bad_heldout_sets_are_config_errors(tmp_path):
+    full = load_data("digits", heldout_fraction=0.0)
+    cases = [
+        (tmp_path / "absent.json", "absent.json does not exist"),
+        (_split_file(tmp_path / "range.json", [0, 1437, -1]), r"index -1, 1437 out of range: .* has 1437 images"),
+        (_split_file(tmp_path / "twice.json", [4, 5, 4]), "index 4 given more than once"),
+        (_split_file(tmp_path / "empty.json", []), "lists no held-out images"),
+        (_split_file(tmp_path / "shape.json", {"train": [1]}), "must hold a list of training-set indices"),
+        (_split_file(tmp_path / "floats.json", [1.5]), "must hold a list of training-set indices"),
+        (_split_file(tmp_path / "all.json", list(range(1437))), "holds out the whole training set"),
+    ]
+    (tmp_path / "bad.json").write_text("[1, 2")
+    cases.append((tmp_path / "bad.json", "not readable JSON"))
+    for path, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            with_heldout(full, path)
+    _write_folder(tmp_path / "classes", {"h": {"0": 1, "1": 1, "cat": 1}})
+    with pytest.raises(ConfigError, match="one subfolder per class of digits .*missing: 2, 3.*; unknown: cat"):
+        with_heldout(full, tmp_path / "classes" / "h")
+    for label in range(10):
+        (tmp_path / "no_images" / str(label)).mkdir(parents=True)
+    with pytest.raises(ConfigError, match="holds no images"):
+        with_heldout(full, tmp_path / "no_images")
+
+
+def test_heldout_set_for_a_data_set_that_cannot_take_one(tmp_path):
+    """A registered loader whose splits are not index subsets of one training set, or that reads no image files."""
+    plain = torch.utils.data.TensorDataset(torch.zeros(4, 1, 2, 2), torch.zeros(4, dtype=torch.long))
+    splits = DataSplits("plain", plain, plain, plain, num_classes=1, in_channels=1, image_size=2)
+    with pytest.raises(ConfigError, match="does not index its training set"):
+        with_heldout(splits, _split_file(tmp_path / "s.json", [0]))
+    (tmp_path / "h" / "0").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="cannot read image files"):
+        with_heldout(splits, tmp_path / "h")

@@ -224,8 +224,8 @@ def test_sigkill_of_the_driver_between_checkpoints_then_resume_repeats_the_unint
     assert len(candidate_sequence(out)) == resumed["cost"]["candidates"] == whole["cost"]["candidates"]
     assert len({r["id"] for r in read_jsonl(out / CANDIDATES_FILE)}) == resumed["cost"]["candidates"]
     assert candidate_sequence(out) == candidate_sequence(tmp_path / "whole")
-    assert resumed["best"]["kept_channels"] == whole["best"]["kept_channels"]
-    assert resumed["best"]["reward"] == whole["best"]["reward"]
+    assert resumed["agent"]["kept_channels"] == whole["agent"]["kept_channels"]
+    assert resumed["agent"]["reward"] == whole["agent"]["reward"]
 
 
 @pytest.mark.slow

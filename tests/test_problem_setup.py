@@ -4,6 +4,9 @@ a baseline is trained; `ensure_checkpoint`, which trains it when a search finds 
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
@@ -90,6 +93,64 @@ def test_heldout_split_follows_the_checkpoint_not_the_search(checkpoint, tmp_pat
                            in_channels=1, image_size=8, data="digits", config={}, metrics={})
     splits = load_splits(config, load_checkpoint(bare))
     assert splits.heldout.indices == load_data("digits", heldout_fraction=0.3, seed=7).heldout.indices
+
+
+def _bare_checkpoint(checkpoint, path):
+    """The trained network saved as if made elsewhere: its config records no held-out fraction or seed."""
+    ckpt = load_checkpoint(checkpoint)
+    return save_checkpoint(path, build_model(ckpt), model_name="digits_cnn", num_classes=10, in_channels=1,
+                           image_size=8, data="digits", config={"epochs": 2}, metrics={})
+
+
+def test_note_when_the_heldout_split_may_hold_training_images(checkpoint, tmp_path):
+    """A checkpoint that does not record the split it was trained on gets one note naming it and `data.heldout`;
+    one trained by `train_baseline`, or a search given `data.heldout`, gets none."""
+    bare = _bare_checkpoint(checkpoint, tmp_path / "bare.pt")
+    notes = [n for n in setup(config_for(bare)).notes if "held-out fraction and seed" in n]
+    assert len(notes) == 1 and str(bare) in notes[0] and "data.heldout" in notes[0] and "optimistic" in notes[0]
+    assert not any("held-out fraction and seed" in n for n in setup(config_for(checkpoint)).notes)
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps(list(range(0, 1437, 10))))
+    assert not any("held-out fraction and seed" in n for n in setup(config_for(bare, **{"data.heldout": str(split)})).notes)
+
+
+def test_split_file_is_the_heldout_split_and_leaves_the_train_split(checkpoint, tmp_path):
+    """With `data.heldout` the held-out images are the listed ones, whatever the checkpoint records, and the
+    adaptive-BN calibration images (drawn from the train split) are none of them."""
+    held = list(range(0, 1437, 10))
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"heldout": held}))
+    problem = setup(config_for(_bare_checkpoint(checkpoint, tmp_path / "bare.pt"), **{"data.heldout": str(split)}))
+    assert problem.splits.heldout.indices == held
+    assert not set(problem.splits.train.indices) & set(held) and len(problem.splits.train) == 1437 - len(held)
+    full = load_data("digits", heldout_fraction=0.0).train_eval
+    x, _ = eval_batch(problem.splits, 64, split="heldout", seed=0)
+    assert torch.equal(problem.evaluator.x, x)
+    heldout_images = torch.stack([full[i][0] for i in held])
+    for image in problem.evaluator.calibration:
+        assert not (heldout_images == image).flatten(1).all(1).any()
+    splits = load_splits(config_for(checkpoint, **{"data.heldout": str(split)}), load_checkpoint(checkpoint))
+    assert splits.heldout.indices == held
+
+
+def test_image_folder_is_the_heldout_split_and_train_is_the_whole_training_set(checkpoint, tmp_path):
+    from PIL import Image
+
+    for label in range(10):
+        (tmp_path / "held" / str(label)).mkdir(parents=True)
+        Image.fromarray(np.full((8, 8), 16 * label, dtype=np.uint8)).save(tmp_path / "held" / str(label) / "a.png")
+    problem = setup(config_for(checkpoint, **{"data.heldout": str(tmp_path / "held")}))
+    assert len(problem.splits.heldout) == 10 and len(problem.splits.train) == 1437
+    assert problem.evaluator.x.shape == (10, 1, 8, 8) and problem.evaluator.y.tolist() == list(range(10))
+
+
+def test_bad_heldout_set_is_a_config_error_naming_the_key(checkpoint, tmp_path):
+    split = tmp_path / "split.json"
+    split.write_text("[3, 3]")
+    with pytest.raises(ConfigError, match=r"^data.heldout: split file .*split\.json: index 3 given more than once$"):
+        setup(config_for(checkpoint, **{"data.heldout": str(split)}))
+    with pytest.raises(ConfigError, match=r"^data.heldout: .*missing does not exist"):
+        setup(config_for(checkpoint, **{"data.heldout": str(tmp_path / "missing")}))
 
 
 def test_checkpoint_that_does_not_match_the_config_is_a_config_error(checkpoint, tmp_path):

@@ -19,6 +19,7 @@ from tiny_runs import candidate_sequence, tiny_search
 from entropy_search.config import load_config
 from entropy_search.errors import ConfigError, EntropySearchError
 from entropy_search.jsonio import read_jsonl
+from entropy_search.problem import load_checkpoint
 from entropy_search.rl.rundir import (
     CACHE_FILE,
     CANDIDATES_FILE,
@@ -55,11 +56,16 @@ def check_result(result: dict, config, out: Path) -> None:
     # top-k: distinct candidates, best first, the best of everything evaluated
     rewards = [t["reward"] for t in result["top_k"]]
     assert rewards == sorted(rewards, reverse=True)
-    assert result["best"]["reward"] == pytest.approx(max(c["reward"] for c in candidates))
-    best = result["best"]
+    assert result["agent"]["reward"] == pytest.approx(max(c["reward"] for c in candidates))
+    best = result["agent"]
     assert best["macs_ratio"] <= target + 1e-12 and best["analytic_macs_match"]
     assert 0 <= best["test_accuracy_before_finetune"] <= 1 and 0 <= best["test_accuracy_after_finetune"] <= 1
-    assert set(result["best_policy"]) == {g["name"] for g in result["groups"]}
+    assert set(result["agent_policy"]) == {g["name"] for g in result["groups"]}
+    # unprefixed: the delivered network, the one exported
+    delivered = result["delivered"]
+    assert delivered["label"] == result["selection"]["winner"] and result["policy"] == delivered["policy"]
+    assert load_checkpoint(out / "best_pruned.pt").keep == delivered["keep"]
+    assert "best" not in result and "best_policy" not in result
     # baselines under the same budget and the same number of evaluations
     uniform, random_ = result["baselines"]["uniform"], result["baselines"]["random"]
     assert uniform["best"]["macs_ratio"] <= target + 1e-12 and random_["best"]["macs_ratio"] <= target + 1e-12
@@ -71,7 +77,7 @@ def check_result(result: dict, config, out: Path) -> None:
     assert cost["candidates_per_second"] > 0 and cost["search_seconds"] > 0
     assert result["config"] == config.to_dict()
     assert load_config(out / CONFIG_FILE) == config
-    assert json.loads((out / RESULT_FILE).read_text())["best"]["kept_channels"] == best["kept_channels"]
+    assert json.loads((out / RESULT_FILE).read_text())["agent"]["kept_channels"] == best["kept_channels"]
     # how the reward ranks the distinct candidates against held-out accuracy (all digits candidates have both;
     # the correlation itself is checked on a hand-made case in test_result_proxy_is_the_rank_correlation...)
     assert result["proxy"]["candidates"] == len({tuple(c["kept_channels"]) for c in candidates})
@@ -156,7 +162,7 @@ def test_a_search_survives_candidates_whose_activations_are_not_finite(ray_local
     broken = [c for c in candidates if c.get("nonfinite")]
     assert broken, "the test model must produce some non-finite candidates"
     assert all(c["accuracy"] == 0.0 and c["feature_error"] == 1.0 for c in broken)
-    assert not result["best"].get("nonfinite") and result["delivered"] is not None
+    assert not result["agent"].get("nonfinite") and result["delivered"] is not None
 
 
 @pytest.mark.parametrize("runners", [0, pytest.param(2, marks=pytest.mark.slow)])
@@ -174,7 +180,7 @@ def test_sac_search(ray_local, checkpoint, tmp_path, runners):
     assert result["cost"]["iterations"] == 3 and len(candidates) >= 3 * 8
     assert all(c["reward"] == pytest.approx(c["accuracy"]) for c in candidates)
     assert all(c["macs_ratio"] <= 0.5 + 1e-12 for c in candidates)
-    assert result["best"]["reward"] == pytest.approx(max(c["reward"] for c in candidates))
+    assert result["agent"]["reward"] == pytest.approx(max(c["reward"] for c in candidates))
     if runners:
         assert len({c["worker"] for c in candidates}) == runners
 
@@ -227,7 +233,7 @@ def test_resume_after_interruption_keeps_checkpointed_candidates(ray_local, chec
     keys = {tuple(c["kept_channels"]) for c in after}
     assert all(tuple(c["kept_channels"]) in keys for c in checkpointed)
     assert len(result["history"]) == 4
-    assert result["best"]["reward"] >= max(c["reward"] for c in checkpointed)
+    assert result["agent"]["reward"] >= max(c["reward"] for c in checkpointed)
     # candidates evaluated before the interruption were not evaluated again
     resumed = [c for c in after[len(before):]]
     known = {tuple(c["kept_channels"]) for c in before}
@@ -236,8 +242,8 @@ def test_resume_after_interruption_keeps_checkpointed_candidates(ray_local, chec
         whole = run_search(load_config(config.to_dict(), {"output.dir": str(tmp_path / "whole")}), progress=False)
 
         assert candidate_sequence(out) == candidate_sequence(tmp_path / "whole")
-        assert result["best"]["kept_channels"] == whole["best"]["kept_channels"]
-        assert result["best"]["reward"] == whole["best"]["reward"]
+        assert result["agent"]["kept_channels"] == whole["agent"]["kept_channels"]
+        assert result["agent"]["reward"] == whole["agent"]["reward"]
 
 
 def test_unreachable_target_fails_before_ray_starts(checkpoint, tmp_path):
@@ -353,16 +359,16 @@ def test_result_proxy_is_the_rank_correlation_of_the_candidates(checkpoint, tmp_
     # the top-k by reward, finalised; the best exported and its policy named by group
     assert [t["rank"] for t in result["top_k"]] == [1, 2] and [t["reward"] for t in result["top_k"]] == [0.9, 0.8]
     best = state.best
-    assert result["best"]["kept_channels"] == best["kept_channels"] and result["best"]["heldout_accuracy"] == 0.9
-    assert result["best_policy"] == policy_of(problem.space, best)
-    assert list(result["best_policy"]) == [g.name for g in problem.space.groups]
-    assert result["best"]["analytic_macs_match"]
-    # without the final stage the agent's best is delivered (and exported)
+    assert result["agent"]["kept_channels"] == best["kept_channels"] and result["agent"]["heldout_accuracy"] == 0.9
+    assert result["agent_policy"] == policy_of(problem.space, best)
+    assert list(result["agent_policy"]) == [g.name for g in problem.space.groups]
+    assert result["agent"]["analytic_macs_match"]
+    # without the final stage the agent's pick is delivered (and exported)
     assert result["selection"]["winner"] == "top1" and result["selection"]["rungs"] == []
-    assert result["delivered"] == result["best"]
+    assert result["delivered"] == result["agent"] and result["policy"] == result["agent_policy"]
     assert result["files"]["pytorch"] == str(tmp_path / "finish" / "best_pruned.pt")
     agent = {"reward": 0.9, "macs_ratio": best["macs_ratio"], "heldout_accuracy": 0.9,
-             "test_accuracy_after_finetune": result["best"]["test_accuracy_after_finetune"]}
+             "test_accuracy_after_finetune": result["agent"]["test_accuracy_after_finetune"]}
     assert result["baselines"] == {} and result["comparison"] == {"delivered": {**agent, "label": "top1"},
                                                                   "agent": agent}
     assert result["cost"]["iterations"] == 1 and result["cost"]["evaluations"] == 4

@@ -21,10 +21,13 @@ import yaml
 from tiny_runs import tiny_sweep
 
 from entropy_search import load_model
+from entropy_search.data import load_data
 from entropy_search.errors import ConfigError
 from entropy_search.jsonio import read_jsonl
+from entropy_search.problem import count_macs, load_checkpoint
 from entropy_search.summary import flatten, read_candidate_table
 from entropy_search.sweep import load_sweep_config, run_sweep
+from entropy_search.train import evaluate
 
 ray = pytest.importorskip("ray")
 mlflow = pytest.importorskip("mlflow")
@@ -43,6 +46,29 @@ pytestmark = pytest.mark.usefixtures("no_default_store")
 
 def child_runs(store: str, result: dict) -> list:
     return tracking.trial_runs(tracking.client(store), result["experiment_id"], result["parent_run_id"])
+
+
+def check_logged_model(mlclient, experiment_id: str, run, out: Path, res: dict, baseline: Path) -> None:
+    """The trial's logged model is the delivered network (`best_pruned.pt`: same outputs), and its params, its
+    metric and the run's unprefixed metrics are that network's own figures, measured here again: its MACs
+    counted, its channels read off its layers, its test accuracy evaluated."""
+    run_id, metrics = run.info.run_id, run.data.metrics
+    (logged,) = mlclient.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    model = mlflow.pytorch.load_model(logged.artifact_location)  # a torch.export program: batch-dynamic
+    delivered = load_model(out / "best_pruned.pt")
+    x = torch.randn(4, 1, 8, 8)
+    torch.testing.assert_close(model(x), delivered(x))
+    example = load_checkpoint(baseline).example_input()
+    macs = count_macs(delivered, example)
+    kept = [delivered.get_submodule(g["name"]).out_channels for g in res["groups"]]
+    accuracy = evaluate(delivered, load_data("digits").test)
+    assert logged.params["delivered"] == run.data.tags[tracking.DELIVERED_TAG] == res["delivered"]["label"]
+    assert int(logged.params["macs"]) == macs == metrics["macs"]
+    assert float(logged.params["macs_ratio"]) == pytest.approx(macs / count_macs(load_model(baseline), example))
+    assert float(logged.params["macs_ratio"]) == pytest.approx(metrics["macs_ratio"])
+    assert json.loads(logged.params["kept_channels"]) == kept
+    (metric,) = [m for m in logged.metrics if m.key == "model_test_accuracy"]
+    assert metric.value == pytest.approx(accuracy) == pytest.approx(metrics["test_accuracy"])
 
 
 def test_two_trial_sweep_is_tracked_and_consistent_with_its_results(ray_local, checkpoint, store, tmp_path):
@@ -83,24 +109,24 @@ def test_two_trial_sweep_is_tracked_and_consistent_with_its_results(ray_local, c
         best_row = max(rows, key=lambda r: r["reward"])
         assert data.metrics["best_macs_ratio"] == pytest.approx(best_row["macs_ratio"])
         assert data.metrics["best_params_ratio"] == pytest.approx(best_row["params_ratio"])
-        assert data.metrics["best_reward"] == pytest.approx(best_row["reward"]) == pytest.approx(data.metrics["reward"])
-        assert best_row["kept_channels"] == res["best"]["kept_channels"]
-        # final metrics = the result file
-        assert data.metrics["macs_ratio"] == pytest.approx(res["best"]["macs_ratio"])
-        assert data.metrics["test_accuracy"] == pytest.approx(res["best"]["test_accuracy_after_finetune"])
+        assert data.metrics["best_reward"] == pytest.approx(best_row["reward"]) == pytest.approx(
+            data.metrics["agent_reward"])
+        assert best_row["kept_channels"] == res["agent"]["kept_channels"]
+        # final metrics = the result file: unprefixed the delivered network's, agent_* the agent's own pick's
+        delivered = res["delivered"]
+        assert data.tags[tracking.DELIVERED_TAG] == delivered["label"] == res["selection"]["winner"]
+        assert data.metrics["macs_ratio"] == pytest.approx(delivered["macs_ratio"])
+        assert data.metrics["test_accuracy"] == pytest.approx(delivered["test_accuracy_after_finetune"])
+        assert data.metrics["agent_macs_ratio"] == pytest.approx(res["agent"]["macs_ratio"])
+        assert data.metrics["agent_test_accuracy"] == pytest.approx(res["agent"]["test_accuracy_after_finetune"])
         assert data.metrics["uniform_test_accuracy"] == pytest.approx(
             res["baselines"]["uniform"]["final"]["test_accuracy_after_finetune"])
-        policy = json.loads(Path(mlclient.download_artifacts(run_id, "best_policy.json", str(dl))).read_text())
-        assert policy["policy"] == res["best_policy"]
-        assert {"candidates.csv", "best_policy.json", "scatter.png", "search"} <= {
+        policy = json.loads(Path(mlclient.download_artifacts(run_id, "policy.json", str(dl))).read_text())
+        assert policy["policy"] == res["policy"] == delivered["policy"] and policy["delivered"] == delivered["label"]
+        assert policy["agent"]["policy"] == res["agent_policy"]
+        assert {"candidates.csv", "policy.json", "scatter.png", "search"} <= {
             a.path for a in mlclient.list_artifacts(run_id)}
-        # the pruned, fine-tuned model, with its signature; it computes what the exported file computes
-        models = mlclient.search_logged_models([result["experiment_id"]], filter_string=f"source_run_id = '{run_id}'")
-        assert len(models) == 1
-        loaded = mlflow.pytorch.load_model(models[0].artifact_location)  # a torch.export program: batch-dynamic
-        exported = load_model(out / "best_pruned.pt")
-        x = torch.randn(4, 1, 8, 8)
-        torch.testing.assert_close(loaded(x), exported(x))
+        check_logged_model(mlclient, result["experiment_id"], run, out, res, checkpoint)
 
     # the printed/logged summary comes from MLflow and matches the runs
     assert len(result["rows"]) == 2 and all(r["status"] == "FINISHED" for r in result["rows"])

@@ -50,12 +50,19 @@ def fake_search(tmp_path_factory) -> tuple[dict, Path]:
              "macs": best["macs"], "params": best["params"], "entropy": best["entropy"],
              "heldout_accuracy": best["accuracy"], "test_accuracy_before_finetune": 0.7,
              "test_accuracy_after_finetune": 0.8, "kept_channels": best["kept_channels"], "keep": best["keep"],
-             "policy": {"conv1": 0.5, "conv2": 1.0}}
+             "policy": {"conv1": 0.5, "conv2": 1.0}, "label": "top1"}
+    uniform = records[3]  # the final stage delivered uniform pruning, not the agent's pick
+    delivered = {"label": "uniform", "reward": -0.9, "macs_ratio": uniform["macs_ratio"],
+                 "params_ratio": uniform["params_ratio"], "macs": uniform["macs"], "params": uniform["params"],
+                 "heldout_accuracy": uniform["accuracy"], "test_accuracy_before_finetune": 0.6,
+                 "test_accuracy_after_finetune": 0.75, "kept_channels": uniform["kept_channels"],
+                 "keep": uniform["keep"], "policy": {"conv1": 0.6, "conv2": 0.6}}
     result = {
         "config": config.to_dict(),
         "groups": [{"name": "conv1"}, {"name": "conv2"}],
         "base": {"macs": 2000, "params": 1000, "test_accuracy": 0.9, "heldout_accuracy": 0.91, "entropy": 2.0},
-        "best_policy": final["policy"], "best": final, "top_k": [final],
+        "policy": delivered["policy"], "delivered": delivered, "agent_policy": final["policy"], "agent": final,
+        "top_k": [final],
         "baselines": {
             "uniform": {"best": {**records[3], "reward": -0.9}, "final": {"test_accuracy_after_finetune": 0.75},
                         "evaluations": 1},
@@ -112,20 +119,28 @@ def test_trial_run_is_found_again_and_logs_everything(store, fake_search):
     history = mlclient.get_metric_history(run_id, "best_macs_ratio")
     assert [m.step for m in history] == [1, 2, 3]
     assert "reward_mean" not in got.data.metrics  # NaN is not logged
-    assert got.data.metrics["test_accuracy"] == pytest.approx(0.8) == final["test_accuracy"]
+    # unprefixed: the delivered network (uniform pruning here); the agent's own pick under agent_*
+    assert got.data.tags[tracking.DELIVERED_TAG] == "uniform"
+    assert got.data.metrics["test_accuracy"] == pytest.approx(0.75) == final["test_accuracy"]
     assert got.data.metrics["uniform_test_accuracy"] == pytest.approx(0.75)
+    assert got.data.metrics["agent_test_accuracy"] == pytest.approx(0.8)
+    assert got.data.metrics["macs_ratio"] == pytest.approx(result["delivered"]["macs_ratio"])
     artifacts = {a.path for a in mlclient.list_artifacts(run_id)}
-    assert {"candidates.csv", "best_policy.json", "scatter.png", "search"} <= artifacts
+    assert {"candidates.csv", "policy.json", "scatter.png", "search"} <= artifacts
     local = Path(mlclient.download_artifacts(run_id, "candidates.csv", str(out / "dl")))
     rows = read_candidate_table(local)
     assert len(rows) == 12 and rows[0]["kept_channels"] == [8, 16] and rows[11]["cache_hit"] is True
     best_row = max(rows, key=lambda r: r["reward"])
-    assert best_row["macs_ratio"] == pytest.approx(got.data.metrics["macs_ratio"])
-    policy = json.loads(Path(mlclient.download_artifacts(run_id, "best_policy.json", str(out / "dl"))).read_text())
-    assert policy["policy"] == result["best_policy"] and policy["macs_ratio"] == best_row["macs_ratio"]
+    assert best_row["macs_ratio"] == pytest.approx(got.data.metrics["agent_macs_ratio"])
+    policy = json.loads(Path(mlclient.download_artifacts(run_id, "policy.json", str(out / "dl"))).read_text())
+    assert policy["policy"] == result["policy"] and policy["delivered"] == "uniform"
+    assert policy["agent"]["policy"] == result["agent_policy"] and policy["agent"]["macs_ratio"] == best_row["macs_ratio"]
     # the model: logged with mlflow.pytorch, an input example and a signature, loadable, same outputs
     models = mlclient.search_logged_models([exp], filter_string=f"source_run_id = '{run_id}'")
     assert len(models) == 1
+    assert models[0].params["delivered"] == "uniform"
+    assert float(models[0].params["macs_ratio"]) == pytest.approx(result["delivered"]["macs_ratio"])
+    assert [m.value for m in models[0].metrics if m.key == "model_test_accuracy"] == [pytest.approx(0.75)]
     loaded = mlflow.pytorch.load_model(models[0].artifact_location)
     x = torch.randn(3, 1, 8, 8)
     torch.testing.assert_close(loaded(x), load_model(out / "best_pruned.pt")(x))
@@ -174,7 +189,9 @@ def test_sweep_experiment_opens_as_model_training_with_its_trials_view_and_story
     key = tracking.SHARED_VIEW_PREFIX + tracking.sweep_view_key(parent)
     view = json.loads(mlclient.get_experiment(exp).tags[key])
     assert view["searchFilter"] == f"tags.`mlflow.parentRunId` = '{parent}'"
-    assert view["selectedColumns"][:2] == ["metrics.`macs_ratio`", "metrics.`test_accuracy`"]
+    # the delivered network first: which finalist, its MACs ratio, its test accuracy
+    assert view["selectedColumns"][:3] == [f"tags.`{tracking.DELIVERED_TAG}`", "metrics.`macs_ratio`",
+                                           "metrics.`test_accuracy`"]
     scatter = view["compareRunCharts"][0]
     assert scatter["type"] == "SCATTER" and (scatter["xaxis"]["key"], scatter["yaxis"]["key"]) == (
         "macs_ratio", "test_accuracy")

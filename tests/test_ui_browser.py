@@ -78,8 +78,9 @@ def sweep(ray_local, store, tmp_path_factory, train_digits_checkpoint) -> dict:
     result = run_sweep(load_sweep_config(config), verbose=0)
     assert result["status"] == "FINISHED" and result["failed"] == 0
     mlclient = tracking.client(store)
-    result["trial_runs"] = {r.info.run_name: r.info.run_id
-                            for r in tracking.trial_runs(mlclient, result["experiment_id"], result["parent_run_id"])}
+    runs = tracking.trial_runs(mlclient, result["experiment_id"], result["parent_run_id"])
+    result["trial_runs"] = {r.info.run_name: r.info.run_id for r in runs}
+    result["delivered"] = {r.data.tags[tracking.DELIVERED_TAG] for r in runs}
     assert len(result["trial_runs"]) == 2
     return result
 
@@ -177,6 +178,11 @@ def test_ui_shows_the_sweep_its_trials_charts_and_plot(browser, sweep, ui, shots
     _wait(browser, lambda c: all(name in _text(c) for name in trials), "the sweep's trial runs")
     _wait(browser, lambda c: "test_accuracy" in _text(c) and "macs_ratio" in _text(c), "the metric columns")
     text = _text(browser)
+    # the delivered network's columns first: which finalist it is, then its MACs ratio and test accuracy; the
+    # agent's own pick after them
+    header = text[text.index("entropy_sear"):]
+    assert header.index("macs_ratio") < header.index("test_accuracy") < header.index("agent_macs"), header[:300]
+    assert all(label in text for label in sweep["delivered"]), (sweep["delivered"], text[:2000])
     assert experiment in text and "Model training" in text
     for genai in ("Detect Issues", "No data available", "Training runs"):
         assert genai not in text, f"the GenAI overview shows ({genai!r})"

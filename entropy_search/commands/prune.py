@@ -20,6 +20,7 @@ from ..problem import (
     save_checkpoint,
     uniform_counts,
 )
+from ..summary import delivered_policy
 from ..train import evaluate
 from ..utils import resolve_device, seed_everything
 
@@ -35,7 +36,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Prune a checkpoint physically (Torch-Pruning removes the channels), fine-tune it and "
         "report MACs/params and test accuracy before and after. Give exactly one of --flops-target "
         "(uniform ratio meeting the target; the default, 0.5), --keep (one ratio for every group) or "
-        "--policy (a JSON file: a list of keep ratios, or a search result with 'best_policy').",
+        "--policy (a JSON file: a list of keep ratios, a search's result.json or its policy.json: the delivered "
+        "network's policy).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("checkpoint", help="a checkpoint written by `entropy-search train`")
@@ -64,8 +66,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def read_policy(path: str | Path, group_names: list[str] | None = None) -> list[float]:
-    """Keep ratios from a JSON list, {"keep": [...]}, a search result (the delivered network's policy, else the
-    agent's best: {group name: ratio}) or such a mapping itself (then `group_names` gives the order)."""
+    """Keep ratios from a JSON list, {"keep": [...]}, a search's result.json or policy.json (the delivered
+    network's policy, {group name: ratio}) or such a mapping itself (then `group_names` gives the order)."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -74,7 +76,8 @@ def read_policy(path: str | Path, group_names: list[str] | None = None) -> list[
     except (OSError, json.JSONDecodeError) as exc:
         raise EntropySearchError(f"policy file {path} is not valid JSON: {exc}") from None
     if isinstance(data, dict):
-        data = data.get("delivered_policy") or data.get("best_policy", data)
+        if data.keys() & {"policy", "delivered", "delivered_policy", "best", "best_policy"}:  # a search's result
+            data = delivered_policy(data)
         data = data.get("keep", data) if isinstance(data, dict) else data
     if isinstance(data, dict) and group_names is not None:
         missing = [name for name in group_names if name not in data]

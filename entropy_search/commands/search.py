@@ -16,6 +16,7 @@ import yaml
 from ..config import load_config, schema_reference
 from ..errors import ConfigError
 from ..problem import LABEL_FREE_REWARDS
+from ..summary import delivered_network, delivered_policy
 
 #: What `--smoke` overrides: a tiny run (seconds of search) that exercises every stage.
 SMOKE_OVERRIDES = {
@@ -112,8 +113,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def summary(result: dict) -> str:
-    """A few lines for the terminal: the best candidate against the baselines, and the cost."""
-    cfg, base, best, cost = result["config"], result["base"], result.get("best") or {}, result["cost"]
+    """A few lines for the terminal: the delivered network next to the agent's own pick and the baselines, why it
+    was delivered, and the cost."""
+    cfg, base, delivered, cost = result["config"], result["base"], delivered_network(result), result["cost"]
     target = cfg["search"]["flops_target"]
 
     def pct(x):
@@ -137,11 +139,12 @@ def summary(result: dict) -> str:
         macs = "-" if row.get("macs_ratio") is None else f"{row['macs_ratio']:.3f}"
         lines.append(f"{name:10} {reward:>10} {macs:>7} {pct(row.get('heldout_accuracy')):>9} "
                      f"{pct(row.get('test_accuracy_after_finetune')):>8}")
-    if best:
-        policy = ", ".join(f"{k}={v:.2f}" for k, v in (result.get("best_policy") or {}).items())
-        lines.append(f"best policy: {policy}")
-        lines.append(f"best: test {pct(best['test_accuracy_before_finetune'])} before fine-tune, "
-                     f"{pct(best['test_accuracy_after_finetune'])} after")
+    if delivered:
+        policy = ", ".join(f"{k}={v:.2f}" for k, v in (delivered_policy(result) or {}).items())
+        lines.append(f"delivered ({delivered.get('label')}, best_pruned.pt): MACs {delivered['macs_ratio']:.3f}, "
+                     f"test {pct(delivered['test_accuracy_before_finetune'])} before fine-tune, "
+                     f"{pct(delivered['test_accuracy_after_finetune'])} after")
+        lines.append(f"delivered policy: {policy}")
     lines.extend(proxy_lines(result.get("proxy") or {}, cfg["search"]["reward"]))
     lines.extend(selection_lines(result.get("selection")))
     lines.extend(latency_lines(result.get("latency")))

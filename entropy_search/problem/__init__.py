@@ -23,7 +23,7 @@ from .rewards import (
     compute_reward,
     proxy_agreement,
 )
-from .selection import guarded_choice, guarded_winner, paired_p_value, successive_halving
+from .selection import finalist_records, guarded_choice, guarded_winner, paired_p_value, successive_halving
 from .setup import Network, Problem, ensure_checkpoint, load_network, load_splits, setup, train_baseline
 from .space import ChannelGroup, PruningSpace
 
@@ -53,6 +53,7 @@ __all__ = [
     "ensure_checkpoint",
     "export",
     "export_onnx",
+    "finalist_records",
     "finalize",
     "load_checkpoint",
     "load_model",

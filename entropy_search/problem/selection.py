@@ -29,6 +29,19 @@ from .adaptive_bn import recalibrate_batchnorm
 from .space import PruningSpace
 
 
+def finalist_records(uniform: dict | None, top_k: Sequence[dict], random: dict | None) -> dict[str, dict]:
+    """The final stage's finalists, {label: candidate record}, in the order of preference that settles ties: the
+    uniform candidate (the known-safe choice; None when the final stage is off), the agent's top-k (`top1`, ...)
+    and random search's best. A network (its kept channels) that two of them share enters once, under the
+    first label."""
+    finalists: dict[tuple[int, ...], tuple[str, dict]] = {}
+    ranked = [("uniform", uniform), *((f"top{rank + 1}", r) for rank, r in enumerate(top_k)), ("random", random)]
+    for label, record in ranked:
+        if record is not None:
+            finalists.setdefault(tuple(record["kept_channels"]), (label, record))
+    return {label: record for label, record in finalists.values()}
+
+
 def successive_halving(
     space: PruningSpace,
     splits: DataSplits,

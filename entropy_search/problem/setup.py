@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..config import SearchConfig
-from ..data import DataSplits, eval_batch, load_data
+from ..data import DataSplits, eval_batch, load_data, with_heldout
 from ..errors import CheckpointError, ConfigError
 from ..latency import device_name
 from ..models import create_model, model_spec
@@ -75,16 +75,41 @@ def load_network(config: SearchConfig) -> Network:
 
 def load_splits(config: SearchConfig, ckpt: Checkpoint) -> DataSplits:
     """The data of the search, with the held-out split drawn by the checkpoint's own seed and fraction, so it
-    is the part of the training set the baseline never trained on."""
+    is the part of the training set the baseline never trained on; or, with `data.heldout`, the held-out split
+    that it gives (a split file's training images then leave the train split)."""
     trained = ckpt.config or {}
+    given = config.data.heldout
     splits = load_data(
         config.data.name, config.data.root,
-        heldout_fraction=float(trained.get("heldout_fraction", config.data.heldout_fraction)),
+        heldout_fraction=0.0 if given else float(trained.get("heldout_fraction", config.data.heldout_fraction)),
         seed=int(trained.get("seed", config.seed)),
     )
     if ckpt.data and splits.name != ckpt.data:
         raise ConfigError(f"data.name: {config.data.name!r}, but checkpoint {ckpt.path} was trained on {ckpt.data!r}")
+    if given:
+        try:
+            splits = with_heldout(splits, given)
+        except ConfigError as exc:
+            raise ConfigError(f"data.heldout: {exc}") from None
     return splits
+
+
+def records_its_split(ckpt: Checkpoint) -> bool:
+    """Whether the checkpoint records the held-out fraction and seed it was trained with (`train_baseline`'s do),
+    so that the held-out split drawn with them is data it never trained on."""
+    return {"heldout_fraction", "seed"} <= set(ckpt.config or {})
+
+
+def unrecorded_split_note(config: SearchConfig, ckpt: Checkpoint, splits: DataSplits) -> str | None:
+    """What to tell the user when the held-out images may have been seen in training: the checkpoint does not
+    record its split and no `data.heldout` is given."""
+    if config.data.heldout or records_its_split(ckpt):
+        return None
+    return (f"checkpoint {ckpt.path} does not record the held-out fraction and seed it was trained with (it was not "
+            f"trained by entropy-search), so the held-out split ({len(splits.heldout)} images drawn from the "
+            f"training set of {splits.name}) may hold images it trained on: held-out accuracy and the final stage's "
+            "choice may be optimistic; give images it never trained on as data.heldout (a JSON file of training-set "
+            "indices, or a folder of images with one subfolder per class)")
 
 
 def build_budget(space: PruningSpace, config: SearchConfig) -> Budget:
@@ -158,6 +183,8 @@ def setup(config: SearchConfig) -> Problem:
         evaluator = make_evaluator(network.model, space, splits, config)
     cache = CandidateCache(space, evaluator, config.search.reward, enabled=config.search.cache)
     notes = []
+    if splits is not None and (note := unrecorded_split_note(config, network.checkpoint, splits)):
+        notes.append(note)
     if budget.kind == "latency":
         table = budget.cost
         how = f"measured {table.measured} networks" if table.measured else "read"
