@@ -521,7 +521,10 @@ def _few(values: list[int], shown: int = 5) -> str:
 def heldout_folder(path: Path, splits: DataSplits) -> ImageFiles:
     """The images of `path/<class>/*`, labelled with the data set's classes and read with its evaluation
     transform."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset  # deferred, as every torchvision loader here
+    from torchvision.datasets.folder import (  # deferred, as every torchvision loader here
+        IMG_EXTENSIONS,
+        make_dataset,
+    )
 
     if splits.eval_transform is None:
         raise ConfigError(f"data set {splits.name} cannot read image files; give a split file instead of {path}")

@@ -1,15 +1,21 @@
 """Training, fine-tuning and top-1 evaluation: SGD with a cosine schedule, seeded.
 
 On CUDA the model runs channels-last under bf16 autocast; on the CPU it runs in plain fp32, so the
-same seed gives the same weights. Models are left in eval mode.
+same seed gives the same weights. Models are left in eval mode. A training given a state file writes its
+whole state there after every epoch and can resume from it (`train(state_file=..., resume=True)`).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import random
+import time
+from collections.abc import Mapping
 from contextlib import nullcontext
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
@@ -17,9 +23,12 @@ from tqdm.auto import tqdm
 
 from .data import ArrayDataset
 from .errors import ConfigError
-from .utils import resolve_device, seed_everything
+from .utils import resolve_device, seed_everything, torch_save_atomically
 
 EvalData = Dataset | tuple[torch.Tensor, torch.Tensor]
+
+#: The format tag of a training state file.
+STATE_FORMAT = "entropy-search-training-state"
 
 
 def train(
@@ -36,10 +45,20 @@ def train(
     progress: bool = True,
     desc: str = "train",
     num_workers: int | None = None,
+    state_file: str | os.PathLike | None = None,
+    resume: bool = False,
+    run_key: Mapping | None = None,
 ) -> list[dict]:
-    """Train `model` on `dataset` for `epochs` epochs; return one {epoch, loss, acc, lr} dict per epoch.
+    """Train `model` on `dataset` for `epochs` epochs; return one {epoch, loss, acc, lr, seconds} dict per epoch.
 
     `num_workers` defaults to 0 for in-memory data and to a few loader processes for image files.
+
+    With `state_file`, the whole training state (weights, optimizer, schedule, the random generators of the
+    shuffling, the augmentation and the loader's workers, the history) is written there atomically after every
+    epoch; with `resume` too, a training that finds one there continues after its last epoch and ends with the
+    weights an uninterrupted run of the same arguments ends with (on the CPU; on CUDA as far as its kernels are
+    deterministic). `run_key` is what else the state must have been saved with (the model, the data); a state
+    of another run is a ConfigError. Without a state there, `resume` starts from the first epoch.
     """
     if epochs < 0:
         raise ConfigError(f"epochs must be 0 or more, got {epochs}")
@@ -57,22 +76,31 @@ def train(
         model.eval()
         return []
     workers = _workers(dataset, num_workers)
+    generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=True,
         drop_last=len(dataset) % batch_size == 1,  # a batch of one breaks BatchNorm
-        generator=torch.Generator().manual_seed(seed),
+        generator=generator,
         num_workers=workers,
-        persistent_workers=workers > 0,
+        # a resumable training draws its workers' seeds afresh every epoch from `generator`, which its state holds
+        persistent_workers=workers > 0 and state_file is None,
         pin_memory=dev.type == "cuda",
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * len(loader))
     loss_fn = nn.CrossEntropyLoss()
     history: list[dict] = []
-    bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress, dynamic_ncols=True)
+    key = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay, "momentum": momentum,
+           "seed": seed, "images": len(dataset), **(run_key or {})}
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    if state_file is not None and resume and Path(state_file).exists():
+        history = restore_training_state(state_file, key, parts, generator)
+    bar = tqdm(range(len(history), epochs), desc=desc, unit="epoch", disable=not progress, dynamic_ncols=True,
+               initial=len(history), total=epochs)
     for epoch in bar:
+        t0 = time.perf_counter()
         model.train()
         total_loss = torch.zeros((), device=dev)
         correct = torch.zeros((), dtype=torch.long, device=dev)
@@ -95,14 +123,73 @@ def train(
             "loss": total_loss.item() / seen,
             "acc": correct.item() / seen,
             "lr": current_lr,
+            "seconds": time.perf_counter() - t0,
         }
         if not math.isfinite(record["loss"]):
             model.eval()
             raise ConfigError(f"training diverged at epoch {epoch + 1} (loss {record['loss']}); lower the learning rate")
         history.append(record)
+        if state_file is not None:
+            save_training_state(state_file, key, history, parts, generator)
         bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['acc']:.3f}")
     model.eval()
     return history
+
+
+def save_training_state(path: str | os.PathLike, key: Mapping, history: list[dict], parts: Mapping,
+                        generator: torch.Generator) -> None:
+    """Everything a training needs to go on after `history`'s last epoch, written atomically to `path`: the
+    weights, optimizer and schedule (`parts`), the loader's `generator` and the process's random generators."""
+    numpy_state = np.random.get_state()
+    state = {
+        "format": STATE_FORMAT,
+        "key": dict(key),
+        "history": history,
+        **{name: part.state_dict() for name, part in parts.items()},
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+        "python_rng": random.getstate(),
+    }
+    try:
+        torch_save_atomically(state, path)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the training state {path}: {exc}") from None
+
+
+def read_training_state(path: str | os.PathLike) -> dict:
+    """A training state file (`save_training_state`); ConfigError when it is none or is unreadable."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated, foreign or unreadable: one message
+        raise ConfigError(f"training state {path} is unreadable ({str(exc).splitlines()[0][:200]}); delete it to "
+                          "start the training again") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ConfigError(f"{path} is not an entropy-search training state")
+    return state
+
+
+def restore_training_state(path: str | os.PathLike, key: Mapping, parts: Mapping, generator: torch.Generator) -> list[dict]:
+    """Load the state at `path` into `parts` (weights, optimizer, schedule), the loader's `generator` and the
+    process's random generators; returns the history of the epochs it holds. ConfigError when it was saved by a
+    run with other arguments (`key`)."""
+    state = read_training_state(path)
+    differ = [f"{k}: {state['key'].get(k)!r} there, {v!r} here" for k, v in key.items() if state["key"].get(k) != v]
+    if differ:
+        raise ConfigError(f"training state {path} belongs to another training ({'; '.join(differ)}); give the same "
+                          "arguments to resume it, or delete it to start again")
+    for name, part in parts.items():
+        part.load_state_dict(state[name])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    kind, keys, *rest = state["numpy_rng"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    version, internal, gauss = state["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    return list(state["history"])
 
 
 def fine_tune(model: nn.Module, dataset: Dataset, *, epochs: int, lr: float = 0.01, desc: str = "fine-tune", **kw) -> list[dict]:

@@ -6,6 +6,7 @@ import os
 import platform
 import random
 import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,24 @@ def seed_everything(seed: int) -> torch.Generator:
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def torch_save_atomically(obj, path: str | os.PathLike) -> Path:
+    """`torch.save` to a temporary file next to `path`, synced, then renamed over it: a reader (or a process
+    killed meanwhile) finds the old file or the new one, never half of one. Raises OSError."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -6,11 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from entropy_search.data import eval_batch, load_data
+from entropy_search import train as training
+from entropy_search.data import ArrayDataset, eval_batch, load_data
 from entropy_search.errors import ConfigError
 from entropy_search.models import create_model
 from entropy_search.problem.checkpoint import build_model, load_checkpoint, save_checkpoint
-from entropy_search.train import evaluate, fine_tune, train
+from entropy_search.train import evaluate, fine_tune, save_training_state, train
 
 
 @pytest.fixture(autouse=True)
@@ -131,3 +132,39 @@ def test_threads_and_devices():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA is not available"):
             select_device("cuda")
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_training_resumed_from_its_state_ends_with_the_same_weights(tmp_path, monkeypatch, workers):
+    """Augmentation drawn in the main process (0 workers) or in a loader worker (CIFAR's path): a training that
+    resumes from the state of its second epoch ends with the weights of the run that went on. The CLI's real
+    kill is tests/test_cli_train.py. About 3 s."""
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (96, 3, 8, 8), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 10, (96,), generator=generator)
+    data = ArrayDataset(images, labels, [0.5] * 3, [0.25] * 3, augment=True, pad=2)
+    state = tmp_path / "state"
+    kept = []
+
+    def keep_second(path, key, history, parts, gen):
+        save_training_state(path, key, history, parts, gen)
+        if len(history) == 2:
+            kept.append(state.read_bytes())
+
+    def run(resume: bool) -> tuple[nn.Module, list[dict]]:
+        torch.manual_seed(0)
+        model = create_model("digits_cnn", width=8, in_channels=3)
+        history = train(model, data, epochs=4, batch_size=32, progress=False, device="cpu", num_workers=workers,
+                        state_file=state, resume=resume, run_key={"data": "random"})
+        return model, history
+
+    monkeypatch.setattr(training, "save_training_state", keep_second)
+    whole, whole_history = run(resume=False)
+    monkeypatch.undo()
+    state.write_bytes(kept[0])
+    resumed, history = run(resume=True)
+    assert [r["loss"] for r in history] == [r["loss"] for r in whole_history]
+    assert all(torch.equal(a, b) for a, b in zip(_state(whole).values(), _state(resumed).values(), strict=True))
+    with pytest.raises(ConfigError, match="belongs to another training.*data: 'random' there, 'other' here"):
+        train(create_model("digits_cnn", width=8, in_channels=3), data, epochs=4, batch_size=32, progress=False,
+              device="cpu", num_workers=workers, state_file=state, resume=True, run_key={"data": "other"})

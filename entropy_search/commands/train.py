@@ -1,6 +1,7 @@
 """`entropy-search train`: train a baseline network on a data set and save it as a checkpoint.
 
-With no arguments it trains the digits CNN on scikit-learn's digits (offline, CPU, seconds).
+With no arguments it trains the digits CNN on scikit-learn's digits (offline, CPU, seconds). The training state
+is saved after every epoch; `--resume` continues a killed training where it stopped.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="extra keyword argument for the model factory (repeatable)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: 1 for tiny inputs such as 8x8 digits, else torch's choice)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted training of --out from its state file (<out>.state, written "
+                        "after every epoch), to the weights an uninterrupted run of the same arguments ends with")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
     return parser
@@ -72,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         args.out, model=args.model, data=args.data, epochs=args.epochs, data_root=args.data_root,
         heldout_fraction=args.heldout_fraction, seed=args.seed, model_kwargs=parse_model_args(args.model_arg, args.width),
         device=args.device, threads=args.threads, download=args.download, image_size=args.image_size,
-        progress=not args.no_progress, train_options=train_options,
+        progress=not args.no_progress, train_options=train_options, resume=args.resume,
     )
     heldout = f", held-out {100 * metrics['heldout_acc']:.2f}%" if "heldout_acc" in metrics else ""
     print(f"test accuracy: {100 * metrics['test_acc']:.2f}%{heldout} ({metrics['train_seconds']:.1f} s) -> saved {path}")

@@ -8,7 +8,6 @@ Python values and loading one never runs code from it.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from torch import nn
 from ..errors import CheckpointError, EntropySearchError
 from ..jsonio import plain
 from ..models import create_model
-from ..utils import environment_info
+from ..utils import environment_info, torch_save_atomically
 from .space import PruningSpace
 
 FORMAT = "entropy-search-checkpoint"
@@ -87,22 +86,9 @@ def save_checkpoint(
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
     }
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        return torch_save_atomically(payload, path)
     except OSError as exc:
         raise CheckpointError(f"cannot write checkpoint {path}: {exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise CheckpointError(f"cannot write checkpoint {path}: {exc}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:

@@ -9,7 +9,6 @@ benchmarks call; `train_baseline` is the one way a baseline network is trained a
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from ..data import DataSplits, eval_batch, load_data, with_heldout
 from ..errors import CheckpointError, ConfigError
 from ..latency import device_name
 from ..models import create_model, model_spec
-from ..train import configure_threads, evaluate, select_device, train
+from ..train import configure_threads, evaluate, read_training_state, select_device, train
 from ..utils import resolve_device, seed_everything
 from .budget import Budget, MacsForm, count_options
 from .checkpoint import Checkpoint, build_model, load_checkpoint, save_checkpoint
@@ -214,10 +213,16 @@ def train_baseline(
     progress: bool = True,
     train_options: dict[str, Any] | None = None,
     extra_config: dict[str, Any] | None = None,
+    resume: bool = False,
 ) -> tuple[Path, dict]:
     """Train `model` on the train split of `data` (a `heldout_fraction` of it held out, chosen by `seed`) and
     save it as a checkpoint at `out`; returns (path, metrics). The initial weights are seeded too, so the
-    same arguments give the same baseline. `train_options` go to `train` (lr, batch_size, ...)."""
+    same arguments give the same baseline. `train_options` go to `train` (lr, batch_size, ...).
+
+    The training state is written after every epoch to `training_state_path(out)`, which is removed once the
+    checkpoint is saved; `resume` continues an interrupted training from it, to the weights an uninterrupted
+    run ends with (same device and threads). Without `resume`, an interrupted training found there is a
+    ConfigError rather than lost."""
     model_spec(model)  # a bad name fails before any data is loaded
     out = Path(out)
     if out.is_dir():
@@ -225,6 +230,11 @@ def train_baseline(
     existing = next(p for p in [out.absolute().parent, *out.absolute().parents] if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK):
         raise ConfigError(f"cannot write checkpoint {out}: {existing} is not a writable folder")
+    state = training_state_path(out)
+    if state.exists() and not resume:
+        done = len(read_training_state(state)["history"])
+        raise ConfigError(f"{state} holds an interrupted training of {out} ({done} epochs done): continue it with "
+                          "--resume, or delete that file to start again")
     model_kwargs = dict(model_kwargs or {})
     dev = str(select_device(device))
     splits = load_data(data, data_root, heldout_fraction=heldout_fraction, seed=seed, download=download,
@@ -237,12 +247,14 @@ def train_baseline(
         raise ConfigError(f"model {model!r} does not accept {model_kwargs}: {exc}") from None
     print(f"training {model} on {splits.name} ({len(splits.train)} train / {len(splits.heldout)} held-out / "
           f"{len(splits.test)} test images) for {epochs} epochs on {dev}", flush=True)
-    start = time.perf_counter()
+    if state.exists():
+        print(f"resuming from {state}", flush=True)
+    run_key = {"model": model, "model_kwargs": model_kwargs, "data": splits.name, "heldout_fraction": heldout_fraction}
     history = train(net, splits.train, epochs=epochs, device=device, seed=seed, progress=progress,
-                    desc=f"baseline {model}", **(train_options or {}))
-    seconds = time.perf_counter() - start
-    metrics: dict[str, Any] = {"test_acc": evaluate(net, splits.test, device=device), "train_seconds": seconds,
-                               "epochs": epochs}
+                    desc=f"baseline {model}", state_file=state, resume=resume, run_key=run_key,
+                    **(train_options or {}))
+    metrics: dict[str, Any] = {"test_acc": evaluate(net, splits.test, device=device),
+                               "train_seconds": sum(r["seconds"] for r in history), "epochs": epochs}
     if len(splits.heldout):
         metrics["heldout_acc"] = evaluate(net, splits.heldout, device=device)
     if history:
@@ -252,7 +264,14 @@ def train_baseline(
     path = save_checkpoint(out, net, model_name=model, model_kwargs=model_kwargs, num_classes=splits.num_classes,
                            in_channels=splits.in_channels, image_size=splits.image_size, data=splits.name,
                            config=config, metrics=metrics)
+    state.unlink(missing_ok=True)  # the checkpoint holds the finished training
     return path, metrics
+
+
+def training_state_path(checkpoint: str | os.PathLike) -> Path:
+    """Where `train_baseline` keeps the state of the training of `checkpoint` until it is saved."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.name + ".state")
 
 
 def ensure_checkpoint(config: SearchConfig, *, progress: bool = True) -> Path:
@@ -269,5 +288,6 @@ def ensure_checkpoint(config: SearchConfig, *, progress: bool = True) -> Path:
           f"for {config.model.train_epochs} epochs", flush=True)
     train_baseline(path, model=config.model.name, data=config.data.name, data_root=config.data.root,
                    epochs=config.model.train_epochs, heldout_fraction=config.data.heldout_fraction, seed=config.seed,
-                   threads=torch.get_num_threads(), progress=progress, extra_config={"trained_by": "search"})
+                   threads=torch.get_num_threads(), progress=progress, extra_config={"trained_by": "search"},
+                   resume=True)  # a search killed while training its baseline continues it
     return path
