@@ -325,6 +325,9 @@ class BaselinesConfig(Section):
     finetune: bool = True
     """Fine-tune and test the baselines' best candidates like the agent's (for a fair comparison)."""
 
+    peers: list[Literal["tp_magnitude", "tp_taylor", "tp_isomorphic"]] = ["tp_magnitude", "tp_taylor", "tp_isomorphic"]
+    """Torch-Pruning's own recipes run as baselines next to uniform pruning and random search (what a user who runs no search would do; `entropy_search.problem.peers`): `tp_magnitude`, global pruning by L1 magnitude (GroupMagnitudeImportance(p=1)); `tp_taylor`, global pruning by first-order Taylor importance (GroupTaylorImportance, one backward pass on a fixed, seeded batch of `data.eval_batch` training images); `tp_isomorphic`, isomorphic pruning by L1 magnitude. Each is brought to the budget by bisecting Torch-Pruning's pruning ratio until the network's cost is within 3% below the target, fine-tuned like every finalist and judged by the final stage. [] runs none."""
+
 
 class FinetuneConfig(Section):
     """Fine-tuning of the top-k candidates once physically pruned."""

@@ -5,7 +5,8 @@
   baselines and the unpruned network marked, and the FLOPs target as a line.
 * `sweep_comparison`: one point per trial, the delivered network's FLOPs ratio versus its test accuracy
   after fine-tuning (left) and held-out accuracy at search time (middle), one colour per reward, the
-  mean per reward and target joined by a line, the uniform baseline for comparison; and, for the trials
+  mean per reward and target joined by a line, the baselines (uniform pruning, random search, Torch-Pruning's
+  recipes) for comparison; and, for the trials
   whose latency was measured, the measured speed-up of the delivered and uniform networks against their
   MACs ratio, next to the speed-up the MAC ratio promises (right).
 """
@@ -25,6 +26,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 REWARD_COLOURS = {"entropy": "tab:red", "accuracy": "tab:blue", "accuracy_flops": "tab:purple"}
+#: Marker and colour of each baseline (uniform pruning, random search, Torch-Pruning's recipes).
+BASELINE_MARKERS = {"uniform": ("s", "tab:orange"), "random": ("^", "tab:green"), "tp_magnitude": ("D", "tab:cyan"),
+                    "tp_taylor": ("v", "tab:brown"), "tp_isomorphic": ("<", "tab:pink")}
 
 
 def _ok(value) -> bool:
@@ -56,11 +60,10 @@ def candidate_scatter(records: Sequence[Mapping[str, Any]], result: Mapping[str,
     if _ok(delivered.get("macs_ratio")) and _ok(delivered.get(yk_final)):
         ax.scatter([delivered["macs_ratio"]], [delivered[yk_final]], marker="P", s=200, c="gold", edgecolors="black",
                    zorder=6, label=f"delivered ({delivered.get('label')})")
-    markers = {"uniform": ("s", "tab:orange"), "random": ("^", "tab:green")}
     for name, res in (result.get("baselines") or {}).items():
         rec = res.get("best") or {}
         if _ok(rec.get("macs_ratio")) and _ok(rec.get(ykey)):
-            marker, colour = markers.get(name, ("D", "grey"))
+            marker, colour = BASELINE_MARKERS.get(name, ("D", "grey"))
             ax.scatter([rec["macs_ratio"]], [rec[ykey]], marker=marker, s=110, c=colour, edgecolors="black", zorder=4,
                        label=f"{name} baseline")
     base = result.get("base") or {}
@@ -99,12 +102,11 @@ def sweep_comparison(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike,
     batches = sorted({int(k.rsplit("_b", 1)[1]) for r in rows for k in r
                       if k.startswith(("speedup_b", "uniform_speedup_b")) and _ok(r[k])})
     fig, axes = plt.subplots(1, 3 if batches else 2, figsize=(18 if batches else 12, 5), dpi=110, sharex=True)
-    panels = (("test_accuracy", "uniform_test_accuracy", "random_test_accuracy", "test accuracy after fine-tuning"),
-              ("heldout_accuracy", "uniform_heldout_accuracy", "random_heldout_accuracy",
-               "held-out accuracy at search time (before fine-tuning)"))
+    panels = (("test_accuracy", "test accuracy after fine-tuning"),
+              ("heldout_accuracy", "held-out accuracy at search time (before fine-tuning)"))
     rewards = sorted({str(r.get("reward_kind")) for r in rows})
     base_acc = [r["base_test_accuracy"] for r in rows if _ok(r.get("base_test_accuracy"))]
-    for ax, (key, ukey, rkey, label) in zip(axes, panels):
+    for ax, (key, label) in zip(axes, panels):
         for reward in rewards:
             colour = REWARD_COLOURS.get(reward, None)
             mine = [r for r in rows if str(r.get("reward_kind")) == reward and _ok(r.get("macs_ratio")) and _ok(r.get(key))]
@@ -113,15 +115,14 @@ def sweep_comparison(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike,
             ax.scatter([r["macs_ratio"] for r in mine], [r[key] for r in mine], c=colour, s=40, alpha=0.8,
                        edgecolors="black", linewidths=0.5, label=f"delivered, reward {reward}")
             _mean_line(ax, mine, "macs_ratio", key, colour, np)
-        uni = [r for r in rows if _ok(r.get("uniform_macs_ratio")) and _ok(r.get(ukey))]
-        if uni:
-            ax.scatter([r["uniform_macs_ratio"] for r in uni], [r[ukey] for r in uni], marker="s", c="tab:orange",
-                       s=36, edgecolors="black", linewidths=0.5, label="uniform baseline")
-            _mean_line(ax, uni, "uniform_macs_ratio", ukey, "tab:orange", np, ls=":")
-        rnd = [r for r in rows if _ok(r.get("random_macs_ratio")) and _ok(r.get(rkey))]
-        if rnd:
-            ax.scatter([r["random_macs_ratio"] for r in rnd], [r[rkey] for r in rnd], marker="^", c="tab:green",
-                       s=30, alpha=0.6, edgecolors="black", linewidths=0.5, label="random-search baseline")
+        for name, (marker, colour) in BASELINE_MARKERS.items():
+            xkey, ykey = f"{name}_macs_ratio", f"{name}_{key}"
+            points = [r for r in rows if _ok(r.get(xkey)) and _ok(r.get(ykey))]
+            if points:
+                ax.scatter([r[xkey] for r in points], [r[ykey] for r in points], marker=marker, c=colour, s=32,
+                           alpha=0.7, edgecolors="black", linewidths=0.5, label=f"{name} baseline")
+                if name == "uniform":
+                    _mean_line(ax, points, xkey, ykey, colour, np, ls=":")
         if key == "test_accuracy" and base_acc:
             ax.axhline(float(np.mean(base_acc)), color="grey", ls="--", lw=1, label="unpruned (test)")
         for target in sorted({r["flops_target"] for r in rows if _ok(r.get("flops_target"))}):

@@ -30,6 +30,7 @@ import ray.exceptions
 import torch
 
 from .config import SearchConfig, load_config
+from .data import eval_batch
 from .errors import EntropySearchError
 from .jsonio import write_json
 from .latency import onnx_latency, speedup, torch_latency
@@ -44,6 +45,8 @@ from .problem import (
     finalist_records,
     finalize,
     guarded_choice,
+    offered,
+    peer_baseline,
     proxy_agreement,
     random_search,
     setup,
@@ -86,7 +89,7 @@ def finalize_record(problem: Problem, config: SearchConfig, record: dict, *, lab
     the search's own (reward, entropy, held-out accuracy); BN re-estimated on the search's images."""
     measured, pruned = finalize(problem.space, problem.splits, record["keep"], finetune=config.finetune,
                                 calibration=problem.evaluator.calibration, seed=config.seed, label=f"fine-tune {label}",
-                                progress=progress)
+                                progress=progress, ranking=record.get("ranking"))
     out = {
         "label": label,
         "policy": policy_of(problem.space, record),
@@ -96,18 +99,21 @@ def finalize_record(problem: Problem, config: SearchConfig, record: dict, *, lab
         **measured,
         "analytic_macs_match": measured["macs"] == record.get("macs"),
     }
+    if record.get("ranking") is not None:  # a peer recipe's: which channels it keeps is its own
+        out["ranking"] = record["ranking"]
     return out, pruned
 
 
 def select_delivered(problem: Problem, config: SearchConfig, state: SearchState, baselines: dict,
                      finalized: dict, *, progress: bool = True) -> dict:
-    """The final stage over the finalists (`finalist_records`: the uniform candidate, the agent's top-k and random
-    search's best). `selection.method: full` judges each by its held-out correctness after its full fine-tune:
+    """The final stage over the finalists (`finalist_records`: the uniform candidate, the agent's top-k, random
+    search's best and Torch-Pruning's recipes). `selection.method: full` judges each by its held-out correctness after its full fine-tune:
     uniform pruning is delivered unless another finalist beats it significantly on the same images
     (`guarded_choice`); `halving` by successive halving on short fine-tunes. Off: the agent's pick. Every
     finalist it needs, and the winner, end up in `finalized` ({label: (record, model)})."""
     uniform = (baselines.get("uniform") or {}).get("best") if config.selection.enabled else None
-    records = finalist_records(uniform, state.top_k, (baselines.get("random") or {}).get("best"))
+    peers = [(name, baselines[name]["best"]) for name in config.baselines.peers if (baselines.get(name) or {}).get("best")]
+    records = finalist_records(uniform, state.top_k, (baselines.get("random") or {}).get("best"), peers)
     labels = list(records)
 
     def ensure_finalized(label: str) -> None:
@@ -119,7 +125,7 @@ def select_delivered(problem: Problem, config: SearchConfig, state: SearchState,
     if not sel.enabled or len(labels) <= 1:
         out = {"enabled": sel.enabled, "method": sel.method, "winner": labels[0], "rungs": []}
     elif sel.method == "halving":
-        out = successive_halving(problem.space, problem.splits, [(lb, records[lb]["keep"]) for lb in labels],
+        out = successive_halving(problem.space, problem.splits, [(lb, records[lb]["keep"], records[lb].get("ranking")) for lb in labels],
                                  calibration=problem.evaluator.calibration, rung_steps=sel.rung_steps, eta=sel.eta,
                                  batch_size=sel.batch_size, lr=sel.lr, seed=config.seed)
         problem.model.to("cpu")
@@ -236,17 +242,32 @@ def finish_search(
 
 
 def run_baselines(problem: Problem, config: SearchConfig, state: SearchState) -> dict[str, Any]:
-    """Uniform pruning and random search (as many distinct candidates as the agent evaluated, unless
-    `baselines.random_candidates` says otherwise) under the search's budget, through the driver's cache."""
+    """Uniform pruning, random search (as many distinct candidates as the agent evaluated, unless
+    `baselines.random_candidates` says otherwise) and Torch-Pruning's recipes (`baselines.peers`) under the
+    search's budget, through the driver's cache. A recipe that cannot meet the budget, or whose network the space
+    cannot reproduce exactly, is recorded with its `error` and left out of the final stage."""
     if not config.baselines.enabled:
         return {}
 
-    def evaluate(counts) -> dict:
-        return problem.evaluate(counts)[0]
+    def evaluate(counts, ranking: str | None = None) -> dict:
+        return problem.evaluate(counts, ranking)[0]
 
     n_random = config.baselines.random_candidates or max(state.evaluations, 1)
-    return {"uniform": uniform_baseline(problem.budget, evaluate),
-            "random": random_search(problem.budget, evaluate, n_random, seed=config.seed + 1)}
+    out = {"uniform": uniform_baseline(problem.budget, evaluate),
+           "random": random_search(problem.budget, evaluate, n_random, seed=config.seed + 1)}
+    if problem.splits is None:  # simulated evaluations (benchmarks of the RL machinery): no network to prune
+        return out
+    batch = eval_batch(problem.splits, config.data.eval_batch, split="train", seed=config.seed)
+    for name in config.baselines.peers:
+        t0 = time.perf_counter()
+        try:
+            if not offered(name):
+                raise EntropySearchError(f"{name}: the installed Torch-Pruning does not offer it")
+            out[name] = peer_baseline(problem.space, problem.budget, name, evaluate, batch)
+        except EntropySearchError as exc:
+            print(f"note: baseline {exc}", flush=True)
+            out[name] = {"best": None, "evaluations": 0, "error": str(exc), "seconds": time.perf_counter() - t0}
+    return out
 
 
 def finalize_finalists(problem: Problem, config: SearchConfig, state: SearchState, baselines: dict, *,

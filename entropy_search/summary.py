@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from .plots import sweep_comparison
+from .problem import PEER_RECIPES
 
 #: Columns of the candidate table, first (the rest follow in the order they appear).
 CANDIDATE_COLUMNS = ("id", "iteration", "reward", "macs_ratio", "params_ratio", "macs", "params", "entropy", "accuracy",
@@ -203,7 +204,8 @@ def upgrade_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
 
 
 #: (column title, row key, format) of the printed summary table, after the axes: first the delivered network
-#: (which finalist it is, then its figures), then the agent's own pick and the baselines after the same fine-tune.
+#: (which finalist it is, then its figures), then the agent's own pick and the baselines (uniform pruning, random
+#: search, Torch-Pruning's recipes) after the same fine-tune.
 SUMMARY_COLUMNS = (
     ("status", "status", "s"),
     ("delivered", "delivered", "s"),
@@ -216,6 +218,7 @@ SUMMARY_COLUMNS = (
     ("agent FT", "agent_test_accuracy", "%"),
     ("uniform FT", "uniform_test_accuracy", "%"),
     ("random FT", "random_test_accuracy", "%"),
+    *((f"{name} FT", f"{name}_test_accuracy", "%") for name in PEER_RECIPES),
     ("agent reward", "agent_reward", ".4f"),
     ("proxy", "proxy_reward_spearman", ".2f"),
     ("cand", "cost_candidates", ".0f"),
@@ -283,9 +286,7 @@ def aggregate_rows(rows: Sequence[Mapping[str, Any]], over: str = "seed") -> lis
 
 def format_aggregate(agg: Sequence[Mapping[str, Any]], *, markdown: bool = False) -> str:
     axes = axis_names(agg)
-    cols = [c for c in SUMMARY_COLUMNS if c[1] in ("macs_ratio", "heldout_accuracy", "test_accuracy",
-                                                    "agent_test_accuracy", "uniform_test_accuracy",
-                                                    "random_test_accuracy")]
+    cols = [c for c in SUMMARY_COLUMNS if c[1] in ("macs_ratio", "heldout_accuracy") or c[1].endswith("test_accuracy")]
     headers = [a.split(".")[-1] for a in axes] + ["n"] + [c[0] for c in cols]
     body = []
     for row in agg:

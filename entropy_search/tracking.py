@@ -56,7 +56,7 @@ from .data import load_data
 from .errors import EntropySearchError
 from .jsonio import read_jsonl
 from .plots import candidate_scatter
-from .problem import load_checkpoint, load_model
+from .problem import PEER_RECIPES, load_checkpoint, load_model
 from .store import local_store_dir, resolve_tracking_uri
 from .summary import (
     delivered_network,
@@ -91,7 +91,8 @@ SHARED_VIEW_PREFIX = "mlflow.sharedViewState."
 #: Final metrics shown as columns of a sweep's runs view, in this order: the delivered network's first, then the
 #: agent's own pick and the baselines.
 VIEW_METRICS = ("macs_ratio", "test_accuracy", "heldout_accuracy_after_finetune", "params_ratio", "agent_macs_ratio",
-                "agent_test_accuracy", "uniform_test_accuracy", "random_test_accuracy")
+                "agent_test_accuracy", "uniform_test_accuracy", "random_test_accuracy",
+                *(f"{name}_test_accuracy" for name in PEER_RECIPES))
 
 #: MLflow limits: params per batch and characters per param value.
 _PARAMS_PER_BATCH = 100

@@ -19,7 +19,7 @@ from tiny_runs import candidate_sequence, tiny_search
 from entropy_search.config import load_config
 from entropy_search.errors import ConfigError, EntropySearchError
 from entropy_search.jsonio import read_jsonl
-from entropy_search.problem import load_checkpoint
+from entropy_search.problem import PEER_RECIPES, load_checkpoint
 from entropy_search.rl.rundir import (
     CACHE_FILE,
     CANDIDATES_FILE,
@@ -387,15 +387,21 @@ def test_finish_search_runs_the_baselines_under_the_same_budget(checkpoint, tmp_
     result = finish_search(config, problem, state, progress=False)
     uniform, random_ = result["baselines"]["uniform"], result["baselines"]["random"]
     assert uniform["evaluations"] == 1 and random_["evaluations"] == 3
-    for res in (uniform, random_):
+    # Torch-Pruning's recipes too, under the same budget, fine-tuned like the others (tests/test_peers.py checks
+    # each is Torch-Pruning's own network)
+    assert list(result["baselines"]) == ["uniform", "random", *PEER_RECIPES]
+    for name, res in result["baselines"].items():
         assert res["best"]["macs_ratio"] <= 0.5 + 1e-12
         assert res["final"]["kept_channels"] == res["best"]["kept_channels"]
-        assert result["comparison"][("uniform" if res is uniform else "random")]["test_accuracy_after_finetune"] == (
-            res["final"]["test_accuracy_after_finetune"])
+        assert res["final"]["analytic_macs_match"]
+        assert result["comparison"][name]["test_accuracy_after_finetune"] == res["final"]["test_accuracy_after_finetune"]
+        if name in PEER_RECIPES:
+            assert res["best"]["ranking"] == res["final"]["ranking"] == name
     assert result["base"]["macs"] == problem.space.base_macs == result["base"]["counted_macs"]
     # the final stage chose among the agent's best and the baselines' bests, and that one was delivered
     selection = result["selection"]
-    assert selection["finalists"][0] == "uniform" and set(selection["finalists"]) <= {"top1", "random", "uniform"}
+    assert selection["finalists"][0] == "uniform"
+    assert set(selection["finalists"]) <= {"top1", "random", "uniform", *PEER_RECIPES}
     assert selection["winner"] in selection["finalists"] and result["delivered"]["label"] == selection["winner"]
     # by default the finalists are judged by held-out correctness after their full fine-tune: uniform pruning
     # unless another finalist is more accurate with a significant paired test

@@ -1,6 +1,7 @@
 """The pruning problem in plain PyTorch (docs/design.md): channel groups, the FLOPs budget and its
 clipping, candidate evaluation with its cache, spatial entropy, rewards, adaptive BN, MACs, the
-uniform and random baselines, one `setup` from a search config and one `finalize`.
+uniform and random baselines, Torch-Pruning's own recipes as baselines, one `setup` from a search config and
+one `finalize`.
 
 Nothing under this package imports Ray, RLlib, Gymnasium or MLflow: the environment, the RL driver,
 the sweep, tracking and the command line are clients of it.
@@ -15,6 +16,7 @@ from .evaluate import CandidateCache, CandidateEvaluator, SimulatedEvaluator, ca
 from .finalize import export, export_onnx, finalize
 from .latency_table import LatencyMeter, LatencyTable
 from .macs import count_macs, count_params
+from .peers import PEER_RECIPES, offered, peer_baseline, peer_network
 from .rewards import (
     LABEL_FREE_REWARDS,
     REWARDS,
@@ -29,6 +31,7 @@ from .space import ChannelGroup, PruningSpace
 
 __all__ = [
     "LABEL_FREE_REWARDS",
+    "PEER_RECIPES",
     "REWARDS",
     "Budget",
     "CandidateCache",
@@ -60,6 +63,9 @@ __all__ = [
     "load_network",
     "load_splits",
     "network_entropy",
+    "offered",
+    "peer_baseline",
+    "peer_network",
     "proxy_agreement",
     "random_counts",
     "random_search",

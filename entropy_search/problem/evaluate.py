@@ -85,12 +85,13 @@ class CandidateEvaluator:
         self.reference_log_probs = torch.log_softmax(logits.float(), dim=1)
         self.reference_features = features
 
-    def evaluate(self, keep: Sequence[float]) -> dict:
-        """Entropy over kept channels, held-out accuracy (None without labels), MACs, params, kept channels."""
+    def evaluate(self, keep: Sequence[float], ranking: str | None = None) -> dict:
+        """Entropy over kept channels, held-out accuracy (None without labels), MACs, params, kept channels;
+        the channels kept are those the space ranks first (`ranking`: another ranking of the space)."""
         keep = self.space.check_keep(keep)
         counts = self.space.kept_channels(keep)
         start = time.perf_counter()
-        measured = self._forward(keep)
+        measured = self._forward(keep, ranking)
         seconds = time.perf_counter() - start
         macs, params = self.space.macs_of_counts(counts), self.space.params_of_counts(counts)
         return {
@@ -104,20 +105,20 @@ class CandidateEvaluator:
             "eval_seconds": seconds,
         }
 
-    def _forward(self, keep: list[float]) -> dict:
+    def _forward(self, keep: list[float], ranking: str | None = None) -> dict:
         if self.mode == "pruned":
-            model = self.space.prune(keep).eval()
+            model = self.space.prune(keep, ranking).eval()
             probe = EntropyProbe(model, **self.entropy_options)
             context = nullcontext(model)
         else:
             probe = self.probe
-            probe.set_kept(self.space.kept_by_module(keep) if self.mode == "masked" else None)
-            context = self.space.sliced(keep) if self.mode == "sliced" else self.space.masked(keep)
+            probe.set_kept(self.space.kept_by_module(keep, ranking) if self.mode == "masked" else None)
+            context = self.space.sliced(keep, ranking) if self.mode == "sliced" else self.space.masked(keep, ranking)
         probe.reset()
         with torch.no_grad(), context as model, recalibrated_batchnorm(model, self.calibration), probe:
             logits, features = self._run(model, dict(model.named_modules()).get(self.classifier_name))
         if self.mode != "masked" and features is not None and features.shape[1] != self.reference_features.shape[1]:
-            kept = self.space.classifier_input_indices(keep)
+            kept = self.space.classifier_input_indices(keep, ranking)
             if kept is not None:  # the candidate's features in the unpruned network's coordinates, zeros elsewhere
                 full = features.new_zeros(features.shape[0], self.reference_features.shape[1])
                 features = full.index_copy_(1, kept.to(features.device), features)
@@ -197,7 +198,8 @@ class SimulatedEvaluator:
         self.space, self.seconds = space, float(seconds)
         self.calibration = None
 
-    def evaluate(self, keep: Sequence[float]) -> dict:
+    def evaluate(self, keep: Sequence[float], ranking: str | None = None) -> dict:
+        """Synthetic measurements of the counts `keep` gives (which channels, `ranking`, changes nothing)."""
         keep = self.space.check_keep(keep)
         t0 = time.perf_counter()
         time.sleep(self.seconds)
@@ -236,26 +238,30 @@ class CandidateCache:
     """Evaluate candidates given by their kept channel counts, each at most once, with their reward.
 
     `evaluate(counts)` returns (record, cache_hit): the evaluator's measurements as plain JSON values,
-    the reward, `kept_channels` and `keep`. `add(records)` takes candidates evaluated elsewhere
+    the reward, `kept_channels` and `keep`; `evaluate(counts, ranking)` the candidate that keeps the channels
+    another ranking of the space puts first (a peer recipe's), with `ranking` in its record. `add(records)` takes candidates evaluated elsewhere
     (another worker, a checkpoint). `enabled=False` evaluates every time (for measuring the evaluator).
     """
 
     def __init__(self, space: PruningSpace, evaluator: CandidateEvaluator | SimulatedEvaluator, reward: str,
                  *, enabled: bool = True) -> None:
         self.space, self.evaluator, self.reward, self.enabled = space, evaluator, reward, enabled
-        self.records: dict[tuple[int, ...], dict] = {}
+        self.records: dict[tuple, dict] = {}
         self.stats = {"evaluations": 0, "cache_hits": 0, "eval_seconds": 0.0}
 
-    def evaluate(self, counts: Sequence[int]) -> tuple[dict, bool]:
-        key = tuple(int(c) for c in counts)
+    def evaluate(self, counts: Sequence[int], ranking: str | None = None) -> tuple[dict, bool]:
+        counts = [int(c) for c in counts]
+        key = tuple(counts) if ranking is None else (ranking, *counts)
         if self.enabled and key in self.records:
             self.stats["cache_hits"] += 1
             return dict(self.records[key]), True
-        keep = self.space.counts_to_keep(key)
-        record = plain(self.evaluator.evaluate(keep))
+        keep = self.space.counts_to_keep(counts)
+        record = plain(self.evaluator.evaluate(keep, ranking))
         record["reward"] = float(compute_reward(self.reward, record))
-        record["kept_channels"] = list(key)
+        record["kept_channels"] = counts
         record["keep"] = [float(k) for k in keep]
+        if ranking is not None:
+            record["ranking"] = ranking
         self.stats["evaluations"] += 1
         self.stats["eval_seconds"] += float(record.get("eval_seconds") or 0.0)
         if self.enabled:

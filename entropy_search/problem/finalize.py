@@ -33,15 +33,17 @@ def finalize(
     device: str = "auto",
     label: str = "fine-tune",
     progress: bool = True,
+    ranking: str | None = None,
 ) -> tuple[dict, nn.Module]:
     """Prune `keep` for real, check its MACs against the analytic count, re-estimate BN statistics on
     `calibration` (the images the search used; None: keep the baseline's), test, fine-tune, test again, and
     measure the held-out split too (what the final stage may judge by; the test split is only reported).
+    `ranking`: another ranking of the space's channels picks which to keep (a peer recipe's).
 
     Returns (measurements, the pruned and fine-tuned model)."""
     keep = space.check_keep(keep)
     counts = space.kept_channels(keep)
-    pruned = space.prune(keep).to(space.example_input.device)  # counted where the example input is
+    pruned = space.prune(keep, ranking).to(space.example_input.device)  # counted where the example input is
     macs = count_macs(pruned, space.example_input)
     params = count_params(pruned)
     analytic = space.macs_of_counts(counts)

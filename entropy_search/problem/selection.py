@@ -29,23 +29,25 @@ from .adaptive_bn import recalibrate_batchnorm
 from .space import PruningSpace
 
 
-def finalist_records(uniform: dict | None, top_k: Sequence[dict], random: dict | None) -> dict[str, dict]:
+def finalist_records(uniform: dict | None, top_k: Sequence[dict], random: dict | None,
+                     peers: Sequence[tuple[str, dict]] = ()) -> dict[str, dict]:
     """The final stage's finalists, {label: candidate record}, in the order of preference that settles ties: the
-    uniform candidate (the known-safe choice; None when the final stage is off), the agent's top-k (`top1`, ...)
-    and random search's best. A network (its kept channels) that two of them share enters once, under the
-    first label."""
-    finalists: dict[tuple[int, ...], tuple[str, dict]] = {}
-    ranked = [("uniform", uniform), *((f"top{rank + 1}", r) for rank, r in enumerate(top_k)), ("random", random)]
+    uniform candidate (the known-safe choice; None when the final stage is off), the agent's top-k (`top1`, ...),
+    random search's best and Torch-Pruning's recipes ((name, record)). A network (its kept channels, and which:
+    a recipe's ranking) that two of them share enters once, under the first label."""
+    finalists: dict[tuple, tuple[str, dict]] = {}
+    ranked = [("uniform", uniform), *((f"top{rank + 1}", r) for rank, r in enumerate(top_k)), ("random", random),
+              *peers]
     for label, record in ranked:
         if record is not None:
-            finalists.setdefault(tuple(record["kept_channels"]), (label, record))
+            finalists.setdefault((record.get("ranking"), *record["kept_channels"]), (label, record))
     return {label: record for label, record in finalists.values()}
 
 
 def successive_halving(
     space: PruningSpace,
     splits: DataSplits,
-    finalists: Sequence[tuple[str, Sequence[float]]],
+    finalists: Sequence[tuple[str, Sequence[float], str | None]],
     *,
     calibration: torch.Tensor | None,
     rung_steps: int,
@@ -55,7 +57,8 @@ def successive_halving(
     seed: int = 0,
     device: str = "auto",
 ) -> dict:
-    """Successive halving over `finalists` ((label, keep ratios), in order of preference for ties).
+    """Successive halving over `finalists` ((label, keep ratios, ranking of the space's channels or None), in
+    order of preference for ties).
 
     Returns {"winner": label, "rungs": [{"steps", "heldout_accuracy": {label: acc}, "heldout_loss": {label: loss},
     "continue": [...], "eliminated": [...]}], "seconds"}; each rung's steps are cumulative (a survivor keeps
@@ -70,12 +73,12 @@ def successive_halving(
     if len(finalists) == 1:
         return {"winner": finalists[0][0], "rungs": [], "seconds": 0.0}
     models = {}
-    for label, keep in finalists:
-        pruned = space.prune(keep)
+    for label, keep, ranking in finalists:
+        pruned = space.prune(keep, ranking)
         if calibration is not None:
             recalibrate_batchnorm(pruned, calibration)
         models[label] = pruned
-    alive = [label for label, _ in finalists]
+    alive = [label for label, _, _ in finalists]
     rungs: list[dict] = []
     steps_done, rung = 0, 0
     rng = np.random.default_rng(seed)

@@ -58,9 +58,10 @@ class Problem:
     def model(self) -> nn.Module:
         return self.network.model
 
-    def evaluate(self, counts) -> tuple[dict, bool]:
-        """A candidate's record (measurements, reward, kept channels, keep ratios) and whether it came from the cache."""
-        return self.cache.evaluate(counts)
+    def evaluate(self, counts, ranking: str | None = None) -> tuple[dict, bool]:
+        """A candidate's record (measurements, reward, kept channels, keep ratios) and whether it came from the
+        cache; `ranking` names another ranking of the space's channels (a peer recipe's) that picks which to keep."""
+        return self.cache.evaluate(counts, ranking)
 
 
 def load_network(config: SearchConfig) -> Network:

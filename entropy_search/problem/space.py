@@ -325,6 +325,8 @@ class PruningSpace:
         found.sort(key=lambda f: f[0])
         self.groups: list[ChannelGroup] = []
         self._order: list[torch.Tensor] = []
+        self._rankings: dict[str, list[torch.Tensor]] = {}
+        self._tp_groups: list = []  # Torch-Pruning's own group of each channel group, for other importances
         self._units: list[torch.Tensor] = []
         self._roots: list[tuple[str, bool]] = []
         mask_points: dict[nn.Module, list[tuple[int, torch.Tensor]]] = {}
@@ -349,8 +351,8 @@ class PruningSpace:
             channels = units.numel()
             if scores is None or scores.numel() != channels:
                 raise EntropySearchError(f"importance gave no score for the {channels} channels of group {g}")
-            unit_scores = scores.detach().float().cpu()[units].mean(1)
-            self._order.append(torch.argsort(unit_scores, descending=True, stable=True))
+            self._order.append(self._rank(scores, units))
+            self._tp_groups.append(full)
             self._units.append(units)
             self._roots.append((self._names[root], graph.is_out_channel_pruning_fn(root_fn)))
             imaps = dict(producers)
@@ -547,9 +549,55 @@ class PruningSpace:
         """Keep ratios that round to exactly these channel counts."""
         return [c / g.channels for c, g in zip(counts, self.groups)]
 
-    def kept_indices(self, keep: Sequence[float]) -> list[torch.Tensor]:
-        """Indices of the channels kept in each group (the most important ones), ascending."""
-        return [self._order[g][:k].sort().values for g, k in enumerate(self.kept_channels(keep))]
+    @staticmethod
+    def _rank(scores: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        """A group's units from the most to the least important (a unit scores its channels' mean; ties keep
+        the lower index first)."""
+        return torch.argsort(scores.detach().float().cpu()[units].mean(1), descending=True, stable=True)
+
+    def add_ranking(self, name: str, importance: Importance) -> None:
+        """Rank every group's channels by another Torch-Pruning importance, under `name`: a candidate given
+        `ranking=name` keeps the channels this importance ranks first instead of the space's own. An importance
+        that reads gradients (Taylor) reads those the model's parameters hold now."""
+        order = []
+        for g, full in enumerate(self._tp_groups):
+            scores = importance(full)
+            if scores is None or scores.numel() != self._units[g].numel():
+                raise EntropySearchError(f"importance {name} gave no score for the channels of group {self.groups[g].name}")
+            order.append(self._rank(scores, self._units[g]))
+        self._rankings[name] = order
+
+    @property
+    def ignored_layers(self) -> list[str]:
+        """Names of the layers the space leaves whole (the classifier, unless told otherwise)."""
+        return list(self._ignored_names)
+
+    def counts_of(self, model: nn.Module) -> list[int]:
+        """Channels (units) each group keeps in `model`, a network of this architecture pruned elsewhere (by
+        Torch-Pruning's own pruners): the channels of each group's root layer."""
+        modules = dict(model.named_modules())
+        counts = []
+        for g, (name, is_out) in enumerate(self._roots):
+            layer = modules[name]
+            if isinstance(layer, nn.Linear):
+                channels = layer.out_features if is_out else layer.in_features
+            else:
+                channels = layer.out_channels if is_out else layer.in_channels
+            counts.append(channels // self.groups[g].channels_per_unit)
+        return counts
+
+    def _ordering(self, ranking: str | None) -> list[torch.Tensor]:
+        if ranking is None:
+            return self._order
+        if ranking not in self._rankings:
+            raise EntropySearchError(f"unknown ranking {ranking!r}; this space has: {', '.join(self._rankings) or 'none'}")
+        return self._rankings[ranking]
+
+    def kept_indices(self, keep: Sequence[float], ranking: str | None = None) -> list[torch.Tensor]:
+        """Indices of the channels kept in each group (the most important ones by the space's importance, or by
+        the ranking `add_ranking` named), ascending."""
+        order = self._ordering(ranking)
+        return [order[g][:k].sort().values for g, k in enumerate(self.kept_channels(keep))]
 
     def macs(self, keep: Sequence[float]) -> int:
         """MACs of the candidate on `example_input`, equal to a counter's on the pruned model."""
@@ -583,9 +631,9 @@ class PruningSpace:
             raise EntropySearchError(f"input of shape {tuple(x.shape)} does not match the model's input [N, {', '.join(map(str, expected))}]")
 
     @contextmanager
-    def masked(self, keep: Sequence[float]) -> Iterator[nn.Module]:
+    def masked(self, keep: Sequence[float], ranking: str | None = None) -> Iterator[nn.Module]:
         """Within the block, `self.model` computes what `self.prune(keep)` computes (pruned channels zeroed)."""
-        indices = self.kept_indices(keep)
+        indices = self.kept_indices(keep, ranking)
         handles = []
         hooked, masks = [], []
         for module, dim, channels, parts in self._masks:  # built on the CPU, moved in one transfer (see `sliced`)
@@ -610,10 +658,10 @@ class PruningSpace:
                 h.remove()
 
     @contextmanager
-    def sliced(self, keep: Sequence[float]) -> Iterator[nn.Module]:
+    def sliced(self, keep: Sequence[float], ranking: str | None = None) -> Iterator[nn.Module]:
         """Within the block, `self.model` runs with only the kept channels' weights: the pruned network's
         function at the pruned network's cost, with no copy and no graph rebuild. Inference only."""
-        indices = self.kept_indices(keep)
+        indices = self.kept_indices(keep, ranking)
         saved = []
         # Every index this candidate needs, built on the CPU and moved in one transfer per device: one
         # small synchronous copy per layer would make the host wait for the GPU before every slice.
@@ -646,9 +694,9 @@ class PruningSpace:
             for store, name, original in reversed(saved):
                 store[name] = original
 
-    def prune(self, keep: Sequence[float]) -> nn.Module:
+    def prune(self, keep: Sequence[float], ranking: str | None = None) -> nn.Module:
         """A physically pruned deep copy (Torch-Pruning removes the channels); the original is untouched."""
-        indices = self.kept_indices(keep)
+        indices = self.kept_indices(keep, ranking)
         model = copy.deepcopy(self.model)
         modules = dict(model.named_modules())
         was_training = model.training
@@ -687,7 +735,7 @@ class PruningSpace:
                                              f"this space expects {tuple(value.shape)}")
                 target.copy_(value)
 
-    def classifier_input_indices(self, keep: Sequence[float]) -> torch.Tensor | None:
+    def classifier_input_indices(self, keep: Sequence[float], ranking: str | None = None) -> torch.Tensor | None:
         """Which input features of the classifier (the last conv/linear layer) a candidate keeps, ascending, as
         indices into the unpruned network's features; None when it keeps them all. The sliced and pruned
         networks feed the classifier exactly these features, in this order."""
@@ -696,11 +744,11 @@ class PruningSpace:
         weight = next((t for t in self._tensors if t.module is self.classifier and t.name == "weight"), None)
         if weight is None:
             return None
-        return weight.kept_index(1, self.kept_indices(keep)) if 1 in weight.fixed else None
+        return weight.kept_index(1, self.kept_indices(keep, ranking)) if 1 in weight.fixed else None
 
-    def kept_by_module(self, keep: Sequence[float]) -> dict[str, torch.Tensor]:
+    def kept_by_module(self, keep: Sequence[float], ranking: str | None = None) -> dict[str, torch.Tensor]:
         """Kept channel indices of every module that produces a group's channels (for measuring only kept maps)."""
-        indices = self.kept_indices(keep)
+        indices = self.kept_indices(keep, ranking)
         out = {}
         for t in self._tensors:
             if t.name in ("weight", "running_mean") and 0 in t.fixed and self._names[t.module] not in out:
