@@ -9,6 +9,12 @@ stopped. The table is printed from the result files.
     python bench/bench_quality.py --preset digits                      # digits CNN, 2x, 3 seeds
     python bench/bench_quality.py --preset fashion --checkpoint X.pt   # ResNet-20 / Fashion-MNIST, 3x, 5x, 10x
     python bench/bench_quality.py --preset fashion --report-only       # the table of what has finished
+    python bench/bench_quality.py --preset fashion30 --seeds 0 --targets 0.1 --rewards agreement
+                                                # the converged baseline (bench/baselines/), 10% fine-tune
+
+Every table has one row per method: the delivered network, the agent's pick and random search per reward, then
+uniform pruning and each of Torch-Pruning's recipes (`baselines.peers`), with the time each took to find (the
+search, or a recipe's bisection) and to fine-tune, and the fine-tune budget as a share of the baseline's training.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from entropy_search.problem import guarded_winner
+from entropy_search.problem import PEER_RECIPES, guarded_winner
 from entropy_search.summary import agent_pick, delivered_network
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +45,16 @@ PRESETS: dict[str, dict] = {
         "targets": [0.33, 0.2, 0.1],
         "overrides": ["model.name=resnet20", "data.name=fashion_mnist", "data.eval_batch=256",
                       "finetune.epochs=5", "search.top_k=1", "model.train_epochs=2"],
+        "baseline_epochs": 2,
+    },
+    # the same on the converged baseline committed under bench/baselines/ (30 epochs, `entropy-search train`; its
+    # README has the command), fine-tuned for 3 epochs: 10% of the baseline's training
+    "fashion30": {
+        "targets": [0.33, 0.2, 0.1],
+        "overrides": ["model.name=resnet20", "data.name=fashion_mnist", "data.eval_batch=256",
+                      "finetune.epochs=3", "search.top_k=1"],
+        "checkpoint": "bench/baselines/resnet20_fashion_mnist_e30.pt",
+        "baseline_epochs": 30,
     },
 }
 KINDS = ("delivered", "agent", "random")
@@ -55,7 +71,7 @@ def run_one(args, target: float, reward: str, seed: int) -> None:
     cmd = [sys.executable, "-m", "entropy_search.cli", "search", str(ROOT / "examples" / "digits_search.yaml"),
            "--output", str(folder), "--no-progress", "--overwrite",
            "--set", f"search.flops_target={target}", "--set", f"search.reward={reward}", "--set", f"seed={seed}",
-           "--set", f"model.checkpoint={args.checkpoint or args.out / 'baseline.pt'}"]
+           "--set", f"model.checkpoint={checkpoint_of(args)}"]
     for item in PRESETS[args.preset]["overrides"] + args.set:
         cmd += ["--set", item]
     t0 = time.perf_counter()
@@ -73,15 +89,42 @@ def _stats(values: list[float]) -> str:
     return f"{mean:.2f} ± {spread:.2f}"
 
 
-def _row(result: dict, reward: str, kind: str) -> dict:
+def checkpoint_of(args) -> Path:
+    """The baseline: --checkpoint, else the preset's committed one, else OUT/baseline.pt (trained by the first run)."""
+    preset = PRESETS[args.preset].get("checkpoint")
+    return args.checkpoint or (ROOT / preset if preset else args.out / "baseline.pt")
+
+
+def _row(result: dict, reward: str, kind: str) -> dict | None:
+    """One method's figures in a result (None when the result has no such baseline, or it failed): MACs ratio,
+    held-out accuracy in the search, test accuracy before and after fine-tuning, and the seconds it took to
+    find (the search, for the agent's networks) and to fine-tune."""
     if kind in ("agent", "delivered"):
         best = agent_pick(result) if kind == "agent" else delivered_network(result)
         return {"macs": best["macs_ratio"], "heldout": best["heldout_accuracy"],
-                "before": best["test_accuracy_before_finetune"], "after": best["test_accuracy_after_finetune"]}
-    res = result["baselines"][kind]
+                "before": best["test_accuracy_before_finetune"], "after": best["test_accuracy_after_finetune"],
+                "found": result["cost"].get("search_seconds"), "finetune": best.get("finetune_seconds")}
+    res = result["baselines"].get(kind) or {}
     final = res.get("final") or {}
+    if not final:
+        return None
     return {"macs": final.get("macs_ratio"), "heldout": (res.get("best") or {}).get("accuracy"),
-            "before": final.get("test_accuracy_before_finetune"), "after": final.get("test_accuracy_after_finetune")}
+            "before": final.get("test_accuracy_before_finetune"), "after": final.get("test_accuracy_after_finetune"),
+            "found": res.get("seconds"), "finetune": final.get("finetune_seconds")}
+
+
+def _seconds(values: list[float | None]) -> str:
+    values = [v for v in values if v is not None]
+    return f"{statistics.fmean(values):.0f}" if values else "-"
+
+
+def finetune_budget(results: dict, baseline_epochs: int | None) -> str:
+    """The fine-tune as a share of the baseline's training, e.g. `3 epochs of 30 (10%)`."""
+    epochs = sorted({r["config"]["finetune"]["epochs"] for r in results.values()})
+    text = "/".join(map(str, epochs)) + " fine-tune epochs"
+    if baseline_epochs:
+        text += f" of the baseline's {baseline_epochs} ({', '.join(f'{100 * e / baseline_epochs:.0f}%' for e in epochs)})"
+    return text
 
 
 def finalists(result: dict) -> dict[str, dict]:
@@ -116,20 +159,24 @@ def report(args) -> str:
         base = [r["base"]["test_accuracy"] for r in results.values()]
         seeds = sorted({s for _, s in results})
         lines.append(f"\n{args.preset}: flops_target {target:g} ({1 / target:.1f}x), seeds {seeds}, "
-                     f"unpruned test accuracy {100 * statistics.fmean(base):.2f}%")
+                     f"unpruned test accuracy {100 * statistics.fmean(base):.2f}%, "
+                     f"{finetune_budget(results, PRESETS[args.preset].get('baseline_epochs'))}")
         lines.append("| candidate | reward | runs | MACs ratio | held-out acc. in search (%) "
-                     "| test acc. before fine-tune (%) | test acc. after fine-tune (%) |")
-        lines.append("|---|---|---|---|---|---|---|")
-        table = [(reward, kind) for reward in args.rewards for kind in KINDS] + [(args.rewards[0], "uniform")]
+                     "| test acc. before fine-tune (%) | test acc. after fine-tune (%) | found in (s) | fine-tune (s) |")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
+        baselines = ["uniform", *PEER_RECIPES]
+        table = [(reward, kind) for reward in args.rewards for kind in KINDS] + [(args.rewards[0], b) for b in baselines]
         for reward, kind in table:
             rows = [_row(r, reward, kind) for (rw, _), r in sorted(results.items()) if rw == reward]
+            rows = [row for row in rows if row is not None]
             if not rows:
                 continue
             macs = [r["macs"] for r in rows if r["macs"] is not None]
             lines.append(
-                f"| {kind} | {'-' if kind == 'uniform' else reward} | {len(rows)} | "
+                f"| {kind} | {'-' if kind in baselines else reward} | {len(rows)} | "
                 f"{statistics.fmean(macs):.3f} | {_stats([r['heldout'] for r in rows])} "
-                f"| {_stats([r['before'] for r in rows])} | {_stats([r['after'] for r in rows])} |"
+                f"| {_stats([r['before'] for r in rows])} | {_stats([r['after'] for r in rows])} "
+                f"| {_seconds([r['found'] for r in rows])} | {_seconds([r['finetune'] for r in rows])} |"
             )
         for reward in args.rewards:
             runs = [(seed, results[(reward, seed)]) for seed in seeds if (reward, seed) in results]
@@ -168,7 +215,8 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", nargs="+", type=float, default=None, help="default: the preset's")
     parser.add_argument("--rewards", nargs="+", default=["entropy", "agreement", "accuracy"])
     parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="baseline checkpoint (default: OUT/baseline.pt, trained by the first run if missing)")
+                        help="baseline checkpoint (default: the preset's, else OUT/baseline.pt, trained by the first "
+                        "run if missing)")
     parser.add_argument("--out", type=Path, default=None, help="default: runs/quality/<preset>")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more config overrides")
     parser.add_argument("--report-only", action="store_true")
