@@ -107,12 +107,14 @@ def finalize_record(problem: Problem, config: SearchConfig, record: dict, *, lab
 def select_delivered(problem: Problem, config: SearchConfig, state: SearchState, baselines: dict,
                      finalized: dict, *, progress: bool = True) -> dict:
     """The final stage over the finalists (`finalist_records`: the uniform candidate, the agent's top-k, random
-    search's best and Torch-Pruning's recipes). `selection.method: full` judges each by its held-out correctness after its full fine-tune:
-    uniform pruning is delivered unless another finalist beats it significantly on the same images
-    (`guarded_choice`); `halving` by successive halving on short fine-tunes. Off: the agent's pick. Every
-    finalist it needs, and the winner, end up in `finalized` ({label: (record, model)})."""
+    search's best and Torch-Pruning's recipes). `selection.method: full` judges each by its held-out
+    correctness after its full fine-tune: uniform pruning is delivered unless another finalist beats it
+    significantly on the same images (`guarded_choice`); `halving` by successive halving on short fine-tunes.
+    Off: the agent's pick. Every finalist it needs, and the winner, end up in `finalized`
+    ({label: (record, model)})."""
     uniform = (baselines.get("uniform") or {}).get("best") if config.selection.enabled else None
-    peers = [(name, baselines[name]["best"]) for name in config.baselines.peers if (baselines.get(name) or {}).get("best")]
+    peers = [(name, baselines[name]["best"]) for name in config.baselines.peers
+             if (baselines.get(name) or {}).get("best")]
     records = finalist_records(uniform, state.top_k, (baselines.get("random") or {}).get("best"), peers)
     labels = list(records)
 
@@ -125,7 +127,8 @@ def select_delivered(problem: Problem, config: SearchConfig, state: SearchState,
     if not sel.enabled or len(labels) <= 1:
         out = {"enabled": sel.enabled, "method": sel.method, "winner": labels[0], "rungs": []}
     elif sel.method == "halving":
-        out = successive_halving(problem.space, problem.splits, [(lb, records[lb]["keep"], records[lb].get("ranking")) for lb in labels],
+        finalists = [(lb, records[lb]["keep"], records[lb].get("ranking")) for lb in labels]
+        out = successive_halving(problem.space, problem.splits, finalists,
                                  calibration=problem.evaluator.calibration, rung_steps=sel.rung_steps, eta=sel.eta,
                                  batch_size=sel.batch_size, lr=sel.lr, seed=config.seed)
         problem.model.to("cpu")
@@ -208,9 +211,10 @@ def finish_search(
     setup_seconds: float = 0.0,
     t_start: float | None = None,
 ) -> dict:
-    """The end of a search, after the agent and without Ray, in five steps:
+    """The end of a search, after the agent and without Ray, in these steps:
 
-    1. `run_baselines`: uniform pruning and random search under the same budget and number of evaluations;
+    1. `measure_unpruned`, then `run_baselines`: uniform pruning, random search (the same number of evaluations)
+       and Torch-Pruning's recipes under the same budget;
     2. `finalize_finalists`: the agent's top-k (and the baselines' best) pruned for real, fine-tuned and tested;
     3. `select_delivered`: the final stage, which picks the network the user gets;
     4. `export_delivered`: that network written as `best_pruned.pt` (and `best_pruned.onnx`);

@@ -90,7 +90,7 @@ def test_bn_calibration_recovers_accuracy_before_fine_tuning(tmp_path, train_dig
     assert accuracy[256] > accuracy[0] + 0.1
 
 
-def test_prune_with_a_search_result_takes_its_delivered_policy_by_group_name(baseline, tmp_path):
+def test_prune_with_a_search_result_takes_its_delivered_policy_by_group_name(baseline, tmp_path, capsys):
     from entropy_search.problem import PruningSpace
 
     ckpt = load_checkpoint(baseline)
@@ -105,6 +105,11 @@ def test_prune_with_a_search_result_takes_its_delivered_policy_by_group_name(bas
         out = tmp_path / f"delivered{i}.pt"
         assert main(["prune", str(baseline), "--policy", str(result), "--epochs", "0", "--out", str(out)]) == 0
         assert load_checkpoint(out).keep == [delivered[n] for n in names]
+    # a network Torch-Pruning's recipe delivered: the same counts, and a note that its channels were the recipe's
+    result.write_text(json.dumps({"policy": delivered, "delivered": {"label": "tp_taylor", "ranking": "tp_taylor"}}))
+    assert main(["prune", str(baseline), "--policy", str(result), "--epochs", "0", "--out", str(out)]) == 0
+    assert load_checkpoint(out).keep == [delivered[n] for n in names]
+    assert "note: the delivered network kept the channels tp_taylor ranks first" in capsys.readouterr().out
     wrong = tmp_path / "wrong.json"
     wrong.write_text(json.dumps({"delivered_policy": {"no_such_layer": 0.5}}))
     assert main(["prune", str(baseline), "--policy", str(wrong), "--epochs", "0"]) == 2

@@ -17,7 +17,15 @@ from entropy_search.config import BaselinesConfig, load_config
 from entropy_search.data import eval_batch
 from entropy_search.errors import EntropySearchError
 from entropy_search.models import create_model
-from entropy_search.problem import PEER_RECIPES, count_macs, peer_baseline, save_checkpoint, setup
+from entropy_search.problem import (
+    PEER_RECIPES,
+    count_macs,
+    export,
+    load_model,
+    peer_baseline,
+    save_checkpoint,
+    setup,
+)
 from entropy_search.problem.budget import Budget
 
 
@@ -94,3 +102,19 @@ def test_a_budget_no_ratio_meets_is_an_error(networks, tmp_path):
     budget = Budget(problem.space, 0.0001, min_keep=0.0)  # fewer MACs than one channel per group leaves
     with pytest.raises(EntropySearchError, match="tp_magnitude: no pruning ratio"):
         peer_baseline(problem.space, budget, "tp_magnitude", lambda c, r: problem.evaluate(c, r)[0], steps=8)
+
+
+def test_a_recipes_network_is_exported_and_loads_as_itself(networks, tmp_path):
+    """The delivered file of a recipe's network: the keep ratios rebuild its architecture, its weights are the
+    recipe's channels, so the loaded network computes what Torch-Pruning's network computes."""
+    problem = problem_of(networks["resnet20"], "resnet20", 0.3, tmp_path)
+    batch = eval_batch(problem.splits, 64, split="train", seed=0)
+    record = peer_baseline(problem.space, problem.budget, "tp_taylor", lambda c, r: problem.evaluate(c, r)[0],
+                           batch)["best"]
+    ours = problem.space.prune(record["keep"], ranking="tp_taylor").eval()
+    files = export(ours, problem.space.example_input, tmp_path / "out", "best_pruned", onnx=False,
+                   base=problem.network.checkpoint, keep=record["keep"], round_to=1)
+    loaded = load_model(files["pytorch"])
+    theirs = direct_run(problem.model, problem.space.example_input, "tp_taylor", record["pruning_ratio"], batch)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch[0]), theirs.eval()(batch[0]))

@@ -20,7 +20,7 @@ from ..problem import (
     save_checkpoint,
     uniform_counts,
 )
-from ..summary import delivered_policy
+from ..summary import delivered_network, delivered_policy
 from ..train import evaluate
 from ..utils import resolve_device, seed_everything
 
@@ -77,6 +77,10 @@ def read_policy(path: str | Path, group_names: list[str] | None = None) -> list[
         raise EntropySearchError(f"policy file {path} is not valid JSON: {exc}") from None
     if isinstance(data, dict):
         if data.keys() & {"policy", "delivered", "delivered_policy", "best", "best_policy"}:  # a search's result
+            ranking = delivered_network(data).get("ranking")
+            if ranking:
+                print(f"note: the delivered network kept the channels {ranking} ranks first; this keeps as many, "
+                      "ranked by L1 magnitude (the delivered network itself is the search's best_pruned.pt)")
             data = delivered_policy(data)
         data = data.get("keep", data) if isinstance(data, dict) else data
     if isinstance(data, dict) and group_names is not None:
