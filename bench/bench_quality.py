@@ -130,8 +130,9 @@ def finetune_budget(results: dict, baseline_epochs: int | None) -> str:
 
 
 def finalists(result: dict) -> dict[str, dict]:
-    """The final stage's finalists by label (uniform, top1..topk, random), each with its fine-tuned accuracies."""
-    found = {"uniform": result["baselines"]["uniform"].get("final"), "random": result["baselines"]["random"].get("final")}
+    """The final stage's finalists by label (uniform, top1..topk, random, Torch-Pruning's recipes), each with its
+    fine-tuned accuracies."""
+    found = {name: res.get("final") for name, res in result["baselines"].items()}
     found.update({entry["label"]: entry for entry in result.get("top_k") or []})
     return {label: found[label] for label in result["selection"]["finalists"] if found.get(label)}
 

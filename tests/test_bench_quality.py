@@ -26,9 +26,12 @@ def result(peers: bool) -> dict:
         baselines.update({name: {"best": {"accuracy": 0.89, "reward": 0.85}, "final": network(name, 0.90),
                                  "seconds": 5.0} for name in PEER_RECIPES})
     rung = {"heldout_accuracy": {"uniform": 0.92, "top1": 0.921}, "p_value_vs_uniform": {"top1": 0.4}}
+    if peers:  # a recipe more accurate on held-out images than uniform, delivered at a looser level
+        rung["heldout_accuracy"]["tp_taylor"] = 0.925
+        rung["p_value_vs_uniform"]["tp_taylor"] = 0.3
     return {"config": {"finetune": {"epochs": 3}}, "base": {"test_accuracy": 0.933}, "cost": {"search_seconds": 600.0},
             "agent": network("top1", 0.91), "top_k": [network("top1", 0.91)], "delivered": network("uniform", 0.912),
-            "baselines": baselines, "selection": {"winner": "uniform", "finalists": ["uniform", "top1"],
+            "baselines": baselines, "selection": {"winner": "uniform", "finalists": list(rung["heldout_accuracy"]),
                                                   "rungs": [rung]}}
 
 
@@ -39,7 +42,7 @@ def test_one_row_per_method_with_its_time_and_the_fine_tune_budget(tmp_path):
         folder.mkdir(parents=True)
         (folder / "result.json").write_text(json.dumps(result(peers)))
     args = argparse.Namespace(targets=[0.1], rewards=["agreement"], seeds=[0, 1], out=tmp_path, preset="fashion30",
-                              levels=[0.2])
+                              levels=[0.2, 1.0])
     lines = bench.report(args).splitlines()
     assert "fashion30: flops_target 0.1 (10.0x), seeds [0, 1]" in lines[1]
     assert "3 fine-tune epochs of the baseline's 30 (10%)" in lines[1]
@@ -49,3 +52,5 @@ def test_one_row_per_method_with_its_time_and_the_fine_tune_budget(tmp_path):
     for name in PEER_RECIPES:  # only the newer file has them: one run each
         assert rows[name].startswith(f"| {name} | - | 1 | 0.099 |") and rows[name].endswith("| 90.00 ± 0.00 | 5 | 120 |")
     assert rows["uniform"].startswith("| uniform | - | 2 |")
+    # replayed at other levels of the final stage: at 1.0 the recipe would have been delivered (-1.2 points)
+    assert "0.2: uniform +0.00, uniform +0.00; 1: tp_taylor -1.20, top1 -0.20" in lines[-1]
