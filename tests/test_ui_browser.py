@@ -177,9 +177,11 @@ def test_ui_shows_the_sweep_its_trials_charts_and_plot(browser, sweep, ui, shots
     browser.get(ui["trials"])
     _wait(browser, lambda c: all(name in _text(c) for name in trials), "the sweep's trial runs")
     _wait(browser, lambda c: "test_accuracy" in _text(c) and "macs_ratio" in _text(c), "the metric columns")
+    # the delivered network's columns first: which finalist it is (a tag column, shown cut to its first letters),
+    # then its MACs ratio and test accuracy; the agent's own pick after them
+    _wait(browser, lambda c: "entropy_sear" in _text(c) and all(label in _text(c) for label in sweep["delivered"]),
+          "the delivered network's column")
     text = _text(browser)
-    # the delivered network's columns first: which finalist it is, then its MACs ratio and test accuracy; the
-    # agent's own pick after them
     header = text[text.index("entropy_sear"):]
     assert header.index("macs_ratio") < header.index("test_accuracy") < header.index("agent_macs"), header[:300]
     assert all(label in text for label in sweep["delivered"]), (sweep["delivered"], text[:2000])
