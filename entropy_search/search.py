@@ -259,7 +259,7 @@ def run_baselines(problem: Problem, config: SearchConfig, state: SearchState) ->
     n_random = config.baselines.random_candidates or max(state.evaluations, 1)
     out = {"uniform": uniform_baseline(problem.budget, evaluate),
            "random": random_search(problem.budget, evaluate, n_random, seed=config.seed + 1)}
-    if problem.splits is None:  # simulated evaluations (benchmarks of the RL machinery): no network to prune
+    if problem.splits is None or not config.baselines.peers:  # simulated evaluations: no network to prune
         return out
     batch = eval_batch(problem.splits, config.data.eval_batch, split="train", seed=config.seed)
     for name in config.baselines.peers:

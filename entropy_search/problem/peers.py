@@ -111,12 +111,12 @@ def peer_baseline(space: PruningSpace, budget: Budget, name: str, evaluate: Eval
     t0 = time.perf_counter()
     rank_like(space, name, batch)
     lo, hi = 0.0, 1.0  # lo: over the target (or nothing pruned); hi: within it, or a group emptied
-    found: tuple[float, list[int], float] | None = None
+    found: tuple[float, list[int], float, nn.Module] | None = None
     done = 0
     while done < steps:
         ratio = (lo + hi) / 2
         done += 1
-        counts = _counts_at(space, name, ratio, batch)
+        network, counts = _counts_at(space, name, ratio, batch)
         cost = budget.cost(counts) if counts is not None else None
         if cost is None or cost > budget.target * (1 + 1e-9):
             if cost is None:
@@ -126,14 +126,14 @@ def peer_baseline(space: PruningSpace, budget: Budget, name: str, evaluate: Eval
             continue
         hi = ratio
         if found is None or cost > found[2]:
-            found = (ratio, counts, cost)
+            found = (ratio, counts, cost, network)
         if cost >= budget.target * (1 - tolerance / 3):
             break
     if found is None:
         raise EntropySearchError(f"{name}: no pruning ratio of {PEER_RECIPES[name].description} meets the budget "
                                  f"without emptying a channel group")
-    ratio, counts, cost = found
-    check_same_network(space, name, ratio, counts, batch)
+    ratio, counts, cost, network = found
+    check_same_network(space, name, network, counts, batch)
     record = dict(evaluate(counts, name))
     record.update(recipe=name, pruning_ratio=ratio, cost_ratio=cost / budget.base_cost,
                   within_tolerance=cost >= budget.target * (1 - tolerance))
@@ -141,19 +141,20 @@ def peer_baseline(space: PruningSpace, budget: Budget, name: str, evaluate: Eval
             "seconds": time.perf_counter() - t0}
 
 
-def _counts_at(space: PruningSpace, name: str, ratio: float, batch) -> list[int] | None:
-    """The channels each group keeps under recipe `name` at `ratio`; None when it empties a group."""
+def _counts_at(space: PruningSpace, name: str, ratio: float, batch) -> tuple[nn.Module | None, list[int] | None]:
+    """Recipe `name`'s network at `ratio` and the channels each group keeps in it; (None, None) when it empties a
+    group."""
     try:
-        counts = space.counts_of(peer_network(space, name, ratio, batch))
+        network = peer_network(space, name, ratio, batch)
+        counts = space.counts_of(network)
     except (RuntimeError, ValueError, IndexError):  # Torch-Pruning removing every channel of a layer
-        return None
-    return counts if min(counts) > 0 else None
+        return None, None
+    return (network, counts) if min(counts) > 0 else (None, None)
 
 
-def check_same_network(space: PruningSpace, name: str, ratio: float, counts: Sequence[int], batch) -> None:
+def check_same_network(space: PruningSpace, name: str, theirs: nn.Module, counts: Sequence[int], batch) -> None:
     """EntropySearchError unless the space's candidate (`counts`, ranked by recipe `name`) computes what
-    Torch-Pruning's own network at `ratio` computes, on the example input and the recipe's batch."""
-    theirs = peer_network(space, name, ratio, batch)
+    Torch-Pruning's own network `theirs` computes, on the example input and the recipe's batch."""
     ours = space.prune(space.counts_to_keep(counts), ranking=name).eval()
     device = next(theirs.parameters()).device
     x = space.example_input if batch is None else torch.cat([space.example_input, batch[0][:8]])
