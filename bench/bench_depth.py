@@ -57,6 +57,7 @@ from entropy_search.problem import (
     setup,
     uniform_counts,
 )
+from entropy_search.problem.blocks import find_blocks, remove_blocks
 from entropy_search.utils import environment_info
 
 
@@ -71,31 +72,21 @@ def stages(model: nn.Module) -> list[nn.Sequential]:
 
 
 def drop_blocks(model: nn.Module, example_input: torch.Tensor, per_stage: list[int]) -> nn.Module:
-    """A copy of `model` with the last `per_stage[s]` blocks of stage s replaced by the identity; refuses a
-    block whose output shape differs from its input's (only a shape-preserving block can become the identity)."""
+    """A copy of `model` with the last `per_stage[s]` blocks of stage s replaced by the identity; a block the
+    pruning space does not offer as a residual block (found from the graph: `find_blocks`) is refused, saying why."""
     parts = stages(model)
     if len(per_stage) != len(parts):
         raise EntropySearchError(f"a variant names {len(per_stage)} stages; the network has {len(parts)}")
     for s, (stage, k) in enumerate(zip(parts, per_stage)):
         if not 0 <= k < len(stage):
             raise EntropySearchError(f"stage layer{s + 1} has {len(stage)} blocks: can drop 0 to {len(stage) - 1}, not {k}")
-    shapes: dict[nn.Module, tuple] = {}
-    hooks = [block.register_forward_hook(lambda m, i, o: shapes.__setitem__(m, (i[0].shape, o.shape)))
-             for stage in parts for block in stage]
-    try:
-        with torch.no_grad():
-            model.eval()(example_input)
-    finally:
-        for h in hooks:
-            h.remove()
-    shallow = copy.deepcopy(model)
-    for s, (stage, k) in enumerate(zip(stages(shallow), per_stage)):
-        for i in range(len(stage) - k, len(stage)):
-            before, after = shapes[parts[s][i]]
-            if before != after:
-                raise EntropySearchError(f"layer{s + 1}.{i} maps {tuple(before)} to {tuple(after)}: it cannot become the identity")
-            stage[i] = nn.Identity()
-    return shallow
+    names = [f"layer{s + 1}.{i}" for s, (stage, k) in enumerate(zip(parts, per_stage)) for i in range(len(stage) - k, len(stage))]
+    offered, reasons = find_blocks(model, example_input)
+    offered_names = {b.name for b in offered}
+    for name in names:
+        if name not in offered_names:
+            raise EntropySearchError(f"cannot drop {name}: {name} {reasons.get(name, 'is not a residual block')}")
+    return remove_blocks(copy.deepcopy(model), names)
 
 
 def parse_variant(text: str) -> list[int]:

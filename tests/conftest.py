@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 # tests/user_models.py is a user's model package: importable here and in the Ray workers this process starts
 _TESTS = str(Path(__file__).resolve().parent)
@@ -113,27 +114,48 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def assert_exact(space, batch: torch.Tensor, keep) -> None:
-    """The pruning space's promise on one candidate: masked == sliced == physically pruned outputs (1e-4
-    relative), the original model untouched, the classifier's output never pruned, analytic == counted MACs and
-    parameters of the pruned network and of the unpruned one."""
+def randomise_weights(model: nn.Module, seed: int) -> None:
+    """Non-trivial BN statistics (a mask placed before a BN shift would show) and no all-zero layer (torchvision
+    initialises some classifier heads to zero, which would make every comparison trivially equal)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            for p in m.parameters(recurse=False):
+                if p.ndim > 0 and not p.any():
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+def assert_exact(space, batch: torch.Tensor, keep, dropped=()) -> None:
+    """The pruning space's promise on one candidate (channels kept, blocks dropped): masked == sliced == physically
+    pruned outputs (1e-4 relative), the original model untouched, the classifier's output never pruned, analytic ==
+    counted MACs and parameters of the pruned network and of the unpruned one, the dropped blocks gone from it."""
     from entropy_search import count_macs, count_params
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
         return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
     model, x = space.model, space.example_input
+    modules = list(model.named_modules())
     with torch.no_grad():
         before = model(batch)
-        pruned = space.prune(keep).eval()
+        pruned = space.prune(keep, dropped=dropped).eval()
         expected = pruned(batch)
-        with space.masked(keep):
+        with space.masked(keep, dropped=dropped):
             masked = model(batch)
-        with space.sliced(keep):
+        with space.sliced(keep, dropped=dropped):
             sliced = model(batch)
         after = model(batch)
     assert torch.equal(before, after), "the original model must be untouched"
+    assert list(model.named_modules()) == modules, "the original model keeps its blocks"
     assert expected.shape == before.shape, "the classifier output is never pruned"
     assert rel(masked, expected) < 1e-4 and rel(sliced, expected) < 1e-4
-    assert space.macs(keep) == count_macs(pruned, x) and space.base_macs == count_macs(model, x)
-    assert space.params(keep) == count_params(pruned) and space.base_params == count_params(model)
+    assert space.macs(keep, dropped) == count_macs(pruned, x) and space.base_macs == count_macs(model, x)
+    assert space.params(keep, dropped) == count_params(pruned) and space.base_params == count_params(model)
+    left = dict(pruned.named_modules())
+    names = space.dropped_names(dropped)
+    for name in names:  # a block inside a dropped block goes with it
+        gone = name not in left if any(name.startswith(o + ".") for o in names) else isinstance(left[name], nn.Identity)
+        assert gone, f"{name} is removed from the pruned network"

@@ -131,17 +131,17 @@ def test_pruned_checkpoint_with_prune_fn(tmp_path, digits):
     path = _save(tmp_path / "pruned.pt", small, keep=[0.5, 0.5, 0.5])
     calls = []
 
-    def prune_fn(model, example_input, keep):
-        calls.append((example_input.shape, keep))
+    def prune_fn(model, example_input, keep, dropped):
+        calls.append((example_input.shape, keep, dropped))
         return create_model("digits_cnn", width=int(16 * keep[0]))
 
     rebuilt = build_model(load_checkpoint(path), prune_fn=prune_fn)
-    assert calls == [((1, 1, 8, 8), [0.5, 0.5, 0.5])]
+    assert calls == [((1, 1, 8, 8), [0.5, 0.5, 0.5], [])]
     x, _ = eval_batch(digits, 8)
     small.eval()
     assert torch.allclose(rebuilt(x), small(x))
     with pytest.raises(CheckpointError, match="do not fit"):
-        build_model(load_checkpoint(path), prune_fn=lambda model, x, keep: model)
+        build_model(load_checkpoint(path), prune_fn=lambda model, x, keep, dropped: model)
 
 
 def test_pruned_checkpoint_with_the_default_pruning_space(tmp_path, model, digits):
@@ -153,6 +153,27 @@ def test_pruned_checkpoint_with_the_default_pruning_space(tmp_path, model, digit
     x, _ = eval_batch(digits, 16)
     pruned.eval()
     assert torch.allclose(rebuilt(x), pruned(x), atol=1e-6)
+
+
+def test_pruned_checkpoint_without_its_dropped_blocks(tmp_path, model, digits):
+    """A network with a residual block dropped is rebuilt without it (format version 2), and computes the same."""
+    space = PruningSpace(model, torch.zeros(1, 1, 8, 8))
+    keep = [0.5] * len(space.groups)
+    pruned = space.prune(keep, dropped=["block"])
+    path = _save(tmp_path / "shallow.pt", pruned, keep=keep, dropped=["block"])
+    ckpt = load_checkpoint(path)
+    assert ckpt.dropped == ["block"] and ckpt.format_version == FORMAT_VERSION == 2
+    rebuilt = build_model(ckpt)
+    assert isinstance(rebuilt.block, nn.Identity) and not any(k.startswith("block.") for k in ckpt.state_dict)
+    x, _ = eval_batch(digits, 16)
+    assert torch.allclose(rebuilt(x), pruned.eval()(x), atol=1e-6)
+    with pytest.raises(CheckpointError, match="dropped blocks need the keep ratios"):
+        _save(tmp_path / "bad.pt", model, dropped=["block"])
+    payload = torch.load(path, weights_only=True)
+    payload["dropped"] = ["stem"]
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=r"without stem: cannot drop stem: stem maps \(1, 8, 8\) to \(16, 8, 8\)"):
+        build_model(load_checkpoint(path))
 
 
 def test_newer_format_version_is_refused(tmp_path, model):
@@ -167,4 +188,4 @@ def test_newer_format_version_is_refused(tmp_path, model):
 def test_example_input_has_the_trained_shape(tmp_path, model):
     ckpt = load_checkpoint(_save(tmp_path / "c.pt", model))
     assert ckpt.example_input().shape == (1, 1, 8, 8) and ckpt.example_input(4).shape == (4, 1, 8, 8)
-    assert ckpt.format_version == FORMAT_VERSION
+    assert ckpt.format_version == 1, "a file without dropped blocks stays readable by readers before blocks"

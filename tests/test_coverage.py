@@ -1,6 +1,6 @@
 """Coverage of torchvision's classification models (docs/design.md, "The pruning space"): every model is either
 exact (masked == sliced == pruned outputs, analytic == counted MACs and parameters, the original untouched) or
-refused with one line naming where; the README states the figure this test measures."""
+refused with one line naming where, with random residual blocks dropped where it has them; the README states the figure this test measures."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import random
 import pytest
 import torch
 import torchvision
-from conftest import assert_exact
-from torch import nn
+from conftest import assert_exact, randomise_weights
 
 from entropy_search import PruningSpace, create_model
 from entropy_search.errors import EntropySearchError
@@ -20,6 +19,10 @@ MODELS = torchvision.models.list_models(module=torchvision.models)
 REFUSED = {
     **{name: "Torch-Pruning" for name in MODELS if name.startswith("swin")},  # shape inference of shifted windows
 }
+# Families with shape-preserving residual blocks (an identity shortcut around a branch); the others have none (VGG,
+# DenseNet's and Inception's concatenations, ShuffleNet's shuffles, ViT's blocks of two residual adds)
+WITH_BLOCKS = ("resnet", "resnext", "wide_resnet", "mobilenet_v2", "mobilenet_v3", "efficientnet", "regnet",
+               "mnasnet", "convnext", "maxvit")
 # The smallest inputs the architectures take (exactness does not depend on the size; 224 is slow on 2 cores)
 SIZES = {"inception_v3": 96, "maxvit_t": 224}
 # ViTs take one image size: a few patches (32 = 2x2 patches of 16, 28 = 2x2 of 14)
@@ -27,26 +30,12 @@ BUILD = {name: {"image_size": 28 if name.endswith("_14") else 32} for name in MO
 ANALYSIS_SECONDS = 20
 
 
-def _randomise(model: nn.Module, seed: int) -> None:
-    """Non-trivial BN statistics (a mask placed before a BN shift would show) and no all-zero layer (torchvision
-    initialises some classifier heads to zero, which would make every comparison trivially equal)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            for p in m.parameters(recurse=False):
-                if p.ndim > 0 and not p.any():
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_torchvision_model_is_exact_or_refused_with_a_reason(name, one_thread):
     torch.manual_seed(0)
     model = create_model(f"tv:{name}", num_classes=10, **BUILD.get(name, {})).eval()
-    _randomise(model, 0)
+    randomise_weights(model, 0)
     size = BUILD.get(name, {}).get("image_size") or SIZES.get(name, 64)
     x = torch.randn(1, 3, size, size)
     try:
@@ -59,6 +48,9 @@ def test_torchvision_model_is_exact_or_refused_with_a_reason(name, one_thread):
         return
     assert name not in REFUSED, f"{name} is handled now: update REFUSED and the README's coverage figure"
     assert space.groups, "an accepted model has something to prune"
-    keep = [random.Random(1).uniform(0.1, 1.0) for _ in space.groups]
-    assert_exact(space, torch.randn(2, 3, size, size), keep)
-    assert space.macs(keep) < space.base_macs
+    rng = random.Random(1)
+    keep = [rng.uniform(0.1, 1.0) for _ in space.groups]
+    dropped = [b.index for b in space.blocks if rng.random() < 0.5]  # depth too, where the model has blocks
+    assert_exact(space, torch.randn(2, 3, size, size), keep, dropped)
+    assert space.macs(keep, dropped) < space.base_macs
+    assert bool(space.blocks) == any(name.startswith(family) for family in WITH_BLOCKS), "blocks found from the graph"

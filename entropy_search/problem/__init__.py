@@ -1,4 +1,4 @@
-"""The pruning problem in plain PyTorch (docs/design.md): channel groups, the FLOPs budget and its
+"""The pruning problem in plain PyTorch (docs/design.md): channel groups and residual blocks, the FLOPs budget and its
 clipping, candidate evaluation with its cache, spatial entropy, rewards, adaptive BN, MACs, the
 uniform and random baselines, Torch-Pruning's own recipes as baselines, one `setup` from a search config and
 one `finalize`.
@@ -9,6 +9,7 @@ the sweep, tracking and the command line are clients of it.
 
 from .adaptive_bn import recalibrate_batchnorm, recalibrated_batchnorm
 from .baselines import random_counts, random_search, uniform_baseline, uniform_counts
+from .blocks import ResidualBlock
 from .budget import Budget, MacsForm
 from .checkpoint import Checkpoint, build_model, load_checkpoint, load_model, save_checkpoint
 from .entropy import EntropyProbe, network_entropy, spatial_entropy
@@ -45,6 +46,7 @@ __all__ = [
     "Network",
     "Problem",
     "PruningSpace",
+    "ResidualBlock",
     "SimulatedEvaluator",
     "build_model",
     "cache_entry",

@@ -22,14 +22,17 @@ from ..utils import environment_info, torch_save_atomically
 from .space import PruningSpace
 
 FORMAT = "entropy-search-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: a pruned network may have dropped residual blocks (`dropped`); a file without any is written as version 1,
+which readers before blocks read as before."""
 
-PruneFn = Callable[[nn.Module, torch.Tensor, Sequence[float]], nn.Module]
+PruneFn = Callable[[nn.Module, torch.Tensor, Sequence[float], Sequence[str]], nn.Module]
 
 
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint; `keep` holds one keep ratio per channel group when the model was pruned."""
+    """A loaded checkpoint; `keep` holds one keep ratio per channel group when the model was pruned, `dropped` the
+    names of the residual blocks it no longer has."""
 
     path: Path
     model_name: str
@@ -42,6 +45,7 @@ class Checkpoint:
     metrics: dict
     state_dict: dict[str, torch.Tensor]
     keep: list[float] | None = None
+    dropped: list[str] = field(default_factory=list)
     environment: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
@@ -67,12 +71,15 @@ def save_checkpoint(
     config: Mapping | None = None,
     metrics: Mapping | None = None,
     keep: Sequence[float] | None = None,
+    dropped: Sequence[str] = (),
 ) -> Path:
     """Write `model`'s weights and metadata to `path` atomically (temporary file, then rename)."""
     path = Path(path)
+    if dropped and keep is None:
+        raise CheckpointError(f"cannot write checkpoint {path}: dropped blocks need the keep ratios of the pruning")
     payload = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if dropped else 1,
         "model_name": str(model_name),
         "model_kwargs": plain(dict(model_kwargs or {})),
         "num_classes": int(num_classes),
@@ -82,6 +89,7 @@ def save_checkpoint(
         "config": plain(dict(config or {})),
         "metrics": plain(dict(metrics or {})),
         "keep": None if keep is None else [float(k) for k in keep],
+        "dropped": [str(name) for name in dropped],
         "environment": plain(environment_info()),
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
     }
@@ -131,6 +139,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         metrics=dict(payload["metrics"]),
         state_dict=payload["state_dict"],
         keep=payload.get("keep"),
+        dropped=list(payload.get("dropped") or []),
         environment=dict(payload.get("environment") or {}),
         format_version=int(payload.get("format_version", FORMAT_VERSION)),
     )
@@ -140,8 +149,8 @@ def build_model(ckpt: Checkpoint, prune_fn: PruneFn | None = None) -> nn.Module:
     """Recreate the checkpoint's model (pruned with `prune_fn` when `ckpt.keep` is set), load its
     weights, and return it in eval mode on the CPU.
 
-    `prune_fn(model, example_input, keep)` defaults to `PruningSpace(model, example_input,
-    round_to=ckpt.config.get('round_to', 1)).prune(keep)`.
+    `prune_fn(model, example_input, keep, dropped)` defaults to `PruningSpace(model, example_input,
+    round_to=ckpt.config.get('round_to', 1)).prune(keep, dropped=dropped)`.
     """
     try:
         model = create_model(ckpt.model_name, num_classes=ckpt.num_classes, in_channels=ckpt.in_channels,
@@ -155,9 +164,10 @@ def build_model(ckpt: Checkpoint, prune_fn: PruneFn | None = None) -> nn.Module:
     if ckpt.keep is not None:
         prune = prune_fn or _default_prune_fn(ckpt)
         try:
-            model = prune(model, ckpt.example_input(), list(ckpt.keep))
+            model = prune(model, ckpt.example_input(), list(ckpt.keep), list(ckpt.dropped))
         except EntropySearchError as exc:
-            raise CheckpointError(f"checkpoint {ckpt.path}: cannot prune its model to keep={ckpt.keep}: {exc}") from None
+            raise CheckpointError(f"checkpoint {ckpt.path}: cannot prune its model to keep={ckpt.keep}"
+                                  f"{' without ' + ', '.join(ckpt.dropped) if ckpt.dropped else ''}: {exc}") from None
     try:
         model.load_state_dict(ckpt.state_dict, strict=True)
     except (RuntimeError, KeyError, ValueError) as exc:
@@ -165,7 +175,8 @@ def build_model(ckpt: Checkpoint, prune_fn: PruneFn | None = None) -> nn.Module:
         detail = "; ".join(lines[1:3] or lines[:1])[:300]
         raise CheckpointError(
             f"checkpoint {ckpt.path}: its weights do not fit model {ckpt.model_name!r}"
-            f"{' pruned to keep=' + str(ckpt.keep) if ckpt.keep is not None else ''} ({detail})"
+            f"{' pruned to keep=' + str(ckpt.keep) if ckpt.keep is not None else ''}"
+            f"{' without ' + ', '.join(ckpt.dropped) if ckpt.dropped else ''} ({detail})"
         ) from None
     return model.eval()
 
@@ -181,7 +192,7 @@ def _default_prune_fn(ckpt: Checkpoint) -> PruneFn:
     """`PruningSpace(...).prune(keep)` with the rounding the checkpoint was pruned with."""
     round_to = int(ckpt.config.get("round_to", 1))
 
-    def prune(model: nn.Module, example_input: torch.Tensor, keep: Sequence[float]) -> nn.Module:
-        return PruningSpace(model, example_input, round_to=round_to).prune(keep)
+    def prune(model: nn.Module, example_input: torch.Tensor, keep: Sequence[float], dropped: Sequence[str]) -> nn.Module:
+        return PruningSpace(model, example_input, round_to=round_to, blocks=bool(dropped)).prune(keep, dropped=dropped)
 
     return prune

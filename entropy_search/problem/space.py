@@ -31,7 +31,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
@@ -42,6 +42,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import EntropySearchError
+from .blocks import ResidualBlock, find_blocks, outermost, remove_blocks, removed
 from .macs import count_macs
 
 Importance = Callable[[tp.dependency.Group], torch.Tensor]
@@ -78,6 +79,9 @@ class ChannelGroup:
     channels_per_unit: int = 1
     """Channels pruned together as one unit of `channels`: the group count of a grouped convolution in the group
     (its groups keep the same positions, as Torch-Pruning prunes them), 1 otherwise."""
+    block: int | None = None
+    """The innermost residual block (`PruningSpace.blocks`) that holds the whole group, if any: while it is dropped,
+    the group's choice does not matter."""
 
 
 @dataclass
@@ -154,9 +158,11 @@ class PruningSpace:
         round_to: int = 1,
         importance: str | Importance = "l1",
         ignored_layers: Sequence[nn.Module] | None = None,
+        blocks: bool = True,
         max_seconds: float = 600.0,
     ) -> None:
-        """`max_seconds` bounds Torch-Pruning's dependency analysis (a clear error instead of a wait without end)."""
+        """`blocks` offers the network's shape-preserving residual blocks as keep-or-drop choices (`blocks.py`);
+        `max_seconds` bounds Torch-Pruning's dependency analysis (a clear error instead of a wait without end)."""
         if round_to < 1:
             raise EntropySearchError(f"round_to must be >= 1, got {round_to}")
         self.model = model
@@ -175,6 +181,7 @@ class PruningSpace:
             self._graph = graph
             self._shuffles = _channel_mixing_reshapes(graph)
             self._build(graph, raw, order, outputs, importance)
+            self._index_blocks(*(find_blocks(model, example_input) if blocks else ([], {})))
         finally:
             model.train(was_training)
         self._fixed_macs = 0
@@ -249,13 +256,18 @@ class PruningSpace:
         smallest = [1 / g.channels for g in self.groups]
         with self.sliced(smallest):
             extra_smallest = count_macs(self.model, self.example_input) - self.macs(smallest)
-        if extra_smallest == extra:
-            self._fixed_macs = extra
-            self.base_macs = counted
-            return
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             self.model.eval()
             self.model(self.example_input)
+        if extra_smallest == extra:
+            self._fixed_macs = extra
+            self.base_macs = counted
+            root = type(self.model).__name__
+            flops = counter.get_flop_counts()
+            # a block's counted MACs beyond its layers' (`b.macs` so far: its layers only, at full width)
+            self._block_extra_macs = [sum(flops.get(f"{root}.{b.name}", {}).values()) // 2 - b.macs for b in self.blocks]
+            self.blocks = [replace(b, macs=b.macs + extra_b) for b, extra_b in zip(self.blocks, self._block_extra_macs)]
+            return
         untracked: dict[str, list[str]] = {}
         for name, ops in counter.get_flop_counts().items():
             other = sorted(str(op).split(".")[-1] for op in ops if str(op).split(".")[-1] not in _LAYER_OPS)
@@ -329,6 +341,7 @@ class PruningSpace:
         self._tp_groups: list = []  # Torch-Pruning's own group of each channel group, for other importances
         self._units: list[torch.Tensor] = []
         self._roots: list[tuple[str, bool]] = []
+        self._group_modules: list[list[nn.Module]] = []
         mask_points: dict[nn.Module, list[tuple[int, torch.Tensor]]] = {}
         self._depthwise: list[nn.Module] = []
         layer_norms: list[nn.LayerNorm] = []
@@ -344,6 +357,7 @@ class PruningSpace:
                     layer_norms.append(module)
             for owner, attr, dim, imap in params:
                 sliced(owner, attr).add(dim, g, imap)
+            self._group_modules.append([m for m, _ in producers] + [m for m, _ in consumers] + [o for o, _, _, _ in params])
             for module, imap in consumers:
                 if isinstance(module, (nn.Conv2d, nn.Linear)):
                     sliced(module, "weight").add(1, g, imap)
@@ -377,6 +391,38 @@ class PruningSpace:
             if (id(m), n) not in counted
         )
         self.groups = [replace(group, macs=self._group_macs(group.index)) for group in self.groups]
+
+    def _index_blocks(self, blocks: list[ResidualBlock], reasons: dict[str, str]) -> None:
+        """Which blocks hold each layer, tensor and group, and what each block holds (MACs, parameters, groups)."""
+        modules = dict(self.model.named_modules())
+        inside: dict[int, frozenset[int]] = {}
+        for b in blocks:
+            for m in modules[b.name].modules():
+                inside[id(m)] = inside.get(id(m), frozenset()) | {b.index}
+
+        def within(module: nn.Module) -> frozenset[int]:
+            return inside.get(id(module), frozenset())
+
+        self._block_reasons = reasons
+        self._layer_blocks = [within(layer.weight.module) for layer in self._layers]
+        self._tensor_blocks = [within(t.module) for t in self._tensors]
+        self._group_blocks = [frozenset.intersection(*(within(m) for m in members)) if members else frozenset()
+                              for members in self._group_modules]
+        counted = {(id(t.module), t.name) for t in self._tensors if t.is_param}
+        self._block_fixed_params = [
+            sum(p.numel() for m in modules[b.name].modules() for n, p in m.named_parameters(recurse=False)
+                if (id(m), n) not in counted) for b in blocks]
+        self._block_extra_macs = [0] * len(blocks)  # MACs outside layers, set by `_check_macs_are_tracked`
+        self.blocks = [replace(
+            b,
+            macs=sum(layer.positions * math.prod(layer.weight.shape)
+                     for layer, held in zip(self._layers, self._layer_blocks) if b.index in held),
+            params=self._block_fixed_params[b.index] + sum(
+                math.prod(t.shape) for t, held in zip(self._tensors, self._tensor_blocks) if t.is_param and b.index in held),
+            groups=tuple(g for g, held in enumerate(self._group_blocks) if b.index in held),
+        ) for b in blocks]
+        self.groups = [replace(group, block=max(held, key=lambda b: len(blocks[b].name)) if held else None)
+                       for group, held in zip(self.groups, self._group_blocks)]
 
     def _analyse_group(self, graph, group, owners, dims, outputs) -> tuple:
         """One Torch-Pruning group as (first execution index, full group, root, root handler, units, producers,
@@ -599,21 +645,71 @@ class PruningSpace:
         order = self._ordering(ranking)
         return [order[g][:k].sort().values for g, k in enumerate(self.kept_channels(keep))]
 
-    def macs(self, keep: Sequence[float]) -> int:
+    def macs(self, keep: Sequence[float], dropped: Collection[int | str] = ()) -> int:
         """MACs of the candidate on `example_input`, equal to a counter's on the pruned model."""
-        return self.macs_of_counts(self.kept_channels(keep))
+        return self.macs_of_counts(self.kept_channels(keep), self.check_dropped(dropped))
 
-    def macs_of_counts(self, counts: Sequence[int]) -> int:
-        """MACs from channel counts per group (no rounding, no validation: the inner loop of budget clipping)."""
-        return self._fixed_macs + sum(layer.positions * self._kept_numel(layer.weight, counts) for layer in self._layers)
+    def macs_of_counts(self, counts: Sequence[int], dropped: frozenset[int] = frozenset()) -> int:
+        """MACs from channel counts per group and the indices of the dropped blocks (no rounding, no validation:
+        the inner loop of budget clipping)."""
+        if not dropped:
+            return self._fixed_macs + sum(layer.positions * self._kept_numel(layer.weight, counts) for layer in self._layers)
+        return (self._fixed_macs - sum(self._block_extra_macs[b] for b in self._outermost(dropped))
+                + sum(layer.positions * self._kept_numel(layer.weight, counts)
+                      for layer, held in zip(self._layers, self._layer_blocks) if not held & dropped))
 
-    def params(self, keep: Sequence[float]) -> int:
-        """Parameters of the pruned model, equal to `count_params(space.prune(keep))`."""
-        return self.params_of_counts(self.kept_channels(keep))
+    def params(self, keep: Sequence[float], dropped: Collection[int | str] = ()) -> int:
+        """Parameters of the pruned model, equal to `count_params(space.prune(keep, dropped=dropped))`."""
+        return self.params_of_counts(self.kept_channels(keep), self.check_dropped(dropped))
 
-    def params_of_counts(self, counts: Sequence[int]) -> int:
-        """Parameters from channel counts per group (no rounding, no validation)."""
-        return self._fixed_params + sum(self._kept_numel(t, counts) for t in self._tensors if t.is_param)
+    def params_of_counts(self, counts: Sequence[int], dropped: frozenset[int] = frozenset()) -> int:
+        """Parameters from channel counts per group and the indices of the dropped blocks (no rounding, no
+        validation)."""
+        return (self._fixed_params - sum(self._block_fixed_params[b] for b in self._outermost(dropped))
+                + sum(self._kept_numel(t, counts) for t, held in zip(self._tensors, self._tensor_blocks)
+                      if t.is_param and not held & dropped))
+
+    # ------------------------------------------------------------------ blocks
+
+    def check_dropped(self, dropped: Collection[int | str]) -> frozenset[int]:
+        """Validate the blocks a candidate drops, given by index into `blocks` or by module name: a module that is
+        not an offered block is refused, saying why."""
+        by_name = {b.name: b.index for b in self.blocks}
+        out = set()
+        for item in dropped:
+            if isinstance(item, str):
+                if item not in by_name:
+                    raise EntropySearchError(f"cannot drop {item}: {self._not_a_block(item)}")
+                out.add(by_name[item])
+            elif isinstance(item, (int, np.integer)) and not isinstance(item, bool) and 0 <= item < len(self.blocks):
+                out.add(int(item))
+            else:
+                raise EntropySearchError(f"a dropped block is a block name or an index below {len(self.blocks)} "
+                                         f"(this space offers {len(self.blocks)} blocks), got {item!r}")
+        return frozenset(out)
+
+    def _not_a_block(self, name: str) -> str:
+        if name in self._block_reasons:
+            return f"{name} {self._block_reasons[name]}"
+        if name not in self._names.values():
+            return f"the model has no module named {name!r}"
+        if not self.blocks and not self._block_reasons:
+            return "this space does not offer blocks"
+        return f"{name} is not a block this space offers (it does not run once on one tensor)"
+
+    def dropped_names(self, dropped: Collection[int | str]) -> list[str]:
+        """Module names of the dropped blocks, in forward order."""
+        return [self.blocks[b].name for b in sorted(self.check_dropped(dropped))]
+
+    def idle_groups(self, dropped: Collection[int | str]) -> list[int]:
+        """Channel groups that lie wholly inside a dropped block: their choices do not change the network."""
+        dropped = self.check_dropped(dropped)
+        return [g for g, held in enumerate(self._group_blocks) if held & dropped]
+
+    def _outermost(self, dropped: frozenset[int]) -> list[int]:
+        """The dropped blocks no other dropped block contains (what a nested drop removes is counted once)."""
+        index = {self.blocks[b].name: b for b in dropped}
+        return [index[name] for name in outermost(index)]
 
     @staticmethod
     def _kept_numel(t: _SlicedTensor, counts: Sequence[int]) -> int:
@@ -631,9 +727,12 @@ class PruningSpace:
             raise EntropySearchError(f"input of shape {tuple(x.shape)} does not match the model's input [N, {', '.join(map(str, expected))}]")
 
     @contextmanager
-    def masked(self, keep: Sequence[float], ranking: str | None = None) -> Iterator[nn.Module]:
-        """Within the block, `self.model` computes what `self.prune(keep)` computes (pruned channels zeroed)."""
+    def masked(self, keep: Sequence[float], ranking: str | None = None,
+               dropped: Collection[int | str] = ()) -> Iterator[nn.Module]:
+        """Within the block, `self.model` computes what `self.prune(keep, ranking, dropped)` computes (pruned
+        channels zeroed, dropped blocks replaced by the identity)."""
         indices = self.kept_indices(keep, ranking)
+        names = self.dropped_names(dropped)
         handles = []
         hooked, masks = [], []
         for module, dim, channels, parts in self._masks:  # built on the CPU, moved in one transfer (see `sliced`)
@@ -652,16 +751,20 @@ class PruningSpace:
         for (module, _), kept in zip(norms, _to_devices([k for _, k in norms], [device] * len(norms))):
             handles.append(module.register_forward_hook(_layer_norm_hook(kept, _channel_dim(module))))
         try:
-            yield self.model
+            with removed(self.model, names):
+                yield self.model
         finally:
             for h in handles:
                 h.remove()
 
     @contextmanager
-    def sliced(self, keep: Sequence[float], ranking: str | None = None) -> Iterator[nn.Module]:
-        """Within the block, `self.model` runs with only the kept channels' weights: the pruned network's
-        function at the pruned network's cost, with no copy and no graph rebuild. Inference only."""
+    def sliced(self, keep: Sequence[float], ranking: str | None = None,
+               dropped: Collection[int | str] = ()) -> Iterator[nn.Module]:
+        """Within the block, `self.model` runs with only the kept channels' weights and without the dropped blocks:
+        the pruned network's function at the pruned network's cost, with no copy and no graph rebuild. Inference
+        only."""
         indices = self.kept_indices(keep, ranking)
+        names = self.dropped_names(dropped)
         saved = []
         # Every index this candidate needs, built on the CPU and moved in one transfer per device: one
         # small synchronous copy per layer would make the host wait for the GPU before every slice.
@@ -689,14 +792,17 @@ class PruningSpace:
                 for module, _ in self._layer_norms:
                     saved.append((module.__dict__, "normalized_shape", module.normalized_shape))
                     module.normalized_shape = (int(module.weight.shape[0]),)
-            yield self.model
+            with removed(self.model, names):
+                yield self.model
         finally:
             for store, name, original in reversed(saved):
                 store[name] = original
 
-    def prune(self, keep: Sequence[float], ranking: str | None = None) -> nn.Module:
-        """A physically pruned deep copy (Torch-Pruning removes the channels); the original is untouched."""
+    def prune(self, keep: Sequence[float], ranking: str | None = None, dropped: Collection[int | str] = ()) -> nn.Module:
+        """A physically pruned deep copy (Torch-Pruning removes the channels, on the whole network; the dropped
+        blocks are then removed, replaced by the identity); the original is untouched."""
         indices = self.kept_indices(keep, ranking)
+        names = self.dropped_names(dropped)
         model = copy.deepcopy(self.model)
         modules = dict(model.named_modules())
         was_training = model.training
@@ -716,6 +822,7 @@ class PruningSpace:
             fn = pruner.prune_out_channels if is_out else pruner.prune_in_channels
             graph.get_pruning_group(root, fn, idxs=drop).prune()
         self._copy_kept_values(indices, modules)
+        remove_blocks(model, names)
         model.train(was_training)
         return model
 
@@ -762,6 +869,10 @@ class PruningSpace:
             width = f"{g.channels:5d} ch" if g.channels_per_unit == 1 else f"{g.channels:5d} x {g.channels_per_unit} ch"
             lines.append(f"  [{g.index:2d}] {g.name:<28} {g.layer_type:<9} {width}  {100 * g.macs / self.base_macs:5.1f}% MACs")
         lines += [f"  stays whole: {reason}" for reason in self.fixed_groups]
+        if self.blocks:
+            lines.append(f"{len(self.blocks)} residual blocks that may be dropped:")
+            lines += [f"  [{b.index:2d}] {b.name:<28} {'x'.join(map(str, b.shape)):<12} {100 * b.macs / self.base_macs:5.1f}% MACs"
+                      f"  groups {', '.join(map(str, b.groups)) or '-'}" for b in self.blocks]
         return "\n".join(lines)
 
 
