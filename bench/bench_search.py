@@ -48,7 +48,7 @@ def bench_runners(model: str, runners: list[int], eval_seconds: float, iteration
                 "stop": {"iterations": iterations + 1},
                 "output": {"dir": str(out), "checkpoint_every": 10_000},
             })
-            n_groups = _n_groups(config)
+            n_steps = _n_steps(config)
             marks: list[tuple[float, int, float]] = []
 
             phases: list[tuple[float, float]] = []
@@ -57,7 +57,7 @@ def bench_runners(model: str, runners: list[int], eval_seconds: float, iteration
                 marks.append((time.perf_counter(), metrics["candidates"], metrics["eval_seconds"]))
                 phases.append((metrics["sampling_seconds"], metrics["learner_seconds"]))
 
-            search = RLSearch(config, n_groups, progress=False, on_iteration=mark)
+            search = RLSearch(config, n_steps, progress=False, on_iteration=mark)
             t_build = time.perf_counter()
             search.build()
             build_s = time.perf_counter() - t_build
@@ -70,7 +70,7 @@ def bench_runners(model: str, runners: list[int], eval_seconds: float, iteration
             cands = c2 - c1
             evals = e2 - e1  # seconds spent in evaluations, summed over runners
             rows.append({
-                "model": model, "runners": r, "groups": n_groups, "candidates": cands, "wall_s": wall,
+                "model": model, "runners": r, "steps": n_steps, "candidates": cands, "wall_s": wall,
                 "candidates_per_s": cands / wall, "ideal_per_s": r / eval_seconds,
                 "rl_overhead": 1.0 - evals / (r * wall), "build_s": build_s, "total_s": time.perf_counter() - t0,
                 "learner_fraction": len(marks[1:]) * phases[-1][1] / wall,  # learner update (EMA) x iterations / wall
@@ -81,10 +81,12 @@ def bench_runners(model: str, runners: list[int], eval_seconds: float, iteration
     return rows
 
 
-def _n_groups(config) -> int:
+def _n_steps(config) -> int:
+    """Steps per episode: one per residual block and channel group."""
     from entropy_search.problem import setup
 
-    return setup(config).budget.n
+    space = setup(config).space
+    return len(space.blocks) + len(space.groups)
 
 
 def bench_env(model: str, candidates: int, batch: int, threads: int, device: str = "cpu") -> dict:

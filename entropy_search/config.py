@@ -158,6 +158,9 @@ class SearchSettings(Section):
     action_spread: PositiveFloat = 1.0
     """`relative` action space: an action of +-1 multiplies the uniform keep ratio by 2**(+-action_spread)."""
 
+    blocks: bool = True
+    """Depth as a choice: each shape-preserving residual block of the network (an identity shortcut around a branch, found from its graph) is kept or dropped by the search, next to the channel counts; a dropped block computes the identity and is removed from the delivered network. A network without such blocks searches channels only. Under `budget: latency` blocks are not offered yet (the latency table does not cover them). docs/design.md, "Residual blocks"."""
+
     round_to: PositiveInt = 1
     """Kept channel counts are rounded to a multiple of this (8 suits GPUs, 1 tiny networks)."""
 

@@ -89,7 +89,8 @@ def finalize_record(problem: Problem, config: SearchConfig, record: dict, *, lab
     the search's own (reward, entropy, held-out accuracy); BN re-estimated on the search's images."""
     measured, pruned = finalize(problem.space, problem.splits, record["keep"], finetune=config.finetune,
                                 calibration=problem.evaluator.calibration, seed=config.seed, label=f"fine-tune {label}",
-                                progress=progress, ranking=record.get("ranking"))
+                                progress=progress, ranking=record.get("ranking"),
+                                dropped=record.get("dropped_blocks") or ())
     out = {
         "label": label,
         "policy": policy_of(problem.space, record),
@@ -127,7 +128,8 @@ def select_delivered(problem: Problem, config: SearchConfig, state: SearchState,
     if not sel.enabled or len(labels) <= 1:
         out = {"enabled": sel.enabled, "method": sel.method, "winner": labels[0], "rungs": []}
     elif sel.method == "halving":
-        finalists = [(lb, records[lb]["keep"], records[lb].get("ranking")) for lb in labels]
+        finalists = [(lb, records[lb]["keep"], records[lb].get("ranking"), records[lb].get("dropped_blocks") or ())
+                     for lb in labels]
         out = successive_halving(problem.space, problem.splits, finalists,
                                  calibration=problem.evaluator.calibration, rung_steps=sel.rung_steps, eta=sel.eta,
                                  batch_size=sel.batch_size, lr=sel.lr, seed=config.seed)
@@ -165,19 +167,19 @@ def run_search(
     seed_everything(config.seed)
 
     problem = prepare(config, progress=progress)  # config errors (unreachable target...) before Ray starts
-    n_groups = len(problem.space.groups)
-    check_free_space(config, n_groups)
+    n_steps = len(problem.space.blocks) + len(problem.space.groups)  # one step per residual block and group
+    check_free_space(config, n_steps)
     try:
         config.save(out / CONFIG_FILE)
-        state, setup_seconds = _run_agent(config, n_groups, resume=resume, progress=progress, on_iteration=on_iteration)
+        state, setup_seconds = _run_agent(config, n_steps, resume=resume, progress=progress, on_iteration=on_iteration)
         return finish_search(config, problem, state, progress=progress, setup_seconds=setup_seconds, t_start=t_start)
     except OSError as exc:
         if is_no_space(exc):  # the last checkpoint stays valid: --resume continues once there is space
-            raise no_space_error(config, n_groups) from exc
+            raise no_space_error(config, n_steps) from exc
         raise
 
 
-def _run_agent(config: SearchConfig, n_groups: int, *, resume: bool, progress: bool,
+def _run_agent(config: SearchConfig, n_steps: int, *, resume: bool, progress: bool,
                on_iteration: Callable[[dict], None] | None) -> tuple[SearchState, float]:
     """Ray, the agent until the stop rule, Ray stopped again (when this call started it); returns the search
     state and the set-up seconds."""
@@ -188,7 +190,7 @@ def _run_agent(config: SearchConfig, n_groups: int, *, resume: bool, progress: b
     try:
         check_fits(env_runner_bundles(config), f"{res.num_env_runners} env runners",
                    "lower resources.num_env_runners, num_cpus_per_env_runner or num_gpus_per_env_runner")
-        search = RLSearch(config, n_groups, resume=resume, progress=progress, on_iteration=on_iteration)
+        search = RLSearch(config, n_steps, resume=resume, progress=progress, on_iteration=on_iteration)
         try:
             search.build()
             setup_seconds = time.perf_counter() - t_setup
@@ -253,8 +255,8 @@ def run_baselines(problem: Problem, config: SearchConfig, state: SearchState) ->
     if not config.baselines.enabled:
         return {}
 
-    def evaluate(counts, ranking: str | None = None) -> dict:
-        return problem.evaluate(counts, ranking)[0]
+    def evaluate(counts, ranking: str | None = None, dropped=()) -> dict:
+        return problem.evaluate(counts, ranking, dropped)[0]
 
     n_random = config.baselines.random_candidates or max(state.evaluations, 1)
     out = {"uniform": uniform_baseline(problem.budget, evaluate),
@@ -302,6 +304,7 @@ def export_delivered(problem: Problem, config: SearchConfig, delivered: dict, mo
              "checkpoint": str(out / CHECKPOINT_DIR)}
     files.update(export(model, problem.space.example_input, out, "best_pruned", onnx=config.output.export_onnx,
                         base=problem.network.checkpoint, keep=delivered["keep"], round_to=config.search.round_to,
+                        dropped=delivered.get("dropped_blocks") or (),
                         metrics={k: delivered[k] for k in ("test_accuracy_after_finetune", "macs", "params")}))
     return files
 

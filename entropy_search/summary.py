@@ -22,8 +22,8 @@ from .plots import sweep_comparison
 from .problem import PEER_RECIPES
 
 #: Columns of the candidate table, first (the rest follow in the order they appear).
-CANDIDATE_COLUMNS = ("id", "iteration", "reward", "macs_ratio", "params_ratio", "macs", "params", "entropy", "accuracy",
-                     "cache_hit", "eval_seconds", "kept_channels", "keep")
+CANDIDATE_COLUMNS = ("id", "iteration", "reward", "macs_ratio", "params_ratio", "macs", "params", "blocks_kept",
+                     "entropy", "accuracy", "cache_hit", "eval_seconds", "kept_channels", "keep", "dropped_blocks")
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -114,7 +114,7 @@ def delivered_policy(result: Mapping[str, Any]) -> dict | None:
 
 #: A finalised network's figures, as recorded by the search (record key, flat metric name).
 NETWORK_FIGURES = (("reward", "reward"), ("macs_ratio", "macs_ratio"), ("params_ratio", "params_ratio"),
-                   ("macs", "macs"), ("params", "params"), ("entropy", "entropy"),
+                   ("macs", "macs"), ("params", "params"), ("blocks_kept", "blocks_kept"), ("entropy", "entropy"),
                    ("heldout_accuracy", "heldout_accuracy"),
                    ("heldout_accuracy_after_finetune", "heldout_accuracy_after_finetune"),
                    ("test_accuracy_before_finetune", "test_accuracy_before_finetune"),
@@ -125,7 +125,7 @@ def policy_file(result: Mapping[str, Any]) -> dict:
     """The delivered network's policy (keep ratio per channel group) with its figures, which finalist it was,
     and the agent's own pick next to it (`policy.json`, logged with every trial)."""
     delivered, agent = delivered_network(result), agent_pick(result)
-    keys = [key for key, _ in NETWORK_FIGURES] + ["kept_channels"]
+    keys = [key for key, _ in NETWORK_FIGURES] + ["kept_channels", "dropped_blocks"]
     return {"policy": delivered_policy(result), "delivered": delivered.get("label"),
             **{k: delivered.get(k) for k in keys},
             "flops_target": (result.get("config") or {}).get("search", {}).get("flops_target"),
@@ -156,6 +156,7 @@ def final_metrics(result: Mapping[str, Any]) -> dict[str, float]:
         m[f"{name}_reward"] = rec.get("reward")
         m[f"{name}_macs_ratio"] = rec.get("macs_ratio")
         m[f"{name}_params_ratio"] = rec.get("params_ratio")
+        m[f"{name}_blocks_kept"] = rec.get("blocks_kept")
         m[f"{name}_entropy"] = rec.get("entropy")
         m[f"{name}_heldout_accuracy"] = rec.get("accuracy")
         m[f"{name}_test_accuracy"] = fin.get("test_accuracy_after_finetune")
@@ -211,10 +212,12 @@ SUMMARY_COLUMNS = (
     ("delivered", "delivered", "s"),
     ("MACs", "macs_ratio", ".3f"),
     ("params", "params_ratio", ".3f"),
+    ("blocks", "blocks_kept", ".0f"),
     ("held-out", "heldout_accuracy", "%"),
     ("test pre-FT", "test_accuracy_before_finetune", "%"),
     ("test FT", "test_accuracy", "%"),
     ("agent MACs", "agent_macs_ratio", ".3f"),
+    ("agent blocks", "agent_blocks_kept", ".0f"),
     ("agent FT", "agent_test_accuracy", "%"),
     ("uniform FT", "uniform_test_accuracy", "%"),
     ("random FT", "random_test_accuracy", "%"),

@@ -461,7 +461,8 @@ class TrialRun:
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
                 registered_model_name=registered_model_name,
                 params={"delivered": delivered.get("label"), "macs_ratio": delivered.get("macs_ratio"),
-                        "macs": delivered.get("macs"), "kept_channels": json.dumps(delivered.get("kept_channels"))},
+                        "macs": delivered.get("macs"), "kept_channels": json.dumps(delivered.get("kept_channels")),
+                        "dropped_blocks": json.dumps(delivered.get("dropped_blocks") or [])},
             )
             test_acc = delivered.get("test_accuracy_after_finetune")
             if finite(test_acc):

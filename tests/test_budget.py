@@ -166,3 +166,34 @@ def test_macs_form_falls_back_to_the_space_when_not_exact():
     assert form(counts) == space.macs_of_counts(counts)
     values = np.array([1, 2, 3])
     assert form.along(0, counts, values).tolist() == [space.macs_of_counts([int(v)] + counts[1:]) for v in values]
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2"])
+def test_the_budget_of_a_shallower_candidate_leaves_its_dropped_blocks_out(name):
+    """`given(dropped)`: the same target for candidates without those blocks, its MAC form exact, its groups inside
+    a dropped block kept whole; `block_step` drops a block only while the floor stays reachable."""
+    space = space_of(name, 1)
+    budget = Budget(space, 0.3, 0.1, 0.97)
+    rng = np.random.default_rng(2)
+    for _ in range(5):
+        dropped = frozenset(int(b) for b in np.nonzero(rng.random(len(space.blocks)) < 0.5)[0])
+        shallow = budget.given(dropped)
+        assert shallow is budget.given(set(dropped)) and shallow.target == budget.target
+        assert shallow.macs.exact and shallow.idle == frozenset(space.idle_groups(dropped))
+        for _ in range(5):
+            counts, _ = episode(shallow, rng.uniform(-1, 1, budget.n))
+            assert shallow.macs(counts) == space.macs_of_counts(counts, dropped) <= budget.target
+            assert all(counts[g] == space.groups[g].channels for g in shallow.idle)
+    assert budget.block_step(set(), 0, 0.0) == (False, False) and budget.block_step(set(), 0, -0.1) == (True, False)
+    drops: set[int] = set()
+    for b in range(len(space.blocks)):  # drop every block the floor allows
+        drop, overridden = budget.block_step(drops, b, -1.0)
+        whole = budget.given(drops | {b})
+        assert drop == (whole.cost(whole.full_counts) >= budget.floor) and overridden == (not drop)
+        drops |= {b} if drop else set()
+    starving = Budget(space, 0.9, 0.1, 0.99)  # at 90% of the MACs the floor cannot lose every block
+    dropped_all = set()
+    for b in range(len(space.blocks)):
+        if starving.block_step(dropped_all, b, -1.0)[0]:
+            dropped_all.add(b)
+    assert len(dropped_all) < len(space.blocks)

@@ -45,12 +45,19 @@ def rollout(env: PruningEnv, actions, seed=None):
     return observations, rewards, infos
 
 
-def clipped(budget: Budget, actions) -> list[int]:
-    """The candidate `Budget` makes of these actions on its own (tests/test_budget.py checks its properties)."""
+def clipped(budget: Budget, actions) -> tuple[list[int], list[int]]:
+    """The candidate `Budget` makes of these actions on its own (tests/test_budget.py checks its properties): the
+    blocks dropped (one action per residual block first), then the channel counts under their budget."""
+    blocks = len(budget.space.blocks)
+    dropped: set[int] = set()
+    for b, a in enumerate(actions[:blocks]):
+        if budget.block_step(dropped, b, float(a))[0]:
+            dropped.add(b)
+    shallow = budget.given(dropped)
     counts: list[int] = []
-    for a in actions:
-        counts.append(budget.step(counts, float(a))[0])
-    return counts
+    for a in actions[blocks:]:
+        counts.append(shallow.step(counts, float(a))[0])
+    return sorted(dropped), counts
 
 
 # ---------------------------------------------------------------- the budget, step by step
@@ -62,28 +69,43 @@ def clipped(budget: Budget, actions) -> list[int]:
 def test_episodes_are_the_budgets_clipping_and_meet_the_target(name, round_to, target, floor):
     env = sim_env(name, target, 0.1, round_to, floor=floor)
     rng = np.random.default_rng(0)
-    n = env.n_groups
+    n, blocks = env.n_steps, env.n_blocks
+    assert blocks == len(env.space.blocks) > 0 and n == blocks + env.n_groups
+    depths = set()
     for actions in [np.ones(n), -np.ones(n), np.full(n, 5.0)] + [rng.uniform(-1, 1, n) for _ in range(10)]:
         actions = actions.astype(np.float32)  # what the env sees
         _, _, infos = rollout(env, actions)
         final = infos[-1]
-        assert final["kept_channels"] == clipped(env.budget, actions)
+        dropped, counts = clipped(env.budget, actions)
+        assert final["kept_channels"] == counts
+        assert final["dropped_blocks"] == env.space.dropped_names(dropped)
+        assert final["blocks_kept"] == blocks - len(dropped)
+        depths.add(final["blocks_kept"])
         assert final["macs"] <= target * env.space.base_macs, (name, target, actions)
-        assert final["macs"] == env.space.macs(final["keep"])  # analytic count of the rounded candidate
+        # analytic count of the rounded candidate, without its dropped blocks
+        assert final["macs"] == env.space.macs(final["keep"], final["dropped_blocks"])
         assert env.space.kept_channels(final["keep"]) == final["kept_channels"]
         assert final["actions"] == pytest.approx(actions.tolist())
-        # each step tells which group it decided, what it kept, and whether the budget clipped it
-        for g, step in enumerate(infos[1:-1]):
-            count, keep, was_clipped = env.budget.step(final["kept_channels"][:g], float(actions[g]))
+        if floor:
+            assert final["macs"] >= floor * target * env.space.base_macs * 0.9, "blocks dropped keep the floor reachable"
+        # each step tells which block or group it decided, what it kept, and whether the budget clipped it
+        shallow = env.budget.given(dropped)
+        for b, step in enumerate(infos[1:blocks + 1]):
+            assert step["block"] == b and step["dropped"] == (b in dropped)
+        for g, step in enumerate(infos[blocks + 1:-1]):
+            count, keep, was_clipped = shallow.step(final["kept_channels"][:g], float(actions[blocks + g]))
             assert final["desired_keep"][g] == keep
             assert step["group"] == g and step["clipped"] == was_clipped
             assert step["keep"] == count / env.budget.groups[g].channels
+    assert len(depths) > 1, "episodes choose depth"
 
 
-def test_nan_action_is_treated_as_min_keep():
+def test_nan_action_is_treated_as_min_keep_and_drops_blocks():
     env = sim_env()
-    _, _, infos = rollout(env, [float("nan")] * env.n_groups)
-    assert infos[-1]["kept_channels"] == env.budget.min_counts
+    _, _, infos = rollout(env, [float("nan")] * env.n_steps)
+    every = range(env.n_blocks)
+    assert infos[-1]["kept_channels"] == env.budget.given(every).min_counts
+    assert infos[-1]["dropped_blocks"] == env.space.dropped_names(every)
 
 
 # ---------------------------------------------------------------- observations
@@ -94,21 +116,22 @@ def test_observations_are_in_bounds_and_informative():
     assert env.observation_space.shape == (OBS_DIM,)
     rng = np.random.default_rng(1)
     for _ in range(5):
-        observations, _, _ = rollout(env, rng.uniform(-1, 1, env.n_groups))
+        observations, _, _ = rollout(env, rng.uniform(-1, 1, env.n_steps))
         for obs in observations:
             assert obs.dtype == np.float32
             assert env.observation_space.contains(obs)
         stack = np.stack(observations[:-1])
-        assert np.allclose(stack[:, 0], np.arange(env.n_groups) / (env.n_groups - 1), atol=1e-6)  # index
+        assert np.allclose(stack[:, 0], np.arange(env.n_steps) / (env.n_steps - 1), atol=1e-6)  # index
         assert np.all(np.diff(stack[:, 10]) >= -1e-6)  # FLOPs removed so far never decreases
         assert np.all(np.diff(stack[:, 11]) <= 1e-6)  # FLOPs still to come never increases
-    types = {tuple(o[1:4]) for o in env.static_obs}
-    assert len(types) == 2  # conv and depthwise groups are told apart
+    types = {tuple(o[[1, 2, 3, 13]]) for o in env.static_obs}
+    assert len(types) == 3  # residual blocks, conv and depthwise groups are told apart
+    assert env.static_obs[: env.n_blocks, 13].all() and not env.static_obs[env.n_blocks :, 13].any()
 
 
 def test_step_after_the_end_raises():
     env = sim_env()
-    rollout(env, np.zeros(env.n_groups))
+    rollout(env, np.zeros(env.n_steps))
     with pytest.raises(RuntimeError, match="reset"):
         env.step(np.zeros(1, dtype=np.float32))
 
@@ -123,11 +146,15 @@ def test_env_needs_a_config_or_a_problem():
 def test_simulated_problem_answers_repeats_from_its_cache():
     problem = sim_problem()
     env_a, env_b = PruningEnv(problem=problem), PruningEnv(problem=problem)
-    actions = [0.3, -0.2, 0.5, 0.1]
+    actions = [0.3, 0.3, -0.2, 0.5, 0.1]  # the block, then the four groups
     _, _, first = rollout(env_a, actions)
     _, _, second = rollout(env_b, actions)
     assert first[-1]["cache_hit"] is False and second[-1]["cache_hit"] is True
     assert problem.cache.stats["evaluations"] == 1 and problem.cache.stats["cache_hits"] == 1
+    # with the block dropped, its group's action changes nothing: the same candidate
+    _, _, shallow = rollout(env_a, [-0.5, 0.3, -0.2, 0.5, 0.1])
+    _, _, again = rollout(env_b, [-0.5, 0.3, 0.9, 0.5, 0.1])
+    assert shallow[-1]["dropped_blocks"] == ["block"] and again[-1]["cache_hit"] is True
     uncached = sim_problem(cache=False)
     env = PruningEnv(problem=uncached)
     rollout(env, actions)
@@ -167,13 +194,14 @@ def test_check_env_passes(digits_setup):
 
 def test_terminal_info_carries_every_measurement(digits_setup):
     env = PruningEnv(digits_setup)
-    _, rewards, infos = rollout(env, np.linspace(-1, 1, env.n_groups))
+    _, rewards, infos = rollout(env, np.linspace(-1, 1, env.n_steps))
     info = infos[-1]
     for key in ("keep", "kept_channels", "macs", "params", "macs_ratio", "params_ratio", "entropy", "accuracy",
-                "eval_seconds", "cache_hit", "reward", "actions", "desired_keep", "worker"):
+                "eval_seconds", "cache_hit", "reward", "actions", "desired_keep", "worker", "dropped_blocks",
+                "blocks_kept"):
         assert key in info, key
     assert info["reward"] == pytest.approx(-info["entropy"])  # the entropy reward is minus the entropy
-    assert rewards[:-1] == [0.0] * (env.n_groups - 1)
+    assert rewards[:-1] == [0.0] * (env.n_steps - 1)
     assert rewards[-1] == info["reward"]
     assert 0.0 <= info["accuracy"] <= 1.0 and info["entropy"] > 0
     assert math.isclose(info["macs_ratio"], info["macs"] / env.space.base_macs)
@@ -182,7 +210,7 @@ def test_terminal_info_carries_every_measurement(digits_setup):
 def test_determinism_for_a_fixed_seed_and_actions(digits_config):
     from entropy_search.problem import setup
 
-    actions = np.random.default_rng(3).uniform(-1, 1, 4)
+    actions = np.random.default_rng(3).uniform(-1, 1, 5)
     results = []
     for _ in range(2):
         env = PruningEnv(problem=setup(digits_config))  # two separate builds
@@ -200,7 +228,7 @@ def test_cache_hits_and_shared_problem(digits_config):
 
     problem = setup(digits_config)
     env_a, env_b = PruningEnv(problem=problem), PruningEnv(problem=problem)
-    actions = [0.3, -0.2, 0.5, 0.1]
+    actions = [0.3, 0.3, -0.2, 0.5, 0.1]
     _, _, first = rollout(env_a, actions)
     _, _, second = rollout(env_b, actions)  # another env of the same worker: answered from the cache
     assert first[-1]["cache_hit"] is False and second[-1]["cache_hit"] is True
@@ -252,7 +280,7 @@ def test_warm_cache_file_is_loaded_when_the_problem_is_built(digits_config, digi
 @pytest.mark.parametrize("reward", ["accuracy", "accuracy_flops"])
 def test_accuracy_rewards(digits_config, reward):
     env = PruningEnv(env_config(load_config(digits_config.to_dict(), {"search.reward": reward})))
-    _, rewards, infos = rollout(env, np.zeros(env.n_groups))
+    _, rewards, infos = rollout(env, np.zeros(env.n_steps))
     info = infos[-1]
     if reward == "accuracy":
         assert rewards[-1] == pytest.approx(info["accuracy"])

@@ -28,7 +28,7 @@ def test_ppo_config_samples_whole_episodes_on_every_env_runner():
     config = load_config({"resources": {"num_env_runners": 3, "num_cpus_per_env_runner": 0.5,
                                         "num_gpus_per_env_runner": 0.25, "num_envs_per_env_runner": 2},
                           "agent": {"episodes_per_iteration": 12}})
-    algo = build_algorithm_config(config, n_groups=10, env_config=env_config(config))
+    algo = build_algorithm_config(config, n_steps=10, env_config=env_config(config))
     assert type(algo).__name__ == "PPOConfig"
     assert algo.num_env_runners == 3 and algo.num_gpus_per_env_runner == 0.25 and algo.num_cpus_per_env_runner == 0.5
     assert algo.gamma == 1.0 and algo.rollout_fragment_length == 2 * 10  # whole episodes per env
@@ -40,7 +40,7 @@ def test_ppo_config_samples_whole_episodes_on_every_env_runner():
 def test_env_runners_build_their_environments_from_the_env_config(tmp_path):
     config = load_config({"output": {"dir": str(tmp_path)}})
     cfg = env_config(config, tmp_path / "warm.jsonl")
-    algo = build_algorithm_config(config, n_groups=4, env_config=cfg)
+    algo = build_algorithm_config(config, n_steps=4, env_config=cfg)
     assert algo.env is PruningEnv
     assert dict(algo.env_config) == cfg and algo.env_config is not cfg  # a copy: the caller's dict stays its own
     assert algo.callbacks_class is CandidateCallback
@@ -48,7 +48,7 @@ def test_env_runners_build_their_environments_from_the_env_config(tmp_path):
 
 def test_sac_config():
     config = load_config({"agent": {"algorithm": "sac", "learning_starts_episodes": 4, "train_batch_size": 32}})
-    sac = build_algorithm_config(config, n_groups=10, env_config=env_config(config))
+    sac = build_algorithm_config(config, n_steps=10, env_config=env_config(config))
     assert type(sac).__name__ == "SACConfig" and sac.gamma == 1.0
     assert sac.num_steps_sampled_before_learning_starts == 4 * 10 and sac.train_batch_size_per_learner == 32
 
@@ -90,7 +90,7 @@ def test_callback_reports_the_terminal_info_of_each_episode():
 @pytest.mark.parametrize("std", [0.3, 1.0])
 def test_the_policy_starts_at_the_initial_std_for_every_state(std):
     config = load_config({"agent": {"initial_std": std}})
-    algo = build_algorithm_config(config, n_groups=4, env_config=env_config(config))
+    algo = build_algorithm_config(config, n_steps=4, env_config=env_config(config))
     obs_space = gym.spaces.Box(0.0, 1.0, shape=(OBS_DIM,), dtype=np.float32)
     act_space = gym.spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
     module = algo.get_rl_module_spec(env=None, spaces={DEFAULT_MODULE_ID: (obs_space, act_space)}).build()

@@ -455,3 +455,42 @@ def test_search_under_a_latency_budget(ray_local, checkpoint, tmp_path):
     check = result["latency"]["budget"]
     assert check["target_ms"] == pytest.approx(target) and check["predicted_ms"] <= target * (1 + 1e-9)
     assert check["measured_ms"] > 0 and 0 < check["measured_ratio"] < 1.5 and check["table"] == str(table_file)
+
+
+def test_a_search_chooses_depth_on_resnet20(ray_local, tmp_path):
+    """ResNet-20 on digits (about 15 s on 2 cores): the agent, random search and the candidates choose which residual
+    blocks to keep; the delivered network is rebuilt from best_pruned.pt without its dropped blocks and computes
+    what the search fine-tuned."""
+    from entropy_search.problem import load_model, train_baseline
+    from entropy_search.search import run_search
+
+    threads = torch.get_num_threads()
+    try:
+        checkpoint, _ = train_baseline(tmp_path / "resnet20.pt", model="resnet20", data="digits", epochs=1,
+                                       device="cpu", threads=1, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    out = tmp_path / "depth"
+    config = small_config(out, checkpoint, **{"model.name": "resnet20", "search.flops_target": 0.3, "selection.enabled": False,
+                                              "baselines.peers": [], "baselines.finetune": False,
+                                              "stop.iterations": 2})
+    result = run_search(config, progress=False)
+    candidates = read_candidates(out)
+    blocks = ["layer1.0", "layer1.1", "layer1.2", "layer2.1", "layer2.2", "layer3.1", "layer3.2"]
+    assert all(set(c["dropped_blocks"]) <= set(blocks) and c["blocks_kept"] == 7 - len(c["dropped_blocks"])
+               for c in candidates)
+    assert len({c["blocks_kept"] for c in candidates}) > 2, "candidates of several depths"
+    assert all(c["macs_ratio"] <= 0.3 + 1e-12 for c in candidates)
+    assert result["baselines"]["random"]["best"]["blocks_kept"] is not None
+    delivered = result["delivered"]
+    assert delivered["label"] == "top1" and delivered["dropped_blocks"], "the agent's pick drops blocks"
+    assert delivered["analytic_macs_match"] and delivered["blocks_kept"] == 7 - len(delivered["dropped_blocks"])
+    ckpt = load_checkpoint(out / "best_pruned.pt")
+    assert ckpt.dropped == delivered["dropped_blocks"] and ckpt.keep == delivered["keep"]
+    model = load_model(out / "best_pruned.pt")
+    modules = dict(model.named_modules())
+    assert all(isinstance(modules[name], torch.nn.Identity) for name in delivered["dropped_blocks"])
+    assert not any(k.startswith(tuple(f"{name}." for name in delivered["dropped_blocks"])) for k in ckpt.state_dict)
+    from entropy_search.problem import count_macs
+
+    assert count_macs(model, ckpt.example_input()) == delivered["macs"]

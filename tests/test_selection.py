@@ -35,8 +35,8 @@ def digits(tmp_path_factory, train_digits_checkpoint):
 def test_successive_halving_keeps_the_finalist_that_is_known_best(digits):
     space, splits = digits
     n = len(space.groups)
-    finalists = [("starved", [0.1] * n, None), ("whole", [1.0] * n, None), ("half", [0.5] * n, None),
-                 ("thin", [0.2] * n, None)]
+    finalists = [("starved", [0.1] * n, None, ()), ("whole", [1.0] * n, None, ()), ("half", [0.5] * n, None, ()),
+                 ("thin", [0.2] * n, None, ["block"])]
     calibration, _ = eval_batch(splits, 128, split="train", seed=0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -79,7 +79,7 @@ def test_equal_finalists_go_to_the_first_in_the_order_of_preference(digits):
     space, splits = digits
     keep = [0.6] * len(space.groups)
     for first, second in (("uniform", "top1"), ("top1", "uniform")):
-        out = successive_halving(space, splits, [(first, keep, None), (second, keep, None)], calibration=None, rung_steps=2,
+        out = successive_halving(space, splits, [(first, keep, None, ()), (second, keep, None, ())], calibration=None, rung_steps=2,
                                  seed=0, device="cpu")
         rung = out["rungs"][0]
         assert rung["heldout_accuracy"][first] == rung["heldout_accuracy"][second]

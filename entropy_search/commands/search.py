@@ -145,6 +145,9 @@ def summary(result: dict) -> str:
                      f"test {pct(delivered['test_accuracy_before_finetune'])} before fine-tune, "
                      f"{pct(delivered['test_accuracy_after_finetune'])} after")
         lines.append(f"delivered policy: {policy}")
+        if delivered.get("dropped_blocks"):
+            lines.append(f"delivered without the residual blocks {', '.join(delivered['dropped_blocks'])} "
+                         f"({delivered.get('blocks_kept')} kept)")
     lines.extend(proxy_lines(result.get("proxy") or {}, cfg["search"]["reward"]))
     lines.extend(selection_lines(result.get("selection")))
     lines.extend(latency_lines(result.get("latency")))

@@ -1,9 +1,13 @@
-"""The Gymnasium environment of the search: one episode = one candidate network, one step = one channel group.
+"""The Gymnasium environment of the search: one episode = one candidate network, one step = one residual block or
+one channel group.
 
-A thin adapter over `entropy_search.problem` (docs/design.md, "The environment"): at step t the agent
-sees group t's [0,1]-normalised embedding (AMC's layer embedding) and answers one float in [-1, 1],
-which `Budget` maps to a keep ratio and clips so that the episode stays on budget; at the last step
-the candidate is evaluated through the problem's cache and `info` carries every measurement.
+A thin adapter over `entropy_search.problem` (docs/design.md, "The environment"). An episode first decides the
+space's residual blocks, one step each (the block's embedding, `type_block` set; an action below 0 drops it,
+`Budget.block_step`), then the channel groups: at each step the agent sees group t's [0,1]-normalised embedding
+(AMC's layer embedding) and answers one float in [-1, 1], which the budget of the blocks kept
+(`Budget.given`) maps to a keep ratio and clips so that the episode stays on budget (a group inside a dropped
+block stays whole: its action changes nothing). At the last step the candidate is evaluated through the
+problem's cache and `info` carries every measurement.
 
 The problem (network, groups, evaluation batches, cache) is built once per process (a Ray env runner)
 by `get_problem` and shared by the environments living there. The environment builds itself from a
@@ -29,7 +33,7 @@ from ..problem import Budget, Problem, setup
 LAYER_TYPES = ("conv", "depthwise", "linear")
 OBS_NAMES = (
     "index", "type_conv", "type_depthwise", "type_linear", "in_channels", "out_channels", "kernel",
-    "stride", "feature_size", "flops_share", "flops_removed", "flops_rest", "prev_action",
+    "stride", "feature_size", "flops_share", "flops_removed", "flops_rest", "prev_action", "type_block",
 )
 OBS_DIM = len(OBS_NAMES)
 
@@ -84,7 +88,24 @@ def process_stats() -> dict[str, float]:
 
 
 def static_features(budget: Budget) -> np.ndarray:
-    """Per-group features that do not depend on the episode: [n_groups, OBS_DIM] with dynamic slots 0."""
+    """Per-step features that do not depend on the episode: [n_blocks + n_groups, OBS_DIM] (the residual blocks'
+    rows first, as an episode decides them), dynamic slots 0."""
+    groups, blocks = budget.groups, budget.space.blocks
+    group_rows = _group_features(budget)
+    rows = np.zeros((len(blocks), OBS_DIM), dtype=np.float64)
+    widest = max((g.in_channels for g in groups), default=1) or 1
+    largest = max((g.feature_size for g in groups), default=1) or 1
+    for b, block in enumerate(blocks):
+        rows[b, 4] = rows[b, 5] = block.shape[0] / widest
+        rows[b, 8] = (block.shape[1] if len(block.shape) > 1 else 1) / largest
+        rows[b, 9] = block.macs / max(budget.base_macs, 1)
+        rows[b, 13] = 1.0
+    obs = np.concatenate([rows, group_rows])
+    obs[:, 0] = np.arange(len(obs)) / max(len(obs) - 1, 1)
+    return np.clip(obs, 0.0, 1.0)
+
+
+def _group_features(budget: Budget) -> np.ndarray:
     groups = budget.groups
     n = len(groups)
     obs = np.zeros((n, OBS_DIM), dtype=np.float64)
@@ -126,13 +147,17 @@ class PruningEnv(gym.Env):
         self.space = self.problem.space
         self.budget = self.problem.budget
         self.static_obs = static_features(self.budget)
+        self.n_blocks = len(self.space.blocks)
         self.n_groups = self.budget.n
+        self.n_steps = self.n_blocks + self.n_groups
         self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(OBS_DIM,), dtype=np.float32)
         self.action_space = gym.spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
-        self._rest_share = np.concatenate(
-            [np.cumsum(self.static_obs[::-1, 9])[::-1][1:], [0.0]]
-        )  # FLOPs share of the groups after t
+        shares = self.static_obs[self.n_blocks:, 9]
+        after = np.concatenate([np.cumsum(shares[::-1])[::-1][1:], [0.0]])  # FLOPs share of the groups after g
+        self._rest_share = np.concatenate([np.full(self.n_blocks, shares.sum()), after])
         self._t = 0
+        self._dropped: set[int] = set()
+        self._episode_budget = self.budget
         self._counts: list[int] = []
         self._desired: list[float] = []
         self._actions: list[float] = []
@@ -144,26 +169,38 @@ class PruningEnv(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         self._t = 0
+        self._dropped = set()
+        self._episode_budget = self.budget
         self._counts = []
         self._desired = []
         self._actions = []
         self._prev = 0.0
-        return self._obs(), {"group": 0}
+        return self._obs(), {"block": 0} if self.n_blocks else {"group": 0}
 
     def step(self, action):
-        if self._t >= self.n_groups:
+        if self._t >= self.n_steps:
             raise RuntimeError("step() called after the episode ended; call reset()")
         a = float(np.asarray(action, dtype=np.float64).reshape(-1)[0])
-        g = self._t
-        count, desired_keep, clipped = self.budget.step(self._counts, a)
-        self._counts.append(count)
         self._actions.append(a)
+        if self._t < self.n_blocks:
+            b = self._t
+            drop, clipped = self.budget.block_step(self._dropped, b, a)
+            if drop:
+                self._dropped.add(b)
+            self._prev = 0.0 if drop else 1.0
+            self._t += 1
+            if self._t == self.n_blocks:
+                self._episode_budget = self.budget.given(self._dropped)
+            return self._obs(), 0.0, False, False, {"block": b, "dropped": drop, "clipped": clipped}
+        g = self._t - self.n_blocks
+        count, desired_keep, clipped = self._episode_budget.step(self._counts, a)
+        self._counts.append(count)
         self._desired.append(desired_keep)
         self._prev = count / self.budget.groups[g].channels
         self._t += 1
-        if self._t < self.n_groups:
+        if self._t < self.n_steps:
             return self._obs(), 0.0, False, False, {"group": g, "keep": self._prev, "clipped": clipped}
-        record, hit = self.problem.evaluate(self._counts)
+        record, hit = self.problem.evaluate(self._counts, dropped=self._dropped)
         self.episodes += 1
         info = dict(record)
         info.update(
@@ -172,28 +209,28 @@ class PruningEnv(gym.Env):
             desired_keep=list(self._desired),
             worker=os.getpid(),
         )
-        if not self.budget.within(self._counts):  # by construction; a bug if it fires
-            raise AssertionError(f"budget violated: {self.budget.cost(self._counts)} > {self.budget.target}")
+        if not self._episode_budget.within(self._counts):  # by construction; a bug if it fires
+            raise AssertionError(f"budget violated: {self._episode_budget.cost(self._counts)} > {self.budget.target}")
         return self._obs(), float(record["reward"]), True, False, info
 
     # -- helpers
 
     def _obs(self) -> np.ndarray:
-        t = min(self._t, self.n_groups - 1)
+        t = min(self._t, self.n_steps - 1)
         obs = self.static_obs[t].copy()
         base = max(self.budget.base_macs, 1)
-        if self._counts:
+        if self._counts or self._dropped:
             counts = list(self._counts) + self.budget.full_counts[len(self._counts):]
-            obs[10] = (base - self.budget.macs(counts)) / base
-        obs[11] = self._rest_share[t] if self._t < self.n_groups else 0.0
+            obs[10] = (base - self.budget.given(self._dropped).macs(counts)) / base
+        obs[11] = self._rest_share[t] if self._t < self.n_steps else 0.0
         obs[12] = self._prev
-        if self._t >= self.n_groups:
+        if self._t >= self.n_steps:
             obs[0] = 1.0
         return np.clip(obs, 0.0, 1.0).astype(np.float32)
 
     def candidate(self) -> dict:
         """The decided channel counts so far (for debugging)."""
-        return {"kept_channels": list(self._counts), "step": self._t}
+        return {"kept_channels": list(self._counts), "dropped_blocks": sorted(self._dropped), "step": self._t}
 
 
 def make_env(config: dict | None = None) -> PruningEnv:

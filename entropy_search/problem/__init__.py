@@ -8,12 +8,12 @@ the sweep, tracking and the command line are clients of it.
 """
 
 from .adaptive_bn import recalibrate_batchnorm, recalibrated_batchnorm
-from .baselines import random_counts, random_search, uniform_baseline, uniform_counts
+from .baselines import random_candidate, random_counts, random_search, uniform_baseline, uniform_counts
 from .blocks import ResidualBlock
 from .budget import Budget, MacsForm
 from .checkpoint import Checkpoint, build_model, load_checkpoint, load_model, save_checkpoint
 from .entropy import EntropyProbe, network_entropy, spatial_entropy
-from .evaluate import CandidateCache, CandidateEvaluator, SimulatedEvaluator, cache_entry
+from .evaluate import CandidateCache, CandidateEvaluator, SimulatedEvaluator, cache_entry, record_key
 from .finalize import export, export_onnx, finalize
 from .latency_table import LatencyMeter, LatencyTable
 from .macs import count_macs, count_params
@@ -69,9 +69,11 @@ __all__ = [
     "peer_baseline",
     "peer_network",
     "proxy_agreement",
+    "random_candidate",
     "random_counts",
     "random_search",
     "recalibrate_batchnorm",
+    "record_key",
     "recalibrated_batchnorm",
     "save_checkpoint",
     "setup",

@@ -1,8 +1,9 @@
 """What the RL agent must beat, under the same FLOPs budget and the same number of candidate evaluations.
 
 * `uniform_counts` / `uniform_baseline`: one keep ratio for every group, the largest that meets the target (one candidate).
-* `random_search`: random actions in [-1, 1] with AMC's action clipping (`Budget`, as the environment), as
-  many distinct candidates as the agent evaluated; the best by reward wins.
+* `random_search`: random actions in [-1, 1] with AMC's action clipping (`Budget`, as the environment), one per
+  residual block (dropped below 0) and one per channel group, as many distinct candidates as the agent
+  evaluated; the best by reward wins.
 
 Both work on channel counts through `Budget`, so they obey the same rounding and
 the same budget arithmetic as the environment. Pure PyTorch/NumPy: no Ray.
@@ -11,13 +12,14 @@ the same budget arithmetic as the environment. Pure PyTorch/NumPy: no Ray.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
 
 from .budget import Budget
 
-Evaluate = Callable[[Sequence[int]], dict]
+Evaluate = Callable[..., dict]
+"""`evaluate(counts, dropped=blocks)`: a candidate's record."""
 
 
 def uniform_counts(budget: Budget, iterations: int = 60) -> tuple[float, list[int]]:
@@ -36,6 +38,18 @@ def random_counts(budget: Budget, rng: np.random.Generator) -> list[int]:
     for _ in range(budget.n):
         counts.append(budget.step(counts, float(rng.uniform(-1.0, 1.0)))[0])
     return counts
+
+
+def random_candidate(budget: Budget, rng: np.random.Generator) -> tuple[frozenset[int], list[int]]:
+    """One random candidate as the environment draws it: a uniform action in [-1, 1] for each residual block of the
+    space (dropped below 0, as `Budget.block_step` allows), then random channel counts under the budget of the
+    blocks kept. Without blocks, the same draws as `random_counts`."""
+    dropped: set[int] = set()
+    for block in range(len(budget.space.blocks)):
+        if budget.block_step(dropped, block, float(rng.uniform(-1.0, 1.0)))[0]:
+            dropped.add(block)
+    blocks = frozenset(dropped)
+    return blocks, random_counts(budget.given(blocks), rng)
 
 
 def uniform_baseline(budget: Budget, evaluate: Evaluate) -> dict:
@@ -60,17 +74,19 @@ def random_search(
     smaller than that), the best by reward. Returns {best, evaluations, rewards, seconds}."""
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
-    seen: set[tuple[int, ...]] = set()
+    seen: set[tuple] = set()
     best: dict | None = None
     rewards: list[float] = []
     draws = 0
     while len(seen) < num_candidates and draws < max_draws_factor * max(num_candidates, 1):
         draws += 1
-        counts = tuple(random_counts(budget, rng))
-        if counts in seen:
+        dropped, counts = random_candidate(budget, rng)
+        idle = budget.given(dropped).idle  # counts inside a dropped block make no other candidate
+        key = (tuple(sorted(dropped)), *(c for g, c in enumerate(counts) if g not in idle))
+        if key in seen:
             continue
-        seen.add(counts)
-        record = dict(evaluate(counts))
+        seen.add(key)
+        record = dict(evaluate(counts, dropped=dropped) if dropped else evaluate(counts))
         rewards.append(float(record["reward"]))
         if on_candidate is not None:
             on_candidate(record)

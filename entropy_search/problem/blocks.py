@@ -48,6 +48,12 @@ class ResidualBlock:
     """Channel groups that lie wholly inside it: their choices do not matter once it is dropped."""
 
 
+def block_fields(space, dropped: frozenset[int]) -> dict:
+    """A candidate record's depth in a `PruningSpace` `space`: the residual blocks it drops (by name, in forward
+    order) and how many of the space's blocks it keeps."""
+    return {"dropped_blocks": space.dropped_names(dropped), "blocks_kept": len(space.blocks) - len(dropped)}
+
+
 @dataclass
 class _Call:
     """What one module did in the traced forward."""

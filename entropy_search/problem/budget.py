@@ -12,7 +12,7 @@ budget's `LatencyTable` (docs/design.md, "Latency budget").
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 
@@ -34,10 +34,16 @@ class MacsForm:
     kind = "macs"
     unit = "MACs"
 
-    def __init__(self, space: PruningSpace, *, check_points: int = 8, seed: int = 0) -> None:
-        self.space = space
+    def __init__(self, space: PruningSpace, *, dropped: frozenset[int] = frozenset(), check_points: int = 8,
+                 seed: int = 0) -> None:
+        """`dropped`: the residual blocks the candidates drop (their layers cost nothing); `base` stays the
+        unpruned network's MACs."""
+        self.space, self.dropped = space, frozenset(dropped)
         n = len(space.groups)
-        f = space.macs_of_counts
+
+        def f(counts: Sequence[int]) -> int:
+            return space.macs_of_counts(counts, self.dropped)
+
         zero = [0] * n
         k0 = f(zero)
         a = np.zeros(n, dtype=np.int64)
@@ -66,7 +72,7 @@ class MacsForm:
 
     def __call__(self, counts: Sequence[int]) -> int:
         if not self.exact:
-            return int(self.space.macs_of_counts(list(counts)))
+            return int(self.space.macs_of_counts(list(counts), self.dropped))
         c = np.asarray(counts, dtype=np.int64)
         return int(self.k0 + self.a @ c + c @ (self.B @ c))
 
@@ -77,7 +83,7 @@ class MacsForm:
             out = []
             for v in values:
                 trial[g] = int(v)
-                out.append(self.space.macs_of_counts(trial))
+                out.append(self.space.macs_of_counts(trial, self.dropped))
             return np.asarray(out, dtype=np.int64)
         c = np.asarray(counts, dtype=np.int64).copy()
         c[g] = 0
@@ -112,7 +118,7 @@ class Budget:
 
     def __init__(self, space: PruningSpace, flops_target: float, min_keep: float, flops_floor: float = 0.0,
                  *, action_space: str = "absolute", action_spread: float = 1.0, cost=None,
-                 target_key: str = "search.flops_target") -> None:
+                 target_key: str = "search.flops_target", dropped: frozenset[int] = frozenset()) -> None:
         if action_space not in ACTION_SPACES:
             raise ConfigError(f"search.action_space: {action_space!r}; known: {', '.join(ACTION_SPACES)}")
         self.action_space = action_space
@@ -126,8 +132,13 @@ class Budget:
         self.base_macs = int(space.base_macs)
         self.full_counts = [g.channels for g in self.groups]
         self._channels = np.asarray(self.full_counts, dtype=np.int64)
-        self.macs = MacsForm(space)
+        self.dropped = frozenset(dropped)
+        """The residual blocks dropped in the candidates this budget clips (`given` makes one per set)."""
+        self.idle = frozenset(space.idle_groups(self.dropped))
+        """Groups inside a dropped block: kept whole (their count changes nothing), never clipped."""
+        self.macs = MacsForm(space, dropped=self.dropped)
         self.cost = self.macs if cost is None else cost
+        self._given: dict[frozenset[int], Budget] = {self.dropped: self}
         """What the target limits: the MAC count (default) or a latency table's predicted milliseconds."""
         self.kind = self.cost.kind
         self.target_key = target_key
@@ -137,10 +148,34 @@ class Budget:
         self.target_macs = self.target if self.kind == "macs" else None
         self.floor_macs = self.floor if self.kind == "macs" else None
         self.options = count_options(space, self.min_keep)
-        self.min_counts = [int(opts[0]) for opts in self.options]
-        self.min_macs = space.macs_of_counts(self.min_counts)
+        self.min_counts = [c if g in self.idle else int(opts[0]) for g, (c, opts) in
+                           enumerate(zip(self.full_counts, self.options))]
+        self.min_macs = space.macs_of_counts(self.min_counts, self.dropped)
         self.min_cost = self.cost(self.min_counts)
 
+    def given(self, dropped: Collection[int]) -> Budget:
+        """The same budget (target, floor, actions) for candidates that drop the residual blocks `dropped`: their
+        cost leaves those blocks out. Built once per set of blocks."""
+        dropped = self.space.check_dropped(dropped)
+        if dropped not in self._given:
+            if self.kind != "macs":
+                raise ConfigError("search.blocks: a latency budget does not cover residual blocks yet")
+            self._given[dropped] = Budget(self.space, self.flops_target, self.min_keep, self.flops_floor,
+                                          action_space=self.action_space, action_spread=self.action_spread,
+                                          target_key=self.target_key, dropped=dropped)
+        return self._given[dropped]
+
+    def block_step(self, dropped: Collection[int], block: int, action: float) -> tuple[bool, bool]:
+        """Whether residual block `block` is dropped, the blocks `dropped` being dropped already, from an action in
+        [-1, 1]: dropped when the action is below 0 (NaN too), unless the floor (`flops_floor`) could then no longer
+        be reached with every group at full width. Returns (drop, whether the budget overrode the action)."""
+        if float(action) >= 0.0:
+            return False, False
+        if self.floor <= 0:
+            return True, False
+        shallower = self.given(set(dropped) | {block})
+        reachable = shallower.cost(shallower.full_counts) >= self.floor
+        return reachable, not reachable
     def count_of(self, g: int, keep: float) -> int:
         """Channels group `g` keeps at ratio `keep`, by the space's one rounding rule."""
         return int(self.space.round_count(float(keep), self.groups[g].channels))
@@ -211,6 +246,8 @@ class Budget:
     def step(self, decided: Sequence[int], action: float) -> tuple[int, float, bool]:
         """Decide the next group's count from an action: (count, desired keep ratio, whether the budget clipped it)."""
         g = len(decided)
+        if g in self.idle:  # inside a dropped block: the count changes nothing
+            return self.full_counts[g], 1.0, False
         keep = self.desired_keep(g, decided, action)
         desired = self.count_of(g, keep)
         count = self.clip(g, decided, desired)

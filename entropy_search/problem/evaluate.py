@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from contextlib import nullcontext
 
 import numpy as np
@@ -30,6 +30,7 @@ from torch import nn
 from ..errors import EntropySearchError
 from ..jsonio import plain
 from .adaptive_bn import recalibrated_batchnorm
+from .blocks import block_fields
 from .entropy import EntropyProbe
 from .rewards import compute_reward
 from .space import PruningSpace
@@ -85,18 +86,21 @@ class CandidateEvaluator:
         self.reference_log_probs = torch.log_softmax(logits.float(), dim=1)
         self.reference_features = features
 
-    def evaluate(self, keep: Sequence[float], ranking: str | None = None) -> dict:
+    def evaluate(self, keep: Sequence[float], ranking: str | None = None, dropped: Collection[int | str] = ()) -> dict:
         """Entropy over kept channels, held-out accuracy (None without labels), MACs, params, kept channels;
-        the channels kept are those the space ranks first (`ranking`: another ranking of the space)."""
+        the channels kept are those the space ranks first (`ranking`: another ranking of the space); `dropped`:
+        the residual blocks the candidate drops."""
         keep = self.space.check_keep(keep)
         counts = self.space.kept_channels(keep)
+        blocks = self.space.check_dropped(dropped)
         start = time.perf_counter()
-        measured = self._forward(keep, ranking)
+        measured = self._forward(keep, ranking, blocks)
         seconds = time.perf_counter() - start
-        macs, params = self.space.macs_of_counts(counts), self.space.params_of_counts(counts)
+        macs, params = self.space.macs_of_counts(counts, blocks), self.space.params_of_counts(counts, blocks)
         return {
             "keep": keep,
             "kept_channels": counts,
+            **block_fields(self.space, blocks),
             **measured,
             "macs": macs,
             "params": params,
@@ -105,15 +109,16 @@ class CandidateEvaluator:
             "eval_seconds": seconds,
         }
 
-    def _forward(self, keep: list[float], ranking: str | None = None) -> dict:
+    def _forward(self, keep: list[float], ranking: str | None = None, dropped: frozenset[int] = frozenset()) -> dict:
         if self.mode == "pruned":
-            model = self.space.prune(keep, ranking).eval()
+            model = self.space.prune(keep, ranking, dropped).eval()
             probe = EntropyProbe(model, **self.entropy_options)
             context = nullcontext(model)
         else:
             probe = self.probe
             probe.set_kept(self.space.kept_by_module(keep, ranking) if self.mode == "masked" else None)
-            context = self.space.sliced(keep, ranking) if self.mode == "sliced" else self.space.masked(keep, ranking)
+            apply = self.space.sliced if self.mode == "sliced" else self.space.masked
+            context = apply(keep, ranking, dropped)
         probe.reset()
         with torch.no_grad(), context as model, recalibrated_batchnorm(model, self.calibration), probe:
             logits, features = self._run(model, dict(model.named_modules()).get(self.classifier_name))
@@ -198,17 +203,20 @@ class SimulatedEvaluator:
         self.space, self.seconds = space, float(seconds)
         self.calibration = None
 
-    def evaluate(self, keep: Sequence[float], ranking: str | None = None) -> dict:
-        """Synthetic measurements of the counts `keep` gives (which channels, `ranking`, changes nothing)."""
+    def evaluate(self, keep: Sequence[float], ranking: str | None = None, dropped: Collection[int | str] = ()) -> dict:
+        """Synthetic measurements of the counts `keep` gives (which channels, `ranking`, changes nothing; a dropped
+        block costs nothing)."""
         keep = self.space.check_keep(keep)
+        blocks = self.space.check_dropped(dropped)
         t0 = time.perf_counter()
         time.sleep(self.seconds)
         weights = np.linspace(1.0, 2.0, len(keep))
         counts = self.space.kept_channels(keep)
-        macs, params = self.space.macs_of_counts(counts), self.space.params_of_counts(counts)
+        macs, params = self.space.macs_of_counts(counts, blocks), self.space.params_of_counts(counts, blocks)
         return {
             "keep": keep,
             "kept_channels": counts,
+            **block_fields(self.space, blocks),
             "entropy": float(np.dot(weights, keep) / weights.sum()) + 0.1 * float(np.std(keep)),
             "entropy_normalized": float(np.mean(keep)),
             "accuracy": float(0.5 + 0.5 * np.mean(np.sqrt(keep))),
@@ -249,14 +257,17 @@ class CandidateCache:
         self.records: dict[tuple, dict] = {}
         self.stats = {"evaluations": 0, "cache_hits": 0, "eval_seconds": 0.0}
 
-    def evaluate(self, counts: Sequence[int], ranking: str | None = None) -> tuple[dict, bool]:
-        counts = [int(c) for c in counts]
-        key = tuple(counts) if ranking is None else (ranking, *counts)
+    def evaluate(self, counts: Sequence[int], ranking: str | None = None,
+                 dropped: Collection[int | str] = ()) -> tuple[dict, bool]:
+        blocks = self.space.check_dropped(dropped)
+        idle = set(self.space.idle_groups(blocks))  # inside a dropped block: recorded whole, one candidate
+        counts = [g.channels if i in idle else int(c) for i, (g, c) in enumerate(zip(self.space.groups, counts))]
+        key = candidate_key(counts, ranking, self.space.dropped_names(blocks))
         if self.enabled and key in self.records:
             self.stats["cache_hits"] += 1
             return dict(self.records[key]), True
         keep = self.space.counts_to_keep(counts)
-        record = plain(self.evaluator.evaluate(keep, ranking))
+        record = plain(self.evaluator.evaluate(keep, ranking, blocks))
         record["reward"] = float(compute_reward(self.reward, record))
         record["kept_channels"] = counts
         record["keep"] = [float(k) for k in keep]
@@ -272,7 +283,7 @@ class CandidateCache:
         """Add candidates evaluated elsewhere; returns how many were new."""
         added = 0
         for rec in records:
-            key = tuple(int(c) for c in rec["kept_channels"])
+            key = record_key(rec)
             if key not in self.records:
                 self.records[key] = cache_entry(rec)
                 added += 1
@@ -280,3 +291,15 @@ class CandidateCache:
 
     def __len__(self) -> int:
         return len(self.records)
+
+
+def record_key(record: dict) -> tuple:
+    """The cache key of a candidate record (`candidate_key` of its counts, ranking and dropped blocks)."""
+    return candidate_key(record["kept_channels"], record.get("ranking"), record.get("dropped_blocks") or [])
+
+
+def candidate_key(counts: Sequence[int], ranking: str | None, dropped: Sequence[str]) -> tuple:
+    """What identifies a candidate in the cache: its channel counts, the ranking that picks the channels, the
+    blocks it drops."""
+    key = tuple(int(c) for c in counts)
+    return (ranking, *key, *dropped) if ranking is not None or dropped else key

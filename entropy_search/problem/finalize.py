@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import torch
@@ -15,6 +15,7 @@ from ..config import FinetuneConfig
 from ..data import DataSplits
 from ..train import evaluate, fine_tune
 from .adaptive_bn import recalibrate_batchnorm
+from .blocks import block_fields
 from .checkpoint import Checkpoint, save_checkpoint
 from .macs import count_macs, count_params
 from .space import PruningSpace
@@ -34,19 +35,22 @@ def finalize(
     label: str = "fine-tune",
     progress: bool = True,
     ranking: str | None = None,
+    dropped: Collection[int | str] = (),
 ) -> tuple[dict, nn.Module]:
     """Prune `keep` for real, check its MACs against the analytic count, re-estimate BN statistics on
     `calibration` (the images the search used; None: keep the baseline's), test, fine-tune, test again, and
     measure the held-out split too (what the final stage may judge by; the test split is only reported).
-    `ranking`: another ranking of the space's channels picks which to keep (a peer recipe's).
+    `ranking`: another ranking of the space's channels picks which to keep (a peer recipe's); `dropped`: the
+    residual blocks removed.
 
     Returns (measurements, the pruned and fine-tuned model)."""
     keep = space.check_keep(keep)
     counts = space.kept_channels(keep)
-    pruned = space.prune(keep, ranking).to(space.example_input.device)  # counted where the example input is
+    blocks = space.check_dropped(dropped)
+    pruned = space.prune(keep, ranking, blocks).to(space.example_input.device)  # counted where the example input is
     macs = count_macs(pruned, space.example_input)
     params = count_params(pruned)
-    analytic = space.macs_of_counts(counts)
+    analytic = space.macs_of_counts(counts, blocks)
     if calibration is not None:
         recalibrate_batchnorm(pruned, calibration)
     before = evaluate(pruned, splits.test, device=device)
@@ -60,6 +64,7 @@ def finalize(
     measured = {
         "keep": keep,
         "kept_channels": counts,
+        **block_fields(space, blocks),
         "macs": macs,
         "params": params,
         "macs_ratio": macs / space.base_macs,
@@ -77,9 +82,10 @@ def finalize(
 
 
 def export(model: nn.Module, example_input: torch.Tensor, out_dir: str | Path, name: str, *, onnx: bool,
-           base: Checkpoint, keep: Sequence[float], round_to: int, metrics: dict | None = None) -> dict[str, str]:
-    """Write `<name>.pt`, an entropy-search checkpoint of the pruned network (the base model's name and the keep
-    ratios, so `load_model` rebuilds it; opens with `torch.load`'s default `weights_only=True`), and, when asked,
+           base: Checkpoint, keep: Sequence[float], round_to: int, metrics: dict | None = None,
+           dropped: Sequence[str] = ()) -> dict[str, str]:
+    """Write `<name>.pt`, an entropy-search checkpoint of the pruned network (the base model's name, the keep
+    ratios and the names of the dropped blocks, so `load_model` rebuilds it; opens with `torch.load`'s default `weights_only=True`), and, when asked,
     `<name>.onnx`; returns {format: path}. A failed ONNX export is logged and recorded as `onnx_error`: the
     PyTorch file is the result."""
     out_dir = Path(out_dir)
@@ -88,7 +94,8 @@ def export(model: nn.Module, example_input: torch.Tensor, out_dir: str | Path, n
     path = out_dir / f"{name}.pt"
     save_checkpoint(path, model, model_name=base.model_name, model_kwargs=base.model_kwargs,
                     num_classes=base.num_classes, in_channels=base.in_channels, image_size=base.image_size,
-                    data=base.data, config={**base.config, "round_to": round_to}, metrics=metrics, keep=keep)
+                    data=base.data, config={**base.config, "round_to": round_to}, metrics=metrics, keep=keep,
+                    dropped=dropped)
     files["pytorch"] = str(path)
     if onnx:
         try:

@@ -47,7 +47,7 @@ def finalist_records(uniform: dict | None, top_k: Sequence[dict], random: dict |
 def successive_halving(
     space: PruningSpace,
     splits: DataSplits,
-    finalists: Sequence[tuple[str, Sequence[float], str | None]],
+    finalists: Sequence[tuple[str, Sequence[float], str | None, Sequence[str]]],
     *,
     calibration: torch.Tensor | None,
     rung_steps: int,
@@ -57,7 +57,8 @@ def successive_halving(
     seed: int = 0,
     device: str = "auto",
 ) -> dict:
-    """Successive halving over `finalists` ((label, keep ratios, ranking of the space's channels or None), in
+    """Successive halving over `finalists` ((label, keep ratios, ranking of the space's channels or None, dropped
+    blocks), in
     order of preference for ties).
 
     Returns {"winner": label, "rungs": [{"steps", "heldout_accuracy": {label: acc}, "heldout_loss": {label: loss},
@@ -73,12 +74,12 @@ def successive_halving(
     if len(finalists) == 1:
         return {"winner": finalists[0][0], "rungs": [], "seconds": 0.0}
     models = {}
-    for label, keep, ranking in finalists:
-        pruned = space.prune(keep, ranking)
+    for label, keep, ranking, dropped in finalists:
+        pruned = space.prune(keep, ranking, dropped)
         if calibration is not None:
             recalibrate_batchnorm(pruned, calibration)
         models[label] = pruned
-    alive = [label for label, _, _ in finalists]
+    alive = [label for label, *_ in finalists]
     rungs: list[dict] = []
     steps_done, rung = 0, 0
     rng = np.random.default_rng(seed)

@@ -9,6 +9,7 @@ benchmarks call; `train_baseline` is the one way a baseline network is trained a
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,10 +59,11 @@ class Problem:
     def model(self) -> nn.Module:
         return self.network.model
 
-    def evaluate(self, counts, ranking: str | None = None) -> tuple[dict, bool]:
-        """A candidate's record (measurements, reward, kept channels, keep ratios) and whether it came from the
-        cache; `ranking` names another ranking of the space's channels (a peer recipe's) that picks which to keep."""
-        return self.cache.evaluate(counts, ranking)
+    def evaluate(self, counts, ranking: str | None = None, dropped: Collection[int | str] = ()) -> tuple[dict, bool]:
+        """A candidate's record (measurements, reward, kept channels, keep ratios, dropped blocks) and whether it
+        came from the cache; `ranking` names another ranking of the space's channels (a peer recipe's) that picks
+        which to keep; `dropped` the residual blocks it drops."""
+        return self.cache.evaluate(counts, ranking, dropped)
 
 
 def load_network(config: SearchConfig) -> Network:
@@ -175,7 +177,8 @@ def setup(config: SearchConfig) -> Problem:
     else:
         network = load_network(config)
         splits = load_splits(config, network.checkpoint)
-    space = PruningSpace(network.model, network.example_input, round_to=config.search.round_to)
+    blocks = config.search.blocks and config.search.budget == "macs"  # a latency table does not cover blocks yet
+    space = PruningSpace(network.model, network.example_input, round_to=config.search.round_to, blocks=blocks)
     budget = build_budget(space, config)
     if simulate:
         evaluator: CandidateEvaluator | SimulatedEvaluator = SimulatedEvaluator(space, config.search.simulate_eval_seconds)

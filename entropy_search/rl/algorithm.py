@@ -84,14 +84,14 @@ def restore_adaptive_learner_state(algorithm, state: dict) -> None:
     algorithm.learner_group.foreach_learner(write)
 
 
-def build_algorithm_config(config: SearchConfig, n_groups: int, env_config: dict) -> AlgorithmConfig:
-    """The RLlib AlgorithmConfig of a search (new API stack). `n_groups` = steps per episode; `env_config`
+def build_algorithm_config(config: SearchConfig, n_steps: int, env_config: dict) -> AlgorithmConfig:
+    """The RLlib AlgorithmConfig of a search (new API stack). `n_steps` = steps per episode; `env_config`
     is what each env runner builds its environments from (`entropy_search.envs.env_config`)."""
     agent, res = config.agent, config.resources
     env_config = dict(env_config)
     runners = max(res.num_env_runners, 1) * res.num_envs_per_env_runner
     episodes_per_runner = max(1, math.ceil(agent.episodes_per_iteration / runners))
-    fragment = episodes_per_runner * n_groups
+    fragment = episodes_per_runner * n_steps
     batch = fragment * runners
     obs_space = gym.spaces.Box(0.0, 1.0, shape=(OBS_DIM,), dtype=np.float32)
     act_space = gym.spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
@@ -120,7 +120,7 @@ def build_algorithm_config(config: SearchConfig, n_groups: int, env_config: dict
             tau=agent.tau,
             initial_alpha=agent.initial_alpha,
             train_batch_size_per_learner=agent.train_batch_size,
-            num_steps_sampled_before_learning_starts=agent.learning_starts_episodes * n_groups,
+            num_steps_sampled_before_learning_starts=agent.learning_starts_episodes * n_steps,
             replay_buffer_config={"type": "PrioritizedEpisodeReplayBuffer", "capacity": agent.replay_capacity,
                                   "alpha": 0.6, "beta": 0.4},
         )

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..config import SearchConfig
 from ..envs import env_config, share_cache
 from ..jsonio import dumps, plain, read_jsonl, write_json, write_jsonl
-from ..problem import cache_entry
+from ..problem import cache_entry, record_key
 from ..ray_runtime import quiet_ray_notices
 from ..utils import seed_everything
 from .algorithm import (
@@ -33,8 +33,8 @@ from .rundir import AGENT_DIR, CACHE_FILE, CANDIDATES_FILE, CHECKPOINT_DIR, STAT
 log = logging.getLogger(__name__)
 
 #: Keys of a candidate record written first in candidates.jsonl (the rest follow in the order they come).
-RECORD_KEYS_FIRST = ("id", "iteration", "reward", "macs_ratio", "params_ratio", "entropy", "accuracy", "kept_channels",
-                     "keep")
+RECORD_KEYS_FIRST = ("id", "iteration", "reward", "macs_ratio", "params_ratio", "blocks_kept", "entropy", "accuracy",
+                     "kept_channels", "keep", "dropped_blocks")
 
 
 @dataclass
@@ -50,15 +50,15 @@ class SearchState:
     env_runner_restarts: int = 0
     env_runners_lost: int = 0
     top_k_size: int = 3
-    cache: dict[tuple[int, ...], dict] = field(default_factory=dict)
+    cache: dict[tuple, dict] = field(default_factory=dict)  # by `record_key`
     top_k: list[dict] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
-    pending: set[tuple[int, ...]] = field(default_factory=set)  # cached after the last checkpoint, not yet counted
+    pending: set[tuple] = field(default_factory=set)  # cached after the last checkpoint, not yet counted
 
     def add(self, record: dict) -> bool:
         """Count a candidate (an episode); returns whether it was a new evaluation."""
         self.episodes += 1
-        key = tuple(int(c) for c in record["kept_channels"])
+        key = record_key(record)
         new = key not in self.cache and not record.get("cache_hit", False)
         if record.get("cache_hit"):
             self.cache_hits += 1
@@ -109,20 +109,20 @@ def stop_reason(config: SearchConfig, state: SearchState) -> str | None:
 class RLSearch:
     """The agent's training loop with candidate collection, checkpoints and resume (no baselines, no fine-tune).
 
-    Usable on its own (the benchmark does): `RLSearch(config, n_groups).run()` returns the SearchState.
+    Usable on its own (the benchmark does): `RLSearch(config, n_steps).run()` returns the SearchState.
     """
 
     def __init__(
         self,
         config: SearchConfig,
-        n_groups: int,
+        n_steps: int,
         *,
         resume: bool = False,
         progress: bool = True,
         on_iteration: Callable[[dict], None] | None = None,
     ) -> None:
         self.config = config
-        self.n_groups = n_groups
+        self.n_steps = n_steps
         self.out = Path(config.output.dir)
         self.ckpt_dir = self.out / CHECKPOINT_DIR
         self.candidates_path = self.out / CANDIDATES_FILE
@@ -163,13 +163,13 @@ class RLSearch:
             write_jsonl(self.candidates_path, kept)
         self._next_id = max((int(r.get("id", -1)) for r in written), default=-1) + 1
         for rec in records[:committed]:
-            key = tuple(int(c) for c in rec["kept_channels"])
+            key = record_key(rec)
             if key not in self.state.cache:
                 self.state.cache[key] = cache_entry(rec)
                 self.state.update_top_k(self.state.cache[key])
         # evaluated after the checkpoint: cached, not counted (the replay counts it)
         for rec in [*records[committed:], *later]:
-            key = tuple(int(c) for c in rec["kept_channels"])
+            key = record_key(rec)
             if key not in self.state.cache:
                 self.state.cache[key] = cache_entry(rec)
                 self.state.pending.add(key)
@@ -203,7 +203,7 @@ class RLSearch:
             self._restarts_before = self.state.env_runner_restarts
             if not has_agent:
                 log.warning("no agent checkpoint in %s: starting the agent afresh (evaluated candidates are kept)", self.ckpt_dir)
-        algo_config = build_algorithm_config(self.config, self.n_groups, env_config(self.config, self._warm_cache_file()))
+        algo_config = build_algorithm_config(self.config, self.n_steps, env_config(self.config, self._warm_cache_file()))
         quiet_ray_notices()
         self.algo = algo_config.build_algo()
         if has_agent:
@@ -319,7 +319,7 @@ class RLSearch:
             if rec.get("worker") is not None:
                 self._workers.add(rec["worker"])
             if self.state.add(rec):
-                new.append(self.state.cache[tuple(int(c) for c in rec["kept_channels"])])
+                new.append(self.state.cache[record_key(rec)])
             ordered = {k: rec[k] for k in RECORD_KEYS_FIRST if k in rec}
             ordered.update({k: v for k, v in rec.items() if k not in ordered})
             self._fh.write(dumps(ordered) + "\n")
