@@ -159,7 +159,7 @@ class SearchSettings(Section):
     """`relative` action space: an action of +-1 multiplies the uniform keep ratio by 2**(+-action_spread)."""
 
     blocks: bool = True
-    """Depth as a choice: each shape-preserving residual block of the network (an identity shortcut around a branch, found from its graph) is kept or dropped by the search, next to the channel counts; a dropped block computes the identity and is removed from the delivered network. A network without such blocks searches channels only. Under `budget: latency` blocks are not offered yet (the latency table does not cover them). docs/design.md, "Residual blocks"."""
+    """Depth as a choice: each shape-preserving residual block of the network (an identity shortcut around a branch, found from its graph) is kept or dropped by the search, next to the channel counts; a dropped block computes the identity and is removed from the delivered network. A network without such blocks searches channels only. Under `budget: latency` the latency table also times the network without each block. docs/design.md, "Residual blocks"."""
 
     round_to: PositiveInt = 1
     """Kept channel counts are rounded to a multiple of this (8 suits GPUs, 1 tiny networks)."""
@@ -327,6 +327,9 @@ class BaselinesConfig(Section):
 
     finetune: bool = True
     """Fine-tune and test the baselines' best candidates like the agent's (for a fair comparison)."""
+
+    uniform_shallow: bool = True
+    """With `search.blocks` and a network whose residual blocks make two or more stages of two or more blocks: also uniform pruning of the network without the last block of each such stage but the last (`shallow_blocks`; on ResNet-20 bench/bench_depth.py's 1-1-0), a finalist like uniform pruning (`uniform_shallow`)."""
 
     peers: list[Literal["tp_magnitude", "tp_taylor", "tp_isomorphic"]] = ["tp_magnitude", "tp_taylor", "tp_isomorphic"]
     """Torch-Pruning's own recipes run as baselines next to uniform pruning and random search (what a user who runs no search would do; `entropy_search.problem.peers`): `tp_magnitude`, global pruning by L1 magnitude (GroupMagnitudeImportance(p=1)); `tp_taylor`, global pruning by first-order Taylor importance (GroupTaylorImportance, one backward pass on a fixed, seeded batch of `data.eval_batch` training images); `tp_isomorphic`, isomorphic pruning by L1 magnitude. Each is brought to the budget by bisecting Torch-Pruning's pruning ratio until the network's cost is within 3% below the target, fine-tuned like every finalist and judged by the final stage. [] runs none."""

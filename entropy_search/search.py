@@ -50,6 +50,7 @@ from .problem import (
     proxy_agreement,
     random_search,
     setup,
+    shallow_blocks,
     successive_halving,
     uniform_baseline,
 )
@@ -114,9 +115,9 @@ def select_delivered(problem: Problem, config: SearchConfig, state: SearchState,
     Off: the agent's pick. Every finalist it needs, and the winner, end up in `finalized`
     ({label: (record, model)})."""
     uniform = (baselines.get("uniform") or {}).get("best") if config.selection.enabled else None
-    peers = [(name, baselines[name]["best"]) for name in config.baselines.peers
-             if (baselines.get(name) or {}).get("best")]
-    records = finalist_records(uniform, state.top_k, (baselines.get("random") or {}).get("best"), peers)
+    others = [(name, baselines[name]["best"]) for name in ("uniform_shallow", *config.baselines.peers)
+              if (baselines.get(name) or {}).get("best")]
+    records = finalist_records(uniform, state.top_k, (baselines.get("random") or {}).get("best"), others)
     labels = list(records)
 
     def ensure_finalized(label: str) -> None:
@@ -248,8 +249,9 @@ def finish_search(
 
 
 def run_baselines(problem: Problem, config: SearchConfig, state: SearchState) -> dict[str, Any]:
-    """Uniform pruning, random search (as many distinct candidates as the agent evaluated, unless
-    `baselines.random_candidates` says otherwise) and Torch-Pruning's recipes (`baselines.peers`) under the
+    """Uniform pruning (and its shallower variant, `baselines.uniform_shallow`), random search (as many distinct
+    candidates as the agent evaluated, unless `baselines.random_candidates` says otherwise) and Torch-Pruning's
+    recipes (`baselines.peers`) under the
     search's budget, through the driver's cache. A recipe that cannot meet the budget, or whose network the space
     cannot reproduce exactly, is recorded with its `error` and left out of the final stage."""
     if not config.baselines.enabled:
@@ -261,6 +263,9 @@ def run_baselines(problem: Problem, config: SearchConfig, state: SearchState) ->
     n_random = config.baselines.random_candidates or max(state.evaluations, 1)
     out = {"uniform": uniform_baseline(problem.budget, evaluate),
            "random": random_search(problem.budget, evaluate, n_random, seed=config.seed + 1)}
+    shallow = shallow_blocks(problem.space.blocks)
+    if config.baselines.uniform_shallow and shallow:
+        out["uniform_shallow"] = uniform_baseline(problem.budget.given(shallow), evaluate)
     if problem.splits is None or not config.baselines.peers:  # simulated evaluations: no network to prune
         return out
     batch = eval_batch(problem.splits, config.data.eval_batch, split="train", seed=config.seed)
@@ -407,13 +412,15 @@ def latency_budget_check(problem: Problem, delivered: tuple[dict, torch.nn.Modul
     """A latency budget against what the delivered network measures: the budget's target and the table's
     prediction next to the delivered and unpruned networks timed together (`LatencyMeter`, the table's batch,
     threads and device), so the measured ratio is free of the load's drift since the table was measured."""
-    budget, (record, _) = problem.budget, delivered
+    (record, _) = delivered
+    dropped = record.get("dropped_blocks") or []
+    budget = problem.budget.given(problem.space.check_dropped(dropped))
     table = budget.cost
     counts = list(record["kept_channels"])
     full = [g.channels for g in problem.space.groups]
     meter = LatencyMeter(problem.space, device=table.key["device"], batch=table.key["batch"],
                          threads=table.key["threads"], statistic=table.key["statistic"])
-    measured_full, measured = meter([full, counts])
+    measured_full, measured = meter([full, counts], [(), dropped])
     return {"target_ratio": budget.flops_target, "target_ms": budget.target, "table_unpruned_ms": table.base,
             "predicted_ms": table(counts), "measured_ms": measured, "measured_unpruned_ms": measured_full,
             "measured_ratio": measured / measured_full, "batch": table.key["batch"], "threads": table.key["threads"],

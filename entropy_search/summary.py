@@ -220,6 +220,7 @@ SUMMARY_COLUMNS = (
     ("agent blocks", "agent_blocks_kept", ".0f"),
     ("agent FT", "agent_test_accuracy", "%"),
     ("uniform FT", "uniform_test_accuracy", "%"),
+    ("uniform_shallow FT", "uniform_shallow_test_accuracy", "%"),
     ("random FT", "random_test_accuracy", "%"),
     *((f"{name} FT", f"{name}_test_accuracy", "%") for name in PEER_RECIPES),
     ("agent reward", "agent_reward", ".4f"),

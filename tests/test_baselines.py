@@ -14,6 +14,7 @@ from entropy_search.problem import (
     random_candidate,
     random_counts,
     random_search,
+    shallow_blocks,
     uniform_baseline,
     uniform_counts,
 )
@@ -93,3 +94,24 @@ def test_random_search_stops_when_the_space_has_fewer_candidates():
     assert result["evaluations"] == len(calls) == len(set(calls)) < 1000
     empty = random_search(budget, lambda c: {"reward": 0.0}, 0)
     assert empty["best"] is None and empty["evaluations"] == 0 and empty["reward_mean"] is None
+
+
+def test_uniform_pruning_has_a_shallower_variant(resnet20):
+    """The last block of every stage of two or more blocks but the last (ResNet-20: bench_depth's 1-1-0), found from
+    the blocks' shapes, pruned uniformly under the same budget."""
+    shallow = shallow_blocks(resnet20.blocks)
+    assert resnet20.dropped_names(shallow) == ["layer1.2", "layer2.2"]
+    budget = Budget(resnet20, 0.4, 0.1)
+    calls = []
+
+    def evaluate(counts, dropped=()):
+        calls.append(sorted(dropped))
+        return {"kept_channels": list(counts), "macs": resnet20.macs_of_counts(counts, frozenset(dropped))}
+
+    variant = uniform_baseline(budget.given(shallow), evaluate)["best"]
+    full = uniform_baseline(budget, evaluate)["best"]
+    assert calls == [sorted(shallow), []]
+    assert variant["uniform_keep"] > full["uniform_keep"], "the blocks' MACs buy width"
+    assert variant["macs"] <= 0.4 * resnet20.base_macs
+    digits = PruningSpace(create_model("digits_cnn").eval(), torch.zeros(1, 1, 8, 8))
+    assert shallow_blocks(digits.blocks) == frozenset(), "one stage of one block: no variant"

@@ -113,3 +113,30 @@ def test_prune_with_a_search_result_takes_its_delivered_policy_by_group_name(bas
     wrong = tmp_path / "wrong.json"
     wrong.write_text(json.dumps({"delivered_policy": {"no_such_layer": 0.5}}))
     assert main(["prune", str(baseline), "--policy", str(wrong), "--epochs", "0"]) == 2
+
+
+def test_prune_removes_the_residual_blocks_a_policy_or_drop_names(baseline, tmp_path, capsys):
+    """A search's delivered network without its dropped blocks is rebuilt from its result (or policy.json); --drop
+    removes blocks on any policy; a block that changes shape is refused in one line."""
+    from entropy_search.problem import PruningSpace
+
+    ckpt = load_checkpoint(baseline)
+    names = [g.name for g in PruningSpace(build_model(ckpt), ckpt.example_input()).groups]
+    result = tmp_path / "result.json"
+    result.write_text(json.dumps({"policy": dict.fromkeys(names, 0.5),
+                                  "delivered": {"label": "top1", "dropped_blocks": ["block"]}}))
+    out = tmp_path / "shallow.pt"
+    assert main(["prune", str(baseline), "--policy", str(result), "--epochs", "0", "--out", str(out)]) == 0
+    assert "residual blocks removed: block (0 of 1 kept)" in capsys.readouterr().out
+    shallow = load_checkpoint(out)
+    assert shallow.dropped == ["block"] and isinstance(build_model(shallow).block, torch.nn.Identity)
+    assert count_macs(build_model(shallow), shallow.example_input()) == shallow.metrics["macs"]
+    out2 = tmp_path / "uniform_shallow.pt"
+    assert main(["prune", str(baseline), "--flops-target", "0.5", "--drop", "block", "--epochs", "0",
+                 "--out", str(out2)]) == 0
+    assert load_checkpoint(out2).dropped == ["block"] and load_checkpoint(out2).metrics["macs"] <= 0.5 * count_macs(
+        create_model("digits_cnn"), shallow.example_input())
+    capsys.readouterr()
+    assert main(["prune", str(baseline), "--keep", "0.5", "--drop", "down", "--epochs", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot drop down: down maps (32, 8, 8) to (64, 4, 4)" in err and len(err.strip().splitlines()) == 1

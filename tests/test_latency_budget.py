@@ -42,6 +42,7 @@ def test_latency_table_is_measured_once_and_read_from_its_cache(digits_space, tm
     saved = json.loads(table.path.read_text())
     assert saved["key"]["batch"] == 4 and saved["key"]["threads"] == 1 and saved["key"]["device"] == "cpu"
     assert len(saved["uniform"]) == len(ladder_ratios(0.1))  # the ladder of uniform networks, 1.0 down to min_keep
+    assert set(saved["tables"][f"{table.reference_keep:.4f}"]["blocks"]) == {"block"}  # the reference without it
 
     again = build_budget(digits_space, config)  # a second search (or an env runner): nothing measured
     assert again.cost.measured == 0 and again.cost.path == table.path
@@ -89,6 +90,31 @@ def test_clipping_meets_the_predicted_latency_budget(digits_space, tmp_path, one
             assert table(counts[:g] + [opts[i + 1]] + budget.min_counts[g + 1:]) > budget.target
     _, uniform = uniform_counts(budget)
     assert budget.within(uniform)
+
+
+def test_a_latency_budget_covers_dropped_blocks(digits_space, tmp_path, one_thread):
+    """The table times the reference without each residual block: the prediction of a shallower candidate is exact
+    there, `along` equals a call (constant for a group inside the dropped block), and clipping meets the target."""
+    budget = build_budget(digits_space, latency_config(tmp_path, latency_target=0.9, latency_batch=16))
+    table = budget.cost
+    shallow = budget.given(["block"])
+    inside = digits_space.idle_groups(["block"])
+    assert shallow.kind == "latency" and shallow.target == budget.target and inside == [1]
+    saving = table.block_ms["block"]
+    assert shallow.cost(table.ref_counts) == pytest.approx(table.ref_ms + saving)
+    assert saving < 0, "the network without a block is faster"
+    for g in range(budget.n):
+        trial = list(table.ref_counts)
+        for v, predicted in zip(budget.options[g], shallow.cost.along(g, trial, budget.options[g])):
+            trial[g] = int(v)
+            assert predicted == pytest.approx(shallow.cost(trial))
+    assert np.ptp(shallow.cost.along(1, table.ref_counts, budget.options[1])) == 0
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        counts: list[int] = []
+        for a in rng.uniform(-1, 1, budget.n):
+            counts.append(shallow.step(counts, float(a))[0])
+        assert shallow.within(counts) and counts[1] == digits_space.groups[1].channels
 
 
 def test_sample_counts_cover_the_options_and_the_reference():

@@ -482,6 +482,9 @@ def test_a_search_chooses_depth_on_resnet20(ray_local, tmp_path):
     assert len({c["blocks_kept"] for c in candidates}) > 2, "candidates of several depths"
     assert all(c["macs_ratio"] <= 0.3 + 1e-12 for c in candidates)
     assert result["baselines"]["random"]["best"]["blocks_kept"] is not None
+    shallow = result["baselines"]["uniform_shallow"]["best"]
+    assert shallow["dropped_blocks"] == ["layer1.2", "layer2.2"] and shallow["macs_ratio"] <= 0.3 + 1e-12
+    assert result["baselines"]["uniform"]["best"]["dropped_blocks"] == []
     delivered = result["delivered"]
     assert delivered["label"] == "top1" and delivered["dropped_blocks"], "the agent's pick drops blocks"
     assert delivered["analytic_macs_match"] and delivered["blocks_kept"] == 7 - len(delivered["dropped_blocks"])

@@ -1,5 +1,6 @@
 """`entropy-search prune`: apply a keep-ratio policy (or a uniform ratio) to a checkpoint, physically
-remove the channels, fine-tune, and report MACs, parameters and accuracy before and after."""
+remove the channels (and the residual blocks it drops), fine-tune, and report MACs, parameters and accuracy
+before and after."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "report MACs/params and test accuracy before and after. Give exactly one of --flops-target "
         "(uniform ratio meeting the target; the default, 0.5), --keep (one ratio for every group) or "
         "--policy (a JSON file: a list of keep ratios, a search's result.json or its policy.json: the delivered "
-        "network's policy).",
+        "network's policy, with the residual blocks it drops). --drop removes residual blocks too.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("checkpoint", help="a checkpoint written by `entropy-search train`")
@@ -46,6 +47,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      help="fraction of the baseline's MACs to keep, met by one ratio for all groups (default 0.5)")
     how.add_argument("--keep", type=float, default=None, help="keep ratio in (0, 1] for every channel group")
     how.add_argument("--policy", default=None, help="JSON file with one keep ratio per channel group")
+    parser.add_argument("--drop", nargs="+", default=[], metavar="BLOCK",
+                        help="residual blocks to remove (module names, e.g. layer1.2; a policy file's own come first)")
     parser.add_argument("--min-keep", type=float, default=_SEARCH["min_keep"].default,
                         help="smallest keep ratio for --flops-target")
     parser.add_argument("--round-to", type=int, default=_SEARCH["round_to"].default,
@@ -65,9 +68,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def read_policy(path: str | Path, group_names: list[str] | None = None) -> list[float]:
-    """Keep ratios from a JSON list, {"keep": [...]}, a search's result.json or policy.json (the delivered
-    network's policy, {group name: ratio}) or such a mapping itself (then `group_names` gives the order)."""
+def read_policy(path: str | Path, group_names: list[str] | None = None) -> tuple[list[float], list[str]]:
+    """Keep ratios and dropped residual blocks from a JSON list, {"keep": [...], "dropped_blocks": [...]}, a search's
+    result.json or policy.json (the delivered network's policy, {group name: ratio}, and its dropped blocks) or
+    such a mapping itself (then `group_names` gives the order)."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -75,12 +79,15 @@ def read_policy(path: str | Path, group_names: list[str] | None = None) -> list[
         raise EntropySearchError(f"policy file {path} not found") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise EntropySearchError(f"policy file {path} is not valid JSON: {exc}") from None
+    dropped: list[str] = []
     if isinstance(data, dict):
+        dropped = list(data.get("dropped_blocks") or [])
         if data.keys() & {"policy", "delivered", "delivered_policy", "best", "best_policy"}:  # a search's result
             ranking = delivered_network(data).get("ranking")
             if ranking:
                 print(f"note: the delivered network kept the channels {ranking} ranks first; this keeps as many, "
                       "ranked by L1 magnitude (the delivered network itself is the search's best_pruned.pt)")
+            dropped = dropped or list(delivered_network(data).get("dropped_blocks") or [])
             data = delivered_policy(data)
         data = data.get("keep", data) if isinstance(data, dict) else data
     if isinstance(data, dict) and group_names is not None:
@@ -95,7 +102,9 @@ def read_policy(path: str | Path, group_names: list[str] | None = None) -> list[
         data = [data[name] for name in group_names]
     if not isinstance(data, list):
         raise EntropySearchError(f"policy file {path} holds no list of keep ratios")
-    return data
+    if not all(isinstance(name, str) for name in dropped):
+        raise EntropySearchError(f"policy file {path}: dropped_blocks must be module names, got {dropped!r}")
+    return data, dropped
 
 
 def run(args: argparse.Namespace) -> int:
@@ -117,15 +126,19 @@ def run(args: argparse.Namespace) -> int:
     example = ckpt.example_input()
     space = PruningSpace(model, example, round_to=args.round_to)
 
+    dropped = list(args.drop)
     if args.policy is not None:
-        keep, how = space.check_keep(read_policy(args.policy, [g.name for g in space.groups])), f"policy {args.policy}"
-    elif args.keep is not None:
+        keep, dropped_there = read_policy(args.policy, [g.name for g in space.groups])
+        keep, how = space.check_keep(keep), f"policy {args.policy}"
+        dropped = list(dict.fromkeys(dropped_there + dropped))
+    blocks = space.check_dropped(dropped)
+    if args.keep is not None:
         keep, how = space.check_keep([args.keep] * len(space.groups)), f"uniform keep {args.keep:g}"
-    else:
+    elif args.policy is None:
         target = _SEARCH["flops_target"].default if args.flops_target is None else args.flops_target
         if not 0 < target <= 1:
             raise ConfigError(f"--flops-target must be in (0, 1], got {target}")
-        budget = Budget(space, target, args.min_keep)
+        budget = Budget(space, target, args.min_keep).given(blocks)
         budget.check()
         ratio, counts = uniform_counts(budget)
         keep, how = space.counts_to_keep(counts), f"uniform keep {ratio:.3f} for MACs <= {target:g} x baseline"
@@ -135,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
     if args.bn_calibration:
         calibration = eval_batch(splits, args.bn_calibration, split="train", seed=args.seed)[0]
     measured, pruned = finalize(space, splits, keep, finetune=FinetuneConfig(epochs=args.epochs, lr=args.lr),
-                                calibration=calibration, seed=args.seed, device=device, progress=not args.no_progress)
+                                calibration=calibration, seed=args.seed, device=device, progress=not args.no_progress,
+                                dropped=blocks)
     acc_base = evaluate(model, splits.test, device=device)
     rows = {"MACs": (space.base_macs, measured["macs"]), "params": (count_params(model), measured["params"])}
     acc_pruned, acc_tuned = measured["test_accuracy_before_finetune"], measured["test_accuracy_after_finetune"]
@@ -150,10 +164,13 @@ def run(args: argparse.Namespace) -> int:
               "prune": {"how": how, "epochs": args.epochs, "lr": args.lr, "bn_calibration": args.bn_calibration}}
     save_checkpoint(out, pruned, model_name=ckpt.model_name, model_kwargs=ckpt.model_kwargs,
                     num_classes=ckpt.num_classes, in_channels=ckpt.in_channels, image_size=ckpt.image_size,
-                    data=ckpt.data, config=config, metrics=metrics, keep=keep)
+                    data=ckpt.data, config=config, metrics=metrics, keep=keep, dropped=measured["dropped_blocks"])
 
     print(f"\n{ckpt.model_name} on {splits.name}: {how}, {len(space.groups)} channel groups, "
           f"kept channels {space.kept_channels(keep)}")
+    if blocks:
+        print(f"residual blocks removed: {', '.join(measured['dropped_blocks'])} "
+              f"({measured['blocks_kept']} of {len(space.blocks)} kept)")
     print(f"{'':24}{'baseline':>14}{'pruned':>14}{'ratio':>9}")
     for label, (before, after) in rows.items():
         print(f"{label:24}{before:>14,}{after:>14,}{after / before:>9.3f}")

@@ -8,7 +8,14 @@ the sweep, tracking and the command line are clients of it.
 """
 
 from .adaptive_bn import recalibrate_batchnorm, recalibrated_batchnorm
-from .baselines import random_candidate, random_counts, random_search, uniform_baseline, uniform_counts
+from .baselines import (
+    random_candidate,
+    random_counts,
+    random_search,
+    shallow_blocks,
+    uniform_baseline,
+    uniform_counts,
+)
 from .blocks import ResidualBlock
 from .budget import Budget, MacsForm
 from .checkpoint import Checkpoint, build_model, load_checkpoint, load_model, save_checkpoint
@@ -76,6 +83,7 @@ __all__ = [
     "record_key",
     "recalibrated_batchnorm",
     "save_checkpoint",
+    "shallow_blocks",
     "setup",
     "spatial_entropy",
     "guarded_choice",

@@ -118,7 +118,8 @@ class Budget:
 
     def __init__(self, space: PruningSpace, flops_target: float, min_keep: float, flops_floor: float = 0.0,
                  *, action_space: str = "absolute", action_spread: float = 1.0, cost=None,
-                 target_key: str = "search.flops_target", dropped: frozenset[int] = frozenset()) -> None:
+                 target_key: str = "search.flops_target", dropped: frozenset[int] = frozenset(),
+                 macs: MacsForm | None = None) -> None:
         if action_space not in ACTION_SPACES:
             raise ConfigError(f"search.action_space: {action_space!r}; known: {', '.join(ACTION_SPACES)}")
         self.action_space = action_space
@@ -136,7 +137,7 @@ class Budget:
         """The residual blocks dropped in the candidates this budget clips (`given` makes one per set)."""
         self.idle = frozenset(space.idle_groups(self.dropped))
         """Groups inside a dropped block: kept whole (their count changes nothing), never clipped."""
-        self.macs = MacsForm(space, dropped=self.dropped)
+        self.macs = macs if macs is not None else MacsForm(space, dropped=self.dropped)
         self.cost = self.macs if cost is None else cost
         self._given: dict[frozenset[int], Budget] = {self.dropped: self}
         """What the target limits: the MAC count (default) or a latency table's predicted milliseconds."""
@@ -158,11 +159,14 @@ class Budget:
         cost leaves those blocks out. Built once per set of blocks."""
         dropped = self.space.check_dropped(dropped)
         if dropped not in self._given:
-            if self.kind != "macs":
-                raise ConfigError("search.blocks: a latency budget does not cover residual blocks yet")
+            macs = MacsForm(self.space, dropped=dropped)
+            cost = None
+            if self.kind != "macs":  # a latency table's prediction without those blocks
+                outer = self.space.dropped_names(self.space.outermost_blocks(dropped))
+                cost = self.cost.without(outer, frozenset(self.space.idle_groups(dropped)), macs)
             self._given[dropped] = Budget(self.space, self.flops_target, self.min_keep, self.flops_floor,
                                           action_space=self.action_space, action_spread=self.action_spread,
-                                          target_key=self.target_key, dropped=dropped)
+                                          cost=cost, target_key=self.target_key, dropped=dropped, macs=macs)
         return self._given[dropped]
 
     def block_step(self, dropped: Collection[int], block: int, action: float) -> tuple[bool, bool]:

@@ -20,6 +20,16 @@ against what it misses of the MAC count, least absolute deviations; it may be ne
     A(c) = M_ref + sum_g (MACs(ref with g at c_g) - M_ref)
 
 which is exact at the reference.
+
+Residual blocks ("Residual blocks" in docs/design.md): at the reference, the network with each block dropped
+alone is timed too, `D_b = T(ref without b) - L_ref`. A candidate without the blocks `B` (the outermost dropped
+ones) is predicted as
+
+    L(c, B) = L(c) + sum_b D_b,
+
+with L's terms taken without those blocks: the groups inside a dropped block count at the reference (their
+counts change nothing), and `MACs` and `A` leave the dropped blocks' layers out. Exact at the reference with one
+block dropped.
 """
 
 from __future__ import annotations
@@ -55,11 +65,23 @@ class LatencyTable:
     kind = "latency"
     unit = "ms"
 
-    def __init__(self, data: dict, macs: MacsForm, reference: str) -> None:
+    def __init__(self, data: dict, macs: MacsForm, reference: str, *, lam: float | None = None,
+                 dropped: Sequence[str] = (), idle: frozenset[int] = frozenset()) -> None:
+        """`dropped`: the outermost residual blocks the candidates drop (`macs` is their MAC form), `idle` the groups
+        inside them; `lam`: the interaction's fitted slope (fitted on the ladder when None)."""
         self.data = data
         self.macs = macs
         self.key = data["key"]
+        self.reference = reference
         table = data["tables"][reference]
+        self.block_ms = {name: float(ms) - float(table["reference_ms"]) for name, ms in table.get("blocks", {}).items()}
+        """Per residual block, the latency its dropping saves at the reference (negative: faster)."""
+        missing = [name for name in dropped if name not in self.block_ms]
+        if missing:
+            raise EntropySearchError(f"the latency table has no timing of the network without {missing[0]}")
+        self.dropped = tuple(dropped)
+        self.idle = frozenset(idle)
+        self._dropped_ms = sum(self.block_ms[name] for name in self.dropped)
         self.base = float(table["unpruned_ms"])
         """The unpruned network's latency, measured with the table (the budget's ratio is of this)."""
         self.reference_keep = float(reference)
@@ -77,7 +99,7 @@ class LatencyTable:
         # MACs of the reference with one group changed, per group (for the additive part of the MAC count)
         self._macs_one = [lambda v, g=g: macs.along(g, self.ref_counts, v) for g in range(n)]
         self.lam = 0.0
-        self.lam = _fit_lam(self, data, reference, macs)
+        self.lam = _fit_lam(self, data, reference, macs) if lam is None else float(lam)
         """Milliseconds per MAC of the interaction term, fitted on the ladder when the table is read."""
         self.path: Path | None = None
         """The cache file it was read from or written to."""
@@ -90,9 +112,19 @@ class LatencyTable:
         d = np.asarray(values, dtype=float) - self.ref_counts[g]
         return self.ref_ms + np.where(d < 0, self.slopes[g, 0], self.slopes[g, 1]) * d
 
+    def without(self, dropped: Sequence[str], idle: frozenset[int], macs: MacsForm) -> LatencyTable:
+        """The same table predicting candidates without the residual blocks `dropped` (outermost first: a block
+        inside another goes with it), whose groups inside them are `idle`, with `macs` their MAC form."""
+        other = LatencyTable(self.data, macs, self.reference, lam=self.lam, dropped=dropped, idle=idle)
+        other.path, other.measured = self.path, self.measured
+        return other
+
     def _parts(self, counts: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Per group: measured latency change and additive MAC change from the reference."""
-        c = np.asarray(counts, dtype=np.int64)
+        """Per group: measured latency change and additive MAC change from the reference (none for a group inside a
+        dropped block)."""
+        c = np.asarray(counts, dtype=np.int64).copy()
+        for g in self.idle:
+            c[g] = self.ref_counts[g]
         dms = np.asarray([self._group_ms(g, [c[g]])[0] - self.ref_ms for g in range(len(c))])
         dmacs = np.asarray([self._macs_one[g]([c[g]])[0] - self._ref_macs for g in range(len(c))], dtype=float)
         return dms, dmacs
@@ -100,14 +132,16 @@ class LatencyTable:
     def __call__(self, counts: Sequence[int]) -> float:
         dms, dmacs = self._parts(counts)
         interaction = self.macs(counts) - self._ref_macs - dmacs.sum()
-        return float(self.ref_ms + dms.sum() + self.lam * interaction)
+        return float(self.ref_ms + self._dropped_ms + dms.sum() + self.lam * interaction)
 
     def along(self, g: int, counts: Sequence[int], values: np.ndarray) -> np.ndarray:
         """Predicted latency for every value of group g's count in `values`, the other counts fixed."""
         dms, dmacs = self._parts(counts)
-        rest_ms = self.ref_ms + dms.sum() - dms[g]
+        rest_ms = self.ref_ms + self._dropped_ms + dms.sum() - dms[g]
         rest_macs = self._ref_macs + dmacs.sum() - dmacs[g]
         v = np.asarray(values, dtype=np.int64)
+        if g in self.idle:  # its count changes nothing
+            return np.full(len(v), self(counts))
         additive_macs = rest_macs + self._macs_one[g](v) - self._ref_macs
         interaction = self.macs.along(g, counts, v) - additive_macs
         return rest_ms + self._group_ms(g, v) - self.ref_ms + self.lam * interaction
@@ -150,9 +184,12 @@ class LatencyMeter:
         self.warmup, self.repeats, self.rounds = warmup, repeats, rounds
         self.calls = 0
 
-    def __call__(self, candidates: Sequence[Sequence[int]]) -> list[float]:
-        """Milliseconds per forward of each candidate (channel counts per group)."""
-        models = [self.space.prune(self.space.counts_to_keep(list(c))).to(self.device) for c in candidates]
+    def __call__(self, candidates: Sequence[Sequence[int]], dropped: Sequence[Sequence[str]] | None = None) -> list[float]:
+        """Milliseconds per forward of each candidate (channel counts per group; `dropped`: the residual blocks each
+        drops)."""
+        dropped = dropped if dropped is not None else [()] * len(candidates)
+        models = [self.space.prune(self.space.counts_to_keep(list(c)), dropped=d).to(self.device)
+                  for c, d in zip(candidates, dropped)]
         previous = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         try:
@@ -225,6 +262,14 @@ def latency_table(space: PruningSpace, options: Sequence[np.ndarray], macs: Macs
                   for g, counts in enumerate(samples)]
         data["tables"][ref] = {"reference_counts": ref_counts, "reference_ms": ref_ms, "unpruned_ms": full_ms,
                                "groups": groups}
+        changed = True
+    table = data["tables"][ref]
+    names = [b.name for b in space.blocks]
+    if names and set(names) - set(table.get("blocks", {})):
+        # the reference again, then with each residual block dropped alone, under the same load
+        timed = meter([table["reference_counts"]] * (len(names) + 1), [()] + [(name,) for name in names])
+        shift = table["reference_ms"] - timed[0]  # to the reference's load when its table was measured
+        table["blocks"] = {name: ms + shift for name, ms in zip(names, timed[1:])}
         changed = True
     if changed:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from ..data import DataSplits
 from ..errors import EntropySearchError
 from ..train import accuracy_and_loss, train
 from .adaptive_bn import recalibrate_batchnorm
+from .evaluate import record_key
 from .space import PruningSpace
 
 
@@ -33,14 +34,15 @@ def finalist_records(uniform: dict | None, top_k: Sequence[dict], random: dict |
                      peers: Sequence[tuple[str, dict]] = ()) -> dict[str, dict]:
     """The final stage's finalists, {label: candidate record}, in the order of preference that settles ties: the
     uniform candidate (the known-safe choice; None when the final stage is off), the agent's top-k (`top1`, ...),
-    random search's best and Torch-Pruning's recipes ((name, record)). A network (its kept channels, and which:
-    a recipe's ranking) that two of them share enters once, under the first label."""
+    random search's best and the other baselines (uniform pruning's shallower variant, Torch-Pruning's recipes:
+    (name, record)). A network (its kept channels, which (a recipe's ranking) and its dropped blocks) that two of
+    them share enters once, under the first label."""
     finalists: dict[tuple, tuple[str, dict]] = {}
     ranked = [("uniform", uniform), *((f"top{rank + 1}", r) for rank, r in enumerate(top_k)), ("random", random),
               *peers]
     for label, record in ranked:
         if record is not None:
-            finalists.setdefault((record.get("ranking"), *record["kept_channels"]), (label, record))
+            finalists.setdefault(record_key(record), (label, record))
     return {label: record for label, record in finalists.values()}
 
 

@@ -177,8 +177,8 @@ def setup(config: SearchConfig) -> Problem:
     else:
         network = load_network(config)
         splits = load_splits(config, network.checkpoint)
-    blocks = config.search.blocks and config.search.budget == "macs"  # a latency table does not cover blocks yet
-    space = PruningSpace(network.model, network.example_input, round_to=config.search.round_to, blocks=blocks)
+    space = PruningSpace(network.model, network.example_input, round_to=config.search.round_to,
+                         blocks=config.search.blocks)
     budget = build_budget(space, config)
     if simulate:
         evaluator: CandidateEvaluator | SimulatedEvaluator = SimulatedEvaluator(space, config.search.simulate_eval_seconds)

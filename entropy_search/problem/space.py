@@ -654,7 +654,7 @@ class PruningSpace:
         the inner loop of budget clipping)."""
         if not dropped:
             return self._fixed_macs + sum(layer.positions * self._kept_numel(layer.weight, counts) for layer in self._layers)
-        return (self._fixed_macs - sum(self._block_extra_macs[b] for b in self._outermost(dropped))
+        return (self._fixed_macs - sum(self._block_extra_macs[b] for b in self.outermost_blocks(dropped))
                 + sum(layer.positions * self._kept_numel(layer.weight, counts)
                       for layer, held in zip(self._layers, self._layer_blocks) if not held & dropped))
 
@@ -665,7 +665,7 @@ class PruningSpace:
     def params_of_counts(self, counts: Sequence[int], dropped: frozenset[int] = frozenset()) -> int:
         """Parameters from channel counts per group and the indices of the dropped blocks (no rounding, no
         validation)."""
-        return (self._fixed_params - sum(self._block_fixed_params[b] for b in self._outermost(dropped))
+        return (self._fixed_params - sum(self._block_fixed_params[b] for b in self.outermost_blocks(dropped))
                 + sum(self._kept_numel(t, counts) for t, held in zip(self._tensors, self._tensor_blocks)
                       if t.is_param and not held & dropped))
 
@@ -706,7 +706,7 @@ class PruningSpace:
         dropped = self.check_dropped(dropped)
         return [g for g, held in enumerate(self._group_blocks) if held & dropped]
 
-    def _outermost(self, dropped: frozenset[int]) -> list[int]:
+    def outermost_blocks(self, dropped: frozenset[int]) -> list[int]:
         """The dropped blocks no other dropped block contains (what a nested drop removes is counted once)."""
         index = {self.blocks[b].name: b for b in dropped}
         return [index[name] for name in outermost(index)]
