@@ -60,7 +60,12 @@ def check_logged_model(mlclient, experiment_id: str, run, out: Path, res: dict, 
     torch.testing.assert_close(model(x), delivered(x))
     example = load_checkpoint(baseline).example_input()
     macs = count_macs(delivered, example)
-    kept = [delivered.get_submodule(g["name"]).out_channels for g in res["groups"]]
+    dropped = json.loads(logged.params["dropped_blocks"])
+    assert dropped == res["delivered"]["dropped_blocks"] and metrics["blocks_kept"] == 1 - len(dropped)
+    assert all(isinstance(delivered.get_submodule(name), torch.nn.Identity) for name in dropped)
+    # a group inside a dropped block is recorded whole: its layers are gone
+    kept = [g["channels"] if g["name"].startswith(tuple(f"{name}." for name in dropped))
+            else delivered.get_submodule(g["name"]).out_channels for g in res["groups"]]
     accuracy = evaluate(delivered, load_data("digits").test)
     assert logged.params["delivered"] == run.data.tags[tracking.DELIVERED_TAG] == res["delivered"]["label"]
     assert int(logged.params["macs"]) == macs == metrics["macs"]

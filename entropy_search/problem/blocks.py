@@ -41,7 +41,8 @@ class ResidualBlock:
     shape: tuple[int, ...]
     """Its input's (and output's) shape for one sample."""
     macs: int = 0
-    """MACs of the conv and linear layers inside it, at full width (what dropping it saves before pruning)."""
+    """MACs inside it at full width: its conv and linear layers', and its share of the work outside layers that
+    the space counts as a constant (what dropping it saves before pruning)."""
     params: int = 0
     """Parameters inside it."""
     groups: tuple[int, ...] = ()
