@@ -180,6 +180,9 @@ def test_the_budget_of_a_shallower_candidate_leaves_its_dropped_blocks_out(name)
         shallow = budget.given(dropped)
         assert shallow is budget.given(set(dropped)) and shallow.target == budget.target
         assert shallow.macs.exact and shallow.idle == frozenset(space.idle_groups(dropped))
+        identified = MacsForm(space, dropped=dropped)  # the form derived from the blocks' parts is the same
+        assert shallow.macs.k0 == identified.k0 and np.array_equal(shallow.macs.a, identified.a)
+        assert np.array_equal(shallow.macs.B, identified.B) and shallow.options is budget.options
         for _ in range(5):
             counts, _ = episode(shallow, rng.uniform(-1, 1, budget.n))
             assert shallow.macs(counts) == space.macs_of_counts(counts, dropped) <= budget.target

@@ -219,9 +219,11 @@ class PruningEnv(gym.Env):
         t = min(self._t, self.n_steps - 1)
         obs = self.static_obs[t].copy()
         base = max(self.budget.base_macs, 1)
-        if self._counts or self._dropped:
+        if self._counts:
             counts = list(self._counts) + self.budget.full_counts[len(self._counts):]
-            obs[10] = (base - self.budget.given(self._dropped).macs(counts)) / base
+            obs[10] = (base - self._episode_budget.macs(counts)) / base
+        elif self._dropped:  # deciding blocks: every group still at full width
+            obs[10] = (base - self.space.macs_of_counts(self.budget.full_counts, frozenset(self._dropped))) / base
         obs[11] = self._rest_share[t] if self._t < self.n_steps else 0.0
         obs[12] = self._prev
         if self._t >= self.n_steps:

@@ -97,9 +97,8 @@ def random_search(
     draws = 0
     while len(seen) < num_candidates and draws < max_draws_factor * max(num_candidates, 1):
         draws += 1
-        dropped, counts = random_candidate(budget, rng)
-        idle = budget.given(dropped).idle  # counts inside a dropped block make no other candidate
-        key = (tuple(sorted(dropped)), *(c for g, c in enumerate(counts) if g not in idle))
+        dropped, counts = random_candidate(budget, rng)  # a group inside a dropped block is always whole
+        key = (tuple(sorted(dropped)), *counts)
         if key in seen:
             continue
         seen.add(key)

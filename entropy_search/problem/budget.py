@@ -12,6 +12,7 @@ budget's `LatencyTable` (docs/design.md, "Latency budget").
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Collection, Sequence
 
 import numpy as np
@@ -35,14 +36,26 @@ class MacsForm:
     unit = "MACs"
 
     def __init__(self, space: PruningSpace, *, dropped: frozenset[int] = frozenset(), check_points: int = 8,
-                 seed: int = 0) -> None:
+                 seed: int = 0, coefficients: tuple[int, np.ndarray, np.ndarray] | None = None) -> None:
         """`dropped`: the residual blocks the candidates drop (their layers cost nothing); `base` stays the
-        unpruned network's MACs."""
+        unpruned network's MACs. `coefficients` (k0, a, B), when known (`without`), are checked instead of
+        identified."""
         self.space, self.dropped = space, frozenset(dropped)
-        n = len(space.groups)
+        self._block_parts: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}
+        self.k0, self.a, self.B = coefficients if coefficients is not None else self._identify()
+        self.exact = True
+        rng = np.random.default_rng(seed)
+        full = [grp.channels for grp in space.groups]
+        points = [full] + [[int(rng.integers(1, c + 1)) for c in full] for _ in range(check_points)]
+        self.exact = all(self(p) == space.macs_of_counts(p, self.dropped) for p in points)
+        self.base = int(space.base_macs)
+
+    def _identify(self) -> tuple[int, np.ndarray, np.ndarray]:
+        """(k0, a, B) from 1 + 2n + n(n-1)/2 calls of `space.macs_of_counts`."""
+        n = len(self.space.groups)
 
         def f(counts: Sequence[int]) -> int:
-            return space.macs_of_counts(counts, self.dropped)
+            return self.space.macs_of_counts(counts, self.dropped)
 
         zero = [0] * n
         k0 = f(zero)
@@ -62,13 +75,23 @@ class MacsForm:
                 e = list(zero)
                 e[g] = e[h] = 1
                 B[g, h] = f(e) - single[g] - single[h] + k0
-        self.k0, self.a, self.B = int(k0), a, B
-        self.exact = True
-        rng = np.random.default_rng(seed)
-        full = [grp.channels for grp in space.groups]
-        points = [full] + [[int(rng.integers(1, c + 1)) for c in full] for _ in range(check_points)]
-        self.exact = all(self(p) == f(p) for p in points)
-        self.base = int(space.base_macs)
+        return int(k0), a, B
+
+    def without(self, dropped: frozenset[int]) -> MacsForm:
+        """The form of candidates that drop the residual blocks `dropped` (this form keeping every block): a MAC
+        count is additive over layers, so it is this form minus the part of each outermost dropped block, each
+        part identified once (this form minus the form with that block alone dropped). Checked like any form;
+        identified from the space when this one is not exact."""
+        if self.dropped or not self.exact:
+            return MacsForm(self.space, dropped=dropped)
+        k0, a, B = self.k0, self.a.copy(), self.B.copy()
+        for b in self.space.outermost_blocks(dropped):
+            if b not in self._block_parts:
+                alone = MacsForm(self.space, dropped=frozenset({b}))
+                self._block_parts[b] = (self.k0 - alone.k0, self.a - alone.a, self.B - alone.B)
+            part = self._block_parts[b]
+            k0, a, B = k0 - part[0], a - part[1], B - part[2]
+        return MacsForm(self.space, dropped=dropped, coefficients=(k0, a, B))
 
     def __call__(self, counts: Sequence[int]) -> int:
         if not self.exact:
@@ -92,6 +115,9 @@ class MacsForm:
         v = np.asarray(values, dtype=np.int64)
         return rest + linear * v + self.B[g, g] * v * v
 
+
+#: How many budgets of shallower candidates `Budget.given` keeps (the most recently asked).
+GIVEN_KEPT = 256
 
 #: How an action in [-1, 1] becomes a desired keep ratio (docs/design.md, "Budget").
 ACTION_SPACES = ("relative", "absolute")
@@ -119,7 +145,9 @@ class Budget:
     def __init__(self, space: PruningSpace, flops_target: float, min_keep: float, flops_floor: float = 0.0,
                  *, action_space: str = "absolute", action_spread: float = 1.0, cost=None,
                  target_key: str = "search.flops_target", dropped: frozenset[int] = frozenset(),
-                 macs: MacsForm | None = None) -> None:
+                 macs: MacsForm | None = None, options: list[np.ndarray] | None = None) -> None:
+        """`dropped`, `macs` and `options` are `given`'s: a budget of the same space and target for candidates
+        without some residual blocks, with their MAC form and the (shared) count options."""
         if action_space not in ACTION_SPACES:
             raise ConfigError(f"search.action_space: {action_space!r}; known: {', '.join(ACTION_SPACES)}")
         self.action_space = action_space
@@ -139,8 +167,9 @@ class Budget:
         """Groups inside a dropped block: kept whole (their count changes nothing), never clipped."""
         self.macs = macs if macs is not None else MacsForm(space, dropped=self.dropped)
         self.cost = self.macs if cost is None else cost
-        self._given: dict[frozenset[int], Budget] = {self.dropped: self}
         """What the target limits: the MAC count (default) or a latency table's predicted milliseconds."""
+        self._given: OrderedDict[frozenset[int], Budget] = OrderedDict()  # `given`'s, the most recent last
+        self._root = self  # the budget that keeps every block, which `given` asks
         self.kind = self.cost.kind
         self.target_key = target_key
         self.base_cost = float(self.cost.base)
@@ -148,7 +177,7 @@ class Budget:
         self.floor = self.flops_floor * self.target
         self.target_macs = self.target if self.kind == "macs" else None
         self.floor_macs = self.floor if self.kind == "macs" else None
-        self.options = count_options(space, self.min_keep)
+        self.options = options if options is not None else count_options(space, self.min_keep)
         self.min_counts = [c if g in self.idle else int(opts[0]) for g, (c, opts) in
                            enumerate(zip(self.full_counts, self.options))]
         self.min_macs = space.macs_of_counts(self.min_counts, self.dropped)
@@ -156,17 +185,29 @@ class Budget:
 
     def given(self, dropped: Collection[int]) -> Budget:
         """The same budget (target, floor, actions) for candidates that drop the residual blocks `dropped`: their
-        cost leaves those blocks out. Built once per set of blocks."""
+        cost leaves those blocks out (the MAC form of the budget that keeps every block, minus the blocks' parts).
+        The last `GIVEN_KEPT` are kept: an episode asks for one per candidate, and a network of many blocks has
+        more sets than a search visits."""
         dropped = self.space.check_dropped(dropped)
-        if dropped not in self._given:
-            macs = MacsForm(self.space, dropped=dropped)
-            cost = None
-            if self.kind != "macs":  # a latency table's prediction without those blocks
-                outer = self.space.dropped_names(self.space.outermost_blocks(dropped))
-                cost = self.cost.without(outer, frozenset(self.space.idle_groups(dropped)), macs)
-            self._given[dropped] = Budget(self.space, self.flops_target, self.min_keep, self.flops_floor,
-                                          action_space=self.action_space, action_spread=self.action_spread,
-                                          cost=cost, target_key=self.target_key, dropped=dropped, macs=macs)
+        if dropped == self.dropped:
+            return self
+        if self._root is not self:
+            return self._root.given(dropped)
+        if dropped in self._given:
+            self._given.move_to_end(dropped)
+            return self._given[dropped]
+        macs = self.macs.without(dropped)
+        cost = None
+        if self.kind != "macs":  # a latency table's prediction without those blocks
+            outer = self.space.dropped_names(self.space.outermost_blocks(dropped))
+            cost = self.cost.without(outer, frozenset(self.space.idle_groups(dropped)), macs)
+        shallower = Budget(self.space, self.flops_target, self.min_keep, self.flops_floor,
+                           action_space=self.action_space, action_spread=self.action_spread, cost=cost,
+                           target_key=self.target_key, dropped=dropped, macs=macs, options=self.options)
+        shallower._root = self
+        self._given[dropped] = shallower
+        if len(self._given) > GIVEN_KEPT:
+            self._given.popitem(last=False)
         return self._given[dropped]
 
     def block_step(self, dropped: Collection[int], block: int, action: float) -> tuple[bool, bool]:
@@ -177,9 +218,14 @@ class Budget:
             return False, False
         if self.floor <= 0:
             return True, False
-        shallower = self.given(set(dropped) | {block})
-        reachable = shallower.cost(shallower.full_counts) >= self.floor
+        shallower = self.space.check_dropped(set(dropped) | {block})
+        if self.kind == "macs":  # the space's own count: no budget built for every partial set of an episode
+            most = self.space.macs_of_counts(self.full_counts, shallower)
+        else:
+            most = self.given(shallower).cost(self.full_counts)
+        reachable = most >= self.floor
         return reachable, not reachable
+
     def count_of(self, g: int, keep: float) -> int:
         """Channels group `g` keeps at ratio `keep`, by the space's one rounding rule."""
         return int(self.space.round_count(float(keep), self.groups[g].channels))

@@ -136,12 +136,12 @@ class LatencyTable:
 
     def along(self, g: int, counts: Sequence[int], values: np.ndarray) -> np.ndarray:
         """Predicted latency for every value of group g's count in `values`, the other counts fixed."""
-        dms, dmacs = self._parts(counts)
-        rest_ms = self.ref_ms + self._dropped_ms + dms.sum() - dms[g]
-        rest_macs = self._ref_macs + dmacs.sum() - dmacs[g]
         v = np.asarray(values, dtype=np.int64)
         if g in self.idle:  # its count changes nothing
             return np.full(len(v), self(counts))
+        dms, dmacs = self._parts(counts)
+        rest_ms = self.ref_ms + self._dropped_ms + dms.sum() - dms[g]
+        rest_macs = self._ref_macs + dmacs.sum() - dmacs[g]
         additive_macs = rest_macs + self._macs_one[g](v) - self._ref_macs
         interaction = self.macs.along(g, counts, v) - additive_macs
         return rest_ms + self._group_ms(g, v) - self.ref_ms + self.lam * interaction
