@@ -190,7 +190,19 @@ def test_ui_shows_the_sweep_its_trials_charts_and_plot(browser, sweep, ui, shots
         found = [header.find(name) for name in ("macs_ratio", "test_accuracy", "agent_macs")]
         return min(found) >= 0 and found == sorted(found)
 
-    _wait(browser, delivered_first, "the delivered network's MACs ratio and test accuracy before the agent's columns")
+    # MLflow 3.17's grid applies the shared view's column order on some loads and lists the columns alphabetically
+    # (tags after metrics) on others, seen in 2 of 4 CI rehearsals: the order must show within three loads
+    for load in range(3):
+        if load:
+            browser.refresh()
+            _wait(browser, lambda c: "entropy_sear" in _text(c), "the delivered network's column after a reload")
+        try:
+            _wait(browser, delivered_first, "the delivered network's MACs ratio and test accuracy before the agent's "
+                  "columns", timeout=20 if load < 2 else WAIT_S)
+            break
+        except pytest.fail.Exception:
+            if load == 2:
+                raise
     text = _text(browser)
     assert all(label in text for label in sweep["delivered"]), (sweep["delivered"], text[:2000])
     assert experiment in text and "Model training" in text
