@@ -309,10 +309,13 @@ class StopConfig(Section):
     wall_seconds: PositiveFloat | None = None
     """Wall time of the search (checked after each iteration)."""
 
+    patience: PositiveInt | None = None
+    """Stop once this many iterations in a row have not raised the best reward (more evaluations stopped paying); None: never for that reason. Off by default until what it costs in delivered accuracy is measured."""
+
     @model_validator(mode="after")
     def _one_rule(self):
-        if self.iterations is None and self.candidates is None and self.wall_seconds is None:
-            raise ValueError("set at least one of iterations, candidates, wall_seconds")
+        if self.iterations is None and self.candidates is None and self.wall_seconds is None and self.patience is None:
+            raise ValueError("set at least one of iterations, candidates, wall_seconds, patience")
         return self
 
 
@@ -335,8 +338,18 @@ class BaselinesConfig(Section):
     """Torch-Pruning's own recipes run as baselines next to uniform pruning and random search (what a user who runs no search would do; `entropy_search.problem.peers`): `tp_magnitude`, global pruning by L1 magnitude (GroupMagnitudeImportance(p=1)); `tp_taylor`, global pruning by first-order Taylor importance (GroupTaylorImportance, one backward pass on a fixed, seeded batch of `data.eval_batch` training images); `tp_isomorphic`, isomorphic pruning by L1 magnitude. Each is brought to the budget by bisecting Torch-Pruning's pruning ratio until the network's cost is within 3% below the target, fine-tuned like every finalist and judged by the final stage. [] runs none."""
 
 
+class FinetuneResources(Section):
+    """What one fine-tune of a finalist holds while it runs as a Ray task."""
+
+    num_cpus: PositiveFloat = 1.0
+    """CPUs of each fine-tune; its torch threads are this, rounded down (at least 1)."""
+
+    num_gpus: NonNegativeFloat | None = None
+    """GPUs of each fine-tune; None: 1 when the search's device is a GPU on the driver, else 0 (set 1 on a cluster whose GPUs are on its worker nodes only: one finalist per GPU)."""
+
+
 class FinetuneConfig(Section):
-    """Fine-tuning of the top-k candidates once physically pruned."""
+    """Fine-tuning of the finalists (the agent's top-k and the baselines' best) once physically pruned."""
 
     epochs: NonNegativeInt = 5
     """Epochs of fine-tuning on the train split (0 = none)."""
@@ -346,6 +359,12 @@ class FinetuneConfig(Section):
 
     batch_size: PositiveInt = 128
     """Batch size of the fine-tuning."""
+
+    parallel: bool = True
+    """Fine-tune the finalists as Ray tasks on the Ray the search used, as many at once as it has room for (each with `resources`; in a sweep's trial, within the trial's env-runner bundles) when two or more fit, else one after another in the driver. Either way each finished fine-tune is kept in `<output.dir>/finalists/`, so --resume does not redo it; a fine-tune whose worker dies is retried once."""
+
+    resources: FinetuneResources = Field(default_factory=FinetuneResources)
+    """CPUs and GPUs of each parallel fine-tune."""
 
 
 class SelectionConfig(Section):

@@ -8,10 +8,12 @@
 2. starts or joins Ray (`entropy_search.ray_runtime`) and runs the agent (`entropy_search.rl.RLSearch`)
    until the stop rule; every candidate is written to `candidates.jsonl` as it comes, and the agent,
    the cache and the top-k are checkpointed so that `resume=True` continues;
-3. `finish_search`: the baselines under the same budget and number of evaluations (uniform, random),
-   the top-k (and the baselines' best) finalised (`entropy_search.problem.finalize`: pruned for real,
-   fine-tuned, tested), the final stage's choice of the delivered network, its export, and `result.json`
-   (whose unprefixed figures are the delivered network's; `agent` is the agent's own pick).
+3. `finish_search`, with the env runners stopped: the baselines under the same budget and number of evaluations
+   (uniform, random, Torch-Pruning's recipes), the top-k (and the baselines' best) finalised
+   (`entropy_search.finalists`: pruned for real, fine-tuned and tested, as Ray tasks in parallel on the same Ray
+   when they fit), the final stage's choice of the delivered network, its export, and `result.json` (whose
+   unprefixed figures are the delivered network's; `agent` is the agent's own pick); Ray is stopped when this
+   search started it.
 
 `on_iteration(metrics)` is called after every training iteration with a flat dict of numbers (the
 Tune sweep logs them to MLflow).
@@ -32,18 +34,17 @@ import torch
 from .config import SearchConfig, load_config
 from .data import eval_batch
 from .errors import EntropySearchError
+from .finalists import finalize_record, finetune_finalists
 from .jsonio import write_json
 from .latency import onnx_latency, speedup, torch_latency
 from .problem import (
     LatencyMeter,
     Problem,
-    PruningSpace,
     count_macs,
     count_params,
     ensure_checkpoint,
     export,
     finalist_records,
-    finalize,
     guarded_choice,
     offered,
     peer_baseline,
@@ -56,6 +57,7 @@ from .problem import (
 )
 from .ray_runtime import check_fits, env_runner_bundles, start_ray, stop_ray
 from .rl import RLSearch, SearchState, prepare_output_dir
+from .rl.driver import stop_reason
 from .rl.rundir import (
     CANDIDATES_FILE,
     CHECKPOINT_DIR,
@@ -78,32 +80,6 @@ def prepare(config: SearchConfig, *, progress: bool = True) -> Problem:
     for note in problem.notes:
         print(f"note: {note}", flush=True)
     return problem
-
-
-def policy_of(space: PruningSpace, record: dict) -> dict:
-    """{group name: keep ratio} of a candidate record."""
-    return {g.name: round(float(k), 6) for g, k in zip(space.groups, record["keep"])}
-
-
-def finalize_record(problem: Problem, config: SearchConfig, record: dict, *, label: str, progress: bool):
-    """`finalize` a candidate record of the search: the pruned, fine-tuned network's measurements next to
-    the search's own (reward, entropy, held-out accuracy); BN re-estimated on the search's images."""
-    measured, pruned = finalize(problem.space, problem.splits, record["keep"], finetune=config.finetune,
-                                calibration=problem.evaluator.calibration, seed=config.seed, label=f"fine-tune {label}",
-                                progress=progress, ranking=record.get("ranking"),
-                                dropped=record.get("dropped_blocks") or ())
-    out = {
-        "label": label,
-        "policy": policy_of(problem.space, record),
-        "reward": record.get("reward"),
-        "entropy": record.get("entropy"),
-        "heldout_accuracy": record.get("accuracy"),
-        **measured,
-        "analytic_macs_match": measured["macs"] == record.get("macs"),
-    }
-    if record.get("ranking") is not None:  # a peer recipe's: which channels it keeps is its own
-        out["ranking"] = record["ranking"]
-    return out, pruned
 
 
 def select_delivered(problem: Problem, config: SearchConfig, state: SearchState, baselines: dict,
@@ -170,23 +146,27 @@ def run_search(
     problem = prepare(config, progress=progress)  # config errors (unreachable target...) before Ray starts
     n_steps = len(problem.space.blocks) + len(problem.space.groups)  # one step per residual block and group
     check_free_space(config, n_steps)
-    try:
+    t_setup = time.perf_counter()
+    started_ray = start_ray(config.resources.address, num_cpus=config.resources.num_cpus)
+    try:  # one Ray for the agent's env runners and the finalists' fine-tunes, stopped at the end when started here
         config.save(out / CONFIG_FILE)
-        state, setup_seconds = _run_agent(config, n_steps, resume=resume, progress=progress, on_iteration=on_iteration)
+        state, setup_seconds = _run_agent(config, n_steps, resume=resume, progress=progress, on_iteration=on_iteration,
+                                          t_setup=t_setup)
         return finish_search(config, problem, state, progress=progress, setup_seconds=setup_seconds, t_start=t_start)
     except OSError as exc:
         if is_no_space(exc):  # the last checkpoint stays valid: --resume continues once there is space
             raise no_space_error(config, n_steps) from exc
         raise
+    finally:
+        if started_ray:
+            stop_ray()
 
 
 def _run_agent(config: SearchConfig, n_steps: int, *, resume: bool, progress: bool,
-               on_iteration: Callable[[dict], None] | None) -> tuple[SearchState, float]:
-    """Ray, the agent until the stop rule, Ray stopped again (when this call started it); returns the search
-    state and the set-up seconds."""
-    t_setup = time.perf_counter()
+               on_iteration: Callable[[dict], None] | None, t_setup: float) -> tuple[SearchState, float]:
+    """The agent on the running Ray until the stop rule, its env runners stopped again; returns the search state
+    and the set-up seconds (since `t_setup`)."""
     res = config.resources
-    started_ray = start_ray(res.address, num_cpus=res.num_cpus)
     search = None
     try:
         check_fits(env_runner_bundles(config), f"{res.num_env_runners} env runners",
@@ -201,8 +181,6 @@ def _run_agent(config: SearchConfig, n_steps: int, *, resume: bool, progress: bo
     finally:
         if search is not None:
             search.stop()
-        if started_ray:
-            stop_ray()
 
 
 def finish_search(
@@ -214,11 +192,12 @@ def finish_search(
     setup_seconds: float = 0.0,
     t_start: float | None = None,
 ) -> dict:
-    """The end of a search, after the agent and without Ray, in these steps:
+    """The end of a search, after the agent (on the Ray the search used, if any), in these steps:
 
     1. `measure_unpruned`, then `run_baselines`: uniform pruning, random search (the same number of evaluations)
        and Torch-Pruning's recipes under the same budget;
-    2. `finalize_finalists`: the agent's top-k (and the baselines' best) pruned for real, fine-tuned and tested;
+    2. `finalize_finalists`: the agent's top-k (and the baselines' best) pruned for real, fine-tuned and tested
+       (Ray tasks in parallel when two or more fit; each kept as it finishes);
     3. `select_delivered`: the final stage, which picks the network the user gets;
     4. `export_delivered`: that network written as `best_pruned.pt` (and `best_pruned.onnx`);
     5. `search_result`: `result.json`, whose unprefixed figures are the delivered network's and `agent*` the
@@ -234,14 +213,15 @@ def finish_search(
     t0 = time.perf_counter()
     baselines = run_baselines(problem, config, state)
     t1 = time.perf_counter()
-    top_k, finalized = finalize_finalists(problem, config, state, baselines, progress=progress)
+    top_k, finalized, finetunes = finalize_finalists(problem, config, state, baselines, progress=progress)
     t2 = time.perf_counter()
     selection = select_delivered(problem, config, state, baselines, finalized, progress=progress)
     winner = selection["winner"]
     files = export_delivered(problem, config, *finalized[winner])
-    seconds = {"setup_seconds": setup_seconds, "baselines_seconds": t1 - t0, "finetune_seconds": t2 - t1}
+    phases = {"setup_seconds": setup_seconds, "baselines_seconds": t1 - t0, "finetune_seconds": t2 - t1,
+              "finetunes_at_once": finetunes["slots"], "finetunes_kept": finetunes["kept"]}
     result = search_result(config, problem, state, base=base, top_k=top_k, baselines=baselines, selection=selection,
-                           delivered=finalized[winner][0], files=files, seconds=seconds, t_start=t_start)
+                           delivered=finalized[winner][0], files=files, phases=phases, t_start=t_start)
     if config.output.latency:
         result["latency"] = measure_latency(problem, finalized, winner, files, config)
     write_json(Path(config.output.dir) / RESULT_FILE, result)
@@ -282,22 +262,23 @@ def run_baselines(problem: Problem, config: SearchConfig, state: SearchState) ->
 
 
 def finalize_finalists(problem: Problem, config: SearchConfig, state: SearchState, baselines: dict, *,
-                       progress: bool) -> tuple[list[dict], dict[str, tuple[dict, torch.nn.Module]]]:
+                       progress: bool) -> tuple[list[dict], dict[str, tuple[dict, torch.nn.Module]], dict]:
     """The agent's top-k and, with `baselines.finetune`, each baseline's best, pruned for real, fine-tuned and
-    tested (`finalize_record`); each baseline's record gets its `final`. Returns (the top-k's records,
-    {label: (record, pruned model)})."""
-    top_k, finalized = [], {}
-    for rank, record in enumerate(state.top_k):
-        final, pruned = finalize_record(problem, config, record, label=f"top{rank + 1}", progress=progress)
+    tested (`finetune_finalists`: Ray tasks in parallel when they fit, each kept as it finishes); each baseline's
+    record gets its `final`. Returns (the top-k's records, {label: (record, pruned model)}, how they ran)."""
+    jobs = {f"top{rank + 1}": record for rank, record in enumerate(state.top_k)}
+    if config.baselines.enabled and config.baselines.finetune:
+        jobs.update((name, res["best"]) for name, res in baselines.items() if res.get("best") is not None)
+    finalized, how = finetune_finalists(problem, config, jobs, progress=progress)
+    top_k = []
+    for rank in range(len(state.top_k)):
+        final = finalized[f"top{rank + 1}"][0]
         final["rank"] = rank + 1
         top_k.append(final)
-        finalized[final["label"]] = (final, pruned)
-    if config.baselines.enabled and config.baselines.finetune:
-        for name, res in baselines.items():
-            if res.get("best") is not None:
-                res["final"], pruned = finalize_record(problem, config, res["best"], label=name, progress=progress)
-                finalized[name] = (res["final"], pruned)
-    return top_k, finalized
+    for name, res in baselines.items():
+        if name in finalized:
+            res["final"] = finalized[name][0]
+    return top_k, finalized, how
 
 
 def export_delivered(problem: Problem, config: SearchConfig, delivered: dict, model: torch.nn.Module) -> dict:
@@ -334,7 +315,7 @@ def measure_unpruned(problem: Problem) -> dict:
 
 def search_result(config: SearchConfig, problem: Problem, state: SearchState, *, base: dict, top_k: list[dict],
                   baselines: dict,
-                  selection: dict, delivered: dict, files: dict, seconds: dict, t_start: float) -> dict:
+                  selection: dict, delivered: dict, files: dict, phases: dict, t_start: float) -> dict:
     """The content of `result.json`. `delivered` and `policy` are the network the user gets (`best_pruned.pt`);
     `agent` and `agent_policy` the agent's own pick (its top-1 by reward), reported next to the baselines so the
     search stays measurable."""
@@ -357,18 +338,20 @@ def search_result(config: SearchConfig, problem: Problem, state: SearchState, *,
         "comparison": _comparison(delivered, agent, baselines),
         # does the reward rank the candidates as held-out accuracy does? (every candidate the agent evaluated)
         "proxy": proxy_agreement(list(state.cache.values())),
-        "cost": search_cost(config, state, seconds, t_start),
+        "cost": search_cost(config, state, phases, t_start),
         "history": state.history,
         "files": files,
     }
 
 
-def search_cost(config: SearchConfig, state: SearchState, seconds: dict, t_start: float) -> dict:
-    """What the search cost: iterations, candidates and evaluations, seconds per phase, throughput."""
+def search_cost(config: SearchConfig, state: SearchState, phases: dict, t_start: float) -> dict:
+    """What the search cost: iterations, candidates and evaluations, throughput, and `phases`: seconds per phase
+    after the agent and how the finalists' fine-tunes ran (at once, kept from an earlier run)."""
     search_seconds = max(state.wall_seconds, 1e-9)
     runners = max(config.resources.num_env_runners, 1)
     return {
         "iterations": state.iteration,
+        "stopped_by": stop_reason(config, state),  # the stop rule that ended the agent's search
         "candidates": state.episodes,
         "evaluations": state.evaluations,
         "cache_hits": state.cache_hits,
@@ -378,7 +361,7 @@ def search_cost(config: SearchConfig, state: SearchState, seconds: dict, t_start
         "eval_seconds": state.eval_seconds,
         # the env runners' time not spent evaluating candidates (sampling, agent, sync, collection)
         "rl_overhead": max(0.0, 1.0 - state.eval_seconds / (runners * search_seconds)),
-        **seconds,
+        **phases,
         "total_seconds": time.perf_counter() - t_start,
         "num_env_runners": config.resources.num_env_runners,
         "env_runners_lost": state.env_runners_lost,

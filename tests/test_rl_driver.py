@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from entropy_search.config import load_config
+from entropy_search.errors import ConfigError
 from entropy_search.jsonio import read_jsonl, write_json, write_jsonl
 
 pytest.importorskip("ray")
@@ -62,6 +63,22 @@ def test_stop_rule_is_the_first_one_met():
     assert stop_reason(config, SearchState(iteration=1, wall_seconds=61.2)) == "61 s"
     only_time = load_config({"stop": {"iterations": None, "wall_seconds": 5}})
     assert stop_reason(only_time, SearchState(iteration=10_000)) is None
+
+
+def test_patience_stops_once_the_best_reward_stopped_rising():
+    config = load_config({"stop": {"iterations": 100, "patience": 3}})
+
+    def state(*best: float) -> SearchState:
+        return SearchState(iteration=len(best), history=[{"best_reward": b} for b in best])
+
+    assert stop_reason(config, state(-3.0, -2.0, -2.0, -2.0)) is None  # 3 iterations, not 3 without a rise
+    assert stop_reason(config, state(-3.0, -2.0, -2.0, -2.0, -2.0)) == "no better reward in 3 iterations"
+    assert stop_reason(config, state(-3.0, -2.0, -2.0, -2.0, -1.5)) is None  # a rise at the last one
+    assert stop_reason(config, state(float("nan"), float("nan"), float("nan"), float("nan"))) == (
+        "no better reward in 3 iterations")  # nothing evaluated in 3 iterations either
+    with pytest.raises(ConfigError, match="patience"):
+        load_config({"stop": {"iterations": None, "patience": 0}})
+    assert load_config({"stop": {"iterations": None, "patience": 2}}).stop.patience == 2  # a stop rule on its own
 
 
 def interrupted_search(out):

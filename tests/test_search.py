@@ -345,8 +345,9 @@ def test_result_proxy_is_the_rank_correlation_of_the_candidates(checkpoint, tmp_
     """Entropies 1 < 2 < 3 < 4 against accuracies 0.9, 0.8, 0.6, 0.7: minus the entropy ranks the candidates
     4, 3, 2, 1 and accuracy 4, 3, 1, 2, so Spearman's rho = 1 - 6 * (0 + 0 + 1 + 1) / (4 * (16 - 1)) = 0.8; the
     search's reward here is the accuracy itself (rho = 1)."""
+    from entropy_search.finalists import policy_of
     from entropy_search.problem import setup
-    from entropy_search.search import finish_search, policy_of
+    from entropy_search.search import finish_search
 
     config = small_config(tmp_path / "finish", checkpoint, **{"baselines.enabled": False, "finetune.epochs": 0,
                                                              "selection.enabled": False})

@@ -191,10 +191,9 @@ def test_interrupted_sweep_resumes_without_duplicate_runs(checkpoint, store, tmp
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "RAY_ADDRESS": ""})
     mlclient = tracking.client(store)
-    deadline = time.monotonic() + 240
     second = None
     try:
-        while time.monotonic() < deadline and proc.poll() is None:
+        while proc.poll() is None:  # waits on the sweep's progress, however slow the machine (pytest-timeout)
             parent = tracking.find_sweep_run(mlclient, name="interrupt")
             if parent is not None:
                 runs = tracking.trial_runs(mlclient, parent.info.experiment_id, parent.info.run_id)

@@ -157,6 +157,7 @@ def summary(result: dict) -> str:
         f"with {cost['num_env_runners']} env runners"
         + (f" ({cost['env_runners_lost']} lost (their process died), {cost.get('env_runner_restarts', 0)} restarted)"
            if cost.get("env_runners_lost") else "")
+        + (f"; stopped after {cost['stopped_by']}" if cost.get("stopped_by") else "")
     )
     lines.append(f"result: {Path(cfg['output']['dir']) / 'result.json'}")
     return "\n".join(lines)

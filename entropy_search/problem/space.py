@@ -613,6 +613,17 @@ class PruningSpace:
             order.append(self._rank(scores, self._units[g]))
         self._rankings[name] = order
 
+    def ranking(self, name: str) -> list[torch.Tensor]:
+        """The channel order of ranking `name` (`add_ranking`), per group, most important unit first: what
+        `set_ranking` gives another space of the same network (a Ray worker's)."""
+        return [order.clone() for order in self._ordering(name)]
+
+    def set_ranking(self, name: str, order: Sequence[torch.Tensor]) -> None:
+        """Install a ranking another space of the same network computed (`ranking`), under `name`."""
+        if len(order) != len(self.groups) or any(o.numel() != u.shape[0] for o, u in zip(order, self._units)):
+            raise EntropySearchError(f"ranking {name} does not fit this space's {len(self.groups)} channel groups")
+        self._rankings[name] = [o.clone() for o in order]
+
     @property
     def ignored_layers(self) -> list[str]:
         """Names of the layers the space leaves whole (the classifier, unless told otherwise)."""

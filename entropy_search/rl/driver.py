@@ -103,6 +103,10 @@ def stop_reason(config: SearchConfig, state: SearchState) -> str | None:
         return f"{state.episodes} candidates"
     if stop.wall_seconds is not None and state.wall_seconds >= stop.wall_seconds:
         return f"{state.wall_seconds:.0f} s"
+    if stop.patience is not None and len(state.history) > stop.patience:
+        best = [row.get("best_reward", float("nan")) for row in state.history]
+        if not best[-1] > best[-1 - stop.patience]:  # the best reward is the running maximum: no rise at all
+            return f"no better reward in {stop.patience} iterations"
     return None
 
 

@@ -32,6 +32,7 @@ CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "state.json"
 CACHE_FILE = "cache.jsonl"
 WARM_CACHE_FILE = "warm_cache.jsonl"
+FINALISTS_DIR = "finalists"  # each finished fine-tune of a finalist (entropy_search.finalists)
 AGENT_DIR = "agent"  # the agent folder of checkpoints written before state.json named it; new ones: agent-<iteration>
 
 #: What a resumed search must share with the interrupted one (the rest, e.g. stop rules, may change).
@@ -78,7 +79,7 @@ def prepare_output_dir(config: SearchConfig, *, resume: bool, overwrite: bool) -
     """Check that the search may run in `output.dir` (ConfigError otherwise) and create it.
 
     Resume: the saved config must match (`config_difference`). A fresh start in a folder holding a
-    previous search needs `overwrite`, which deletes that search's checkpoints, candidates and result."""
+    previous search needs `overwrite`, which deletes that search's checkpoints, candidates, fine-tuned finalists and result."""
     out = Path(config.output.dir)
     blocking = next((p for p in (out, *out.parents) if p.exists()), None)
     if blocking is not None and not blocking.is_dir():
@@ -95,6 +96,7 @@ def prepare_output_dir(config: SearchConfig, *, resume: bool, overwrite: bool) -
                 "or choose another output.dir"
             )
         shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+        shutil.rmtree(out / FINALISTS_DIR, ignore_errors=True)
         for name in (CANDIDATES_FILE, RESULT_FILE):
             (out / name).unlink(missing_ok=True)
     try:

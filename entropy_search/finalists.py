@@ -1,0 +1,207 @@
+"""The finalists' fine-tunes (docs/design.md, "The final stage"): each finalist of a search (the agent's top-k, the
+baselines' best) pruned for real, fine-tuned and tested by `problem.finalize`, either as Ray tasks on the Ray the
+search used, as many at once as it has room for (`finetune.parallel`, `finetune.resources`), or one after another
+in the driver. Ray only schedules: a task builds the same problem from the resolved config (`get_problem`) and runs
+the same `finalize_record`, so both paths compute the same networks for the same seeds.
+
+Each finished fine-tune is written to `<output.dir>/finalists/<label>.pt` as it finishes (its measurements and its
+weights, keyed by the network and the fine-tune's settings), so a resumed search redoes none that finished. A task
+whose worker dies is retried once by Ray; a finalist enters the result once, whatever its attempts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import ray
+import ray.exceptions
+import torch
+from ray.util import get_current_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from torch import nn
+
+from .config import SearchConfig
+from .envs.pruning_env import env_config, get_problem
+from .errors import EntropySearchError
+from .problem import Problem, PruningSpace, finalize
+from .rl.rundir import FINALISTS_DIR
+from .utils import resolve_device
+
+#: A fine-tuned finalist: (its record: measurements next to the search's own, the pruned and fine-tuned network).
+Finalized = tuple[dict, nn.Module]
+
+
+def policy_of(space: PruningSpace, record: dict) -> dict:
+    """{group name: keep ratio} of a candidate record."""
+    return {g.name: round(float(k), 6) for g, k in zip(space.groups, record["keep"])}
+
+
+def finalize_record(problem: Problem, config: SearchConfig, record: dict, *, label: str, progress: bool) -> Finalized:
+    """`finalize` a candidate record of the search: the pruned, fine-tuned network's measurements next to
+    the search's own (reward, entropy, held-out accuracy); BN re-estimated on the search's images."""
+    measured, pruned = finalize(problem.space, problem.splits, record["keep"], finetune=config.finetune,
+                                calibration=problem.evaluator.calibration, seed=config.seed, label=f"fine-tune {label}",
+                                progress=progress, ranking=record.get("ranking"),
+                                dropped=record.get("dropped_blocks") or ())
+    out = {
+        "label": label,
+        "policy": policy_of(problem.space, record),
+        "reward": record.get("reward"),
+        "entropy": record.get("entropy"),
+        "heldout_accuracy": record.get("accuracy"),
+        **measured,
+        "analytic_macs_match": measured["macs"] == record.get("macs"),
+    }
+    if record.get("ranking") is not None:  # a peer recipe's: which channels it keeps is its own
+        out["ranking"] = record["ranking"]
+    return out, pruned
+
+
+def finetune_key(config: SearchConfig, record: dict) -> str:
+    """What makes two fine-tunes the same: the network (kept channels, ranking, dropped blocks), the fine-tune's
+    settings and the seed (a resumed search may change `finetune`: then nothing kept is reused)."""
+    what = {"kept_channels": list(record["kept_channels"]), "ranking": record.get("ranking"),
+            "dropped": sorted(record.get("dropped_blocks") or ()), "seed": config.seed,
+            "finetune": config.finetune.model_dump(exclude={"parallel", "resources"})}
+    return hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+class FinalistStore:
+    """The finished fine-tunes of a search, one file per finalist label, written atomically."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+
+    def path(self, label: str) -> Path:
+        return self.folder / f"{label}.pt"
+
+    def load(self, label: str, key: str, space: PruningSpace, record: dict) -> Finalized | None:
+        """The kept fine-tune of `label` when it is the same fine-tune (`key`); the network is rebuilt from the
+        record and takes the kept weights."""
+        path = self.path(label)
+        if not path.exists():
+            return None
+        kept = torch.load(path, map_location="cpu", weights_only=True)
+        if kept.get("key") != key:
+            return None
+        model = space.prune(record["keep"], record.get("ranking"), record.get("dropped_blocks") or ())
+        model.load_state_dict(kept["state_dict"])
+        return kept["final"], model.cpu().eval()
+
+    def save(self, label: str, key: str, final: dict, model: nn.Module) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.path(label).with_suffix(".tmp")
+        torch.save({"key": key, "final": final, "state_dict": model.state_dict()}, tmp)
+        os.replace(tmp, self.path(label))
+
+
+def finetune_gpus(config: SearchConfig) -> float:
+    """GPUs of one fine-tune task: `finetune.resources.num_gpus`, else one when the search runs on a GPU here."""
+    gpus = config.finetune.resources.num_gpus
+    if gpus is None:
+        gpus = 1.0 if resolve_device(config.search.device).type == "cuda" else 0.0
+    return gpus
+
+
+def parallel_slots(config: SearchConfig) -> tuple[int, PlacementGroupSchedulingStrategy | None]:
+    """How many fine-tunes the running Ray can hold at once, and where to schedule them: inside a sweep's trial,
+    the trial's placement group (its bundles after its own, freed when the env runners stopped); elsewhere the
+    cluster. (0, None) without Ray."""
+    if not ray.is_initialized():
+        return 0, None
+    need = {"CPU": config.finetune.resources.num_cpus, "GPU": finetune_gpus(config)}
+
+    def fits(have: dict) -> int:
+        return int(min(have.get(res, 0.0) // amount for res, amount in need.items() if amount > 0))
+
+    group = get_current_placement_group()
+    if group is not None:
+        return sum(fits(bundle) > 0 for bundle in group.bundle_specs[1:]), PlacementGroupSchedulingStrategy(group)
+    return fits(ray.cluster_resources()), None
+
+
+@ray.remote(max_retries=1)  # a worker lost mid fine-tune (a node, the OOM killer, a kill): tried once more
+def finetune_finalist(env_cfg: dict, record: dict, label: str, threads: int,
+                      ranking: list[torch.Tensor] | None) -> Finalized:
+    """One finalist's fine-tune in a Ray worker: the problem built from the resolved config (once per worker
+    process), the record's ranking of the channels (a peer recipe's, computed by the driver) installed, then
+    `finalize_record`; the record says where it ran (`finetuned_on`)."""
+    problem = get_problem(env_cfg)
+    if ranking is not None:
+        problem.space.set_ranking(record["ranking"], ranking)
+    torch.set_num_threads(threads)
+    final, model = finalize_record(problem, problem.config, record, label=label, progress=False)
+    final["finetuned_on"] = {"ray_task": True, "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
+    return final, model
+
+
+def finetune_finalists(problem: Problem, config: SearchConfig, jobs: dict[str, dict], *,
+                       progress: bool = True) -> tuple[dict[str, Finalized], dict]:
+    """Fine-tune every finalist of `jobs` ({label: candidate record}): those already kept on disk are read back,
+    the others run as Ray tasks when two or more fit at once (`finetune.parallel`), else in the driver. Returns
+    ({label: (record, network)} in the order of `jobs`, how: `slots` (fine-tunes at once; 1: in the driver) and
+    `kept` (the labels read back from disk))."""
+    store = FinalistStore(Path(config.output.dir) / FINALISTS_DIR)
+    keys = {label: finetune_key(config, record) for label, record in jobs.items()}
+    done: dict[str, Finalized] = {}
+    for label, record in jobs.items():
+        if (kept := store.load(label, keys[label], problem.space, record)) is not None:
+            done[label] = kept
+    todo = [label for label in jobs if label not in done]
+    slots, strategy = parallel_slots(config) if config.finetune.parallel and config.finetune.epochs > 0 else (0, None)
+    info = {"slots": slots if slots >= 2 and len(todo) >= 2 else 1, "kept": [lb for lb in jobs if lb in done]}
+    if progress and strategy is None and 0 < slots < 2 <= len(todo):
+        res = config.finetune.resources
+        print(f"note: the finalists are fine-tuned one after another in the driver: Ray has room for one fine-tune of "
+              f"{res.num_cpus:g} CPUs and {finetune_gpus(config):g} GPUs at a time (finetune.resources)", flush=True)
+    if info["slots"] == 1:
+        for label in todo:
+            final, model = finalize_record(problem, config, jobs[label], label=label, progress=progress)
+            final["finetuned_on"] = {"ray_task": False, "node_ip": None, "pid": os.getpid()}
+            done[label] = final, model
+            store.save(label, keys[label], final, model)
+    else:
+        _run_tasks(problem, config, jobs, todo, keys, store, done, strategy, progress=progress)
+    return {label: done[label] for label in jobs}, info
+
+
+def _run_tasks(problem: Problem, config: SearchConfig, jobs: dict[str, dict], todo: list[str], keys: dict[str, str], store: FinalistStore, done: dict[str, Finalized], strategy: PlacementGroupSchedulingStrategy | None,
+               *, progress: bool) -> None:
+    """The fine-tunes of `todo` as Ray tasks, into `done`; each is saved (and announced) as it finishes."""
+    res = config.finetune.resources
+    options = {"num_cpus": res.num_cpus, "num_gpus": finetune_gpus(config)}
+    if strategy is not None:
+        options["scheduling_strategy"] = strategy
+    env_cfg = env_config(config)
+    threads = max(1, int(res.num_cpus))
+    t0 = time.perf_counter()
+    pending = {}
+    for label in todo:
+        ranking = jobs[label].get("ranking")
+        order = problem.space.ranking(ranking) if ranking is not None else None
+        pending[finetune_finalist.options(**options).remote(env_cfg, jobs[label], label, threads, order)] = label
+    if progress:
+        print(f"fine-tuning {len(todo)} finalists as Ray tasks ({res.num_cpus:g} CPUs, {options['num_gpus']:g} GPUs "
+              "each)", flush=True)
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        label = pending.pop(ready[0])
+        try:
+            final, model = ray.get(ready[0])
+        except ray.exceptions.RayError as exc:
+            for ref in pending:
+                ray.cancel(ref)
+            cause = getattr(exc, "cause", None) or exc  # a task's own exception, else Ray's (a worker lost twice)
+            reason = next((ln.strip() for ln in str(cause).splitlines() if ln.strip()), type(cause).__name__)
+            raise EntropySearchError(
+                f"the fine-tune of finalist {label} failed ({type(cause).__name__}: {reason[:300]}); the finished ones "
+                f"are kept in {store.folder}: continue with --resume") from exc
+        done[label] = final, model
+        store.save(label, keys[label], final, model)
+        if progress:
+            print(f"fine-tuned {label}: test accuracy {final['test_accuracy_after_finetune']:.4f} "
+                  f"({len(todo) - len(pending)}/{len(todo)}, {time.perf_counter() - t0:.0f} s)", flush=True)

@@ -1,0 +1,136 @@
+"""The finalists' fine-tunes (`entropy_search.finalists`): as Ray tasks in parallel they compute what the driver
+computes one after another (same seeds, one thread each), each is kept on disk as it finishes and a resumed search
+reads it back; a worker killed mid fine-tune is retried and the finalist enters the result once.
+
+On the digits CNN with a local Ray of 2 CPUs: about 40 s (the killed worker's search, marked slow, about 60 s).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import torch_pruning as tp
+from tiny_runs import tiny_search
+
+from entropy_search.config import load_config
+from entropy_search.errors import EntropySearchError
+from entropy_search.finalists import FinalistStore, finetune_finalists, finetune_key
+from entropy_search.problem import setup, uniform_counts
+from entropy_search.rl.rundir import FINALISTS_DIR
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, train_digits_checkpoint) -> Path:
+    return train_digits_checkpoint(tmp_path_factory.mktemp("baseline") / "digits_cnn.pt", epochs=3)
+
+
+def config_in(out: Path, checkpoint: Path, **overrides):
+    return load_config(tiny_search(out, checkpoint, **{"finetune.epochs": 2, **overrides}))
+
+
+def jobs_of(problem) -> dict[str, dict]:
+    """Three finalists of the digits CNN at 2x: uniform pruning, a thinner first group, and uniform pruning's
+    counts keeping other channels (a random ranking the driver computed: a worker cannot compute it again)."""
+    space = problem.space
+    _, counts = uniform_counts(problem.budget)
+    thinner = [max(1, counts[0] // 2), *counts[1:]]
+    torch.manual_seed(0)
+    space.add_ranking("random", tp.importance.RandomImportance())
+    jobs = {}
+    for label, (kept, ranking) in {"uniform": (counts, None), "thin": (thinner, None),
+                                   "other": (counts, "random")}.items():
+        record, _ = problem.evaluate(kept, ranking)
+        jobs[label] = record
+    assert any(not torch.equal(a, b) for a, b in zip(space.kept_indices(jobs["other"]["keep"], "random"),
+                                                     space.kept_indices(jobs["uniform"]["keep"])))
+    with pytest.raises(EntropySearchError, match="does not fit"):  # another network's ranking
+        space.set_ranking("short", space.ranking("random")[:-1])
+    return jobs
+
+
+def test_parallel_finetunes_equal_the_driver_s_and_are_kept(ray_local, checkpoint, tmp_path):
+    serial_config = config_in(tmp_path / "serial", checkpoint, **{"finetune.parallel": False})
+    problem = setup(serial_config)
+    jobs = jobs_of(problem)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what each task runs with (finetune.resources.num_cpus: 1)
+    try:
+        serial, how = finetune_finalists(problem, serial_config, jobs, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert how == {"slots": 1, "kept": []}
+    assert all(not final["finetuned_on"]["ray_task"] for final, _ in serial.values())
+
+    parallel_config = config_in(tmp_path / "parallel", checkpoint)
+    parallel, how = finetune_finalists(problem, parallel_config, jobs, progress=False)
+    assert how == {"slots": 2, "kept": []}
+    assert list(parallel) == list(jobs)
+    for label, (final, model) in parallel.items():
+        assert final["finetuned_on"]["ray_task"]
+        expected, expected_model = serial[label]
+        for key in ("test_accuracy_after_finetune", "heldout_accuracy_after_finetune", "macs", "kept_channels"):
+            assert final[key] == expected[key], (label, key)
+        assert final.get("ranking") == jobs[label].get("ranking")
+        for name, tensor in expected_model.state_dict().items():
+            assert torch.equal(model.state_dict()[name], tensor), (label, name)
+
+    # each kept as it finished; read back, not redone (no task runs: the records are the same objects' values)
+    store = FinalistStore(tmp_path / "parallel" / FINALISTS_DIR)
+    assert sorted(p.name for p in store.folder.iterdir()) == sorted(f"{label}.pt" for label in jobs)
+    again, how = finetune_finalists(problem, parallel_config, jobs, progress=False)
+    assert how == {"slots": 1, "kept": list(jobs)}
+    for label, (final, model) in again.items():
+        assert final == parallel[label][0]
+        assert all(torch.equal(t, parallel[label][1].state_dict()[n]) for n, t in model.state_dict().items())
+    # another fine-tune (a resumed search with another learning rate) is not the kept one
+    other = config_in(tmp_path / "parallel", checkpoint, **{"finetune.lr": 0.05})
+    assert finetune_key(other, jobs["uniform"]) != finetune_key(parallel_config, jobs["uniform"])
+    assert store.load("uniform", finetune_key(other, jobs["uniform"]), problem.space, jobs["uniform"]) is None
+
+
+def _kill_first_finetune(found: dict, stop: threading.Event) -> None:
+    """Kill (by PID) the first Ray worker of this process's Ray seen running a finalist's fine-tune."""
+    me = psutil.Process()
+    while not stop.is_set():
+        for proc in me.children(recursive=True):
+            try:
+                if "ray::finetune_finalist" in " ".join(proc.cmdline()):
+                    found["pid"] = proc.pid
+                    proc.kill()
+                    return
+            except psutil.Error:
+                continue
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_finetune_is_retried_and_each_finalist_enters_once(ray_local, checkpoint, tmp_path):
+    from entropy_search.search import run_search  # deferred: RLlib takes seconds to import
+
+    config = config_in(tmp_path / "killed", checkpoint, **{"finetune.epochs": 6})
+    found: dict = {}
+    stop = threading.Event()
+    killer = threading.Thread(target=_kill_first_finetune, args=(found, stop), daemon=True)
+    killer.start()
+    try:
+        result = run_search(config, progress=False)
+    finally:
+        stop.set()
+        killer.join(timeout=10)
+    assert "pid" in found, "no fine-tune was seen running as a Ray task"
+    assert result["cost"]["finetunes_at_once"] == 2
+    finals = {name: res["final"] for name, res in result["baselines"].items() if res.get("final")}
+    finals.update({t["label"]: t for t in result["top_k"]})
+    assert result["selection"]["finalists"] and set(result["selection"]["finalists"]) <= set(finals)
+    pids = [final["finetuned_on"]["pid"] for final in finals.values()]
+    assert found["pid"] not in pids  # the killed attempt delivered nothing; its retry did
+    assert all(final["finetuned_on"]["ray_task"] for final in finals.values())
+    kept = sorted(p.stem for p in (tmp_path / "killed" / FINALISTS_DIR).glob("*.pt"))
+    assert kept == sorted(finals)
