@@ -1,7 +1,7 @@
 """The finalists' fine-tunes (docs/design.md, "The final stage"): each finalist of a search (the agent's top-k, the
 baselines' best) pruned for real, fine-tuned and tested by `problem.finalize`, either as Ray tasks on the Ray the
 search used, as many at once as it has room for (`finetune.parallel`, `finetune.resources`), or one after another
-in the driver. Ray only schedules: a task builds the same problem from the resolved config (`get_problem`) and runs
+in the driver; and `selection.method: halving` as Tune trials under Tune's ASHA scheduler (`halving_on_tune`). Ray only schedules: a task builds the same problem from the resolved config (`get_problem`) and runs
 the same `finalize_record`, so both paths compute the same networks for the same seeds.
 
 Each finished fine-tune is written to `<output.dir>/finalists/<label>.pt` as it finishes (its measurements and its
@@ -14,12 +14,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
 import ray
 import ray.exceptions
 import torch
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
 from ray.util import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from torch import nn
@@ -28,6 +31,13 @@ from .config import SearchConfig
 from .envs.pruning_env import env_config, get_problem
 from .errors import EntropySearchError
 from .problem import Problem, PruningSpace, finalize
+from .problem.selection import (
+    Finalist,
+    check_halving,
+    halving_result,
+    halving_rung_count,
+    short_finetune_rungs,
+)
 from .rl.rundir import FINALISTS_DIR
 from .utils import resolve_device
 
@@ -205,3 +215,67 @@ def _run_tasks(problem: Problem, config: SearchConfig, jobs: dict[str, dict], to
         if progress:
             print(f"fine-tuned {label}: test accuracy {final['test_accuracy_after_finetune']:.4f} "
                   f"({len(todo) - len(pending)}/{len(todo)}, {time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+#: The folder of `halving_on_tune`'s Tune experiment in the search's output folder (redone by a resumed search).
+HALVING_DIR = "halving"
+
+
+def halving_trial(params: dict, *, env_cfg: dict, finalists: dict[str, Finalist],
+                  rankings: dict[str, list[torch.Tensor]], threads: int) -> None:
+    """One finalist of successive halving as a Tune trial: its short fine-tune's rungs (`short_finetune_rungs`)
+    reported one by one (steps, held-out accuracy and loss) until Tune's ASHA stops it or it reaches the last."""
+    problem = get_problem(env_cfg)
+    torch.set_num_threads(threads)
+    config, sel = problem.config, problem.config.selection
+    finalist = finalists[params["label"]]
+    if finalist[2] is not None:
+        problem.space.set_ranking(finalist[2], rankings[params["label"]])
+    rungs = short_finetune_rungs(problem.space, problem.splits, finalist, calibration=problem.evaluator.calibration,
+                                 rung_steps=sel.rung_steps, eta=sel.eta, rungs=halving_rung_count(len(finalists), sel.eta),
+                                 batch_size=sel.batch_size, lr=sel.lr, seed=config.seed)
+    for steps, accuracy, loss in rungs:
+        tune.report({"steps": steps, "heldout_accuracy": accuracy, "heldout_loss": loss})
+
+
+def halving_on_tune(problem: Problem, config: SearchConfig, finalists: list[Finalist]) -> dict:
+    """`selection.method: halving` on Ray Tune: each finalist a trial (`halving_trial`, `finetune.resources`), Tune's
+    ASHA scheduler stopping the worse 1 - 1/eta at each rung of `rung_steps * eta**r` steps, judged by held-out
+    accuracy (never the test split). Returns `halving_result` of what the trials reported, with `seconds`. ASHA
+    promotes asynchronously (a finalist that reaches a rung early can go on before the others are measured there),
+    but what each finalist measures at a rung does not depend on the others: the same images and seeds as the
+    driver's loop (`successive_halving`)."""
+    sel = config.selection
+    check_halving(problem.splits, finalists, rung_steps=sel.rung_steps, eta=sel.eta)
+    labels = [label for label, *_ in finalists]
+    if len(labels) == 1:
+        return {"winner": labels[0], "rungs": [], "seconds": 0.0}
+    t0 = time.perf_counter()
+    res = config.finetune.resources
+    rankings = {label: problem.space.ranking(ranking) for label, _, ranking, _ in finalists if ranking is not None}
+    trainable = tune.with_resources(
+        tune.with_parameters(halving_trial, env_cfg=env_config(config), finalists={f[0]: f for f in finalists},
+                             rankings=rankings, threads=max(1, int(res.num_cpus))),
+        {"cpu": res.num_cpus, "gpu": finetune_gpus(config)})
+    last = sel.rung_steps * sel.eta ** (halving_rung_count(len(labels), sel.eta) - 1)
+    scheduler = ASHAScheduler(time_attr="steps", metric="heldout_accuracy", mode="max", max_t=last,
+                              grace_period=sel.rung_steps, reduction_factor=sel.eta)
+    storage = Path(config.output.dir).resolve()
+    shutil.rmtree(storage / HALVING_DIR, ignore_errors=True)
+    tuner = tune.Tuner(
+        trainable, param_space={"label": tune.grid_search(labels)},
+        tune_config=tune.TuneConfig(scheduler=scheduler, trial_name_creator=lambda t: t.config["label"],
+                                    trial_dirname_creator=lambda t: t.config["label"]),
+        run_config=tune.RunConfig(name=HALVING_DIR, storage_path=str(storage), verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=1)))
+    results = tuner.fit()
+    if results.errors:
+        first = str(results.errors[0]).strip().splitlines()
+        raise EntropySearchError(f"successive halving on Tune failed ({first[-1][:300] if first else 'a trial failed'}); "
+                                 "continue with --resume")
+    histories: dict[str, list[tuple[int, float, float]]] = {label: [] for label in labels}
+    for result in results:
+        frame = result.metrics_dataframe
+        histories[result.config["label"]] = [(int(row.steps), float(row.heldout_accuracy), float(row.heldout_loss))
+                                             for row in frame.itertuples()]
+    return {**halving_result(histories), "seconds": time.perf_counter() - t0}

@@ -34,7 +34,7 @@ import torch
 from .config import SearchConfig, load_config
 from .data import eval_batch
 from .errors import EntropySearchError
-from .finalists import finalize_record, finetune_finalists
+from .finalists import finalize_record, finetune_finalists, halving_on_tune, parallel_slots
 from .jsonio import write_json
 from .latency import onnx_latency, speedup, torch_latency
 from .problem import (
@@ -87,7 +87,8 @@ def select_delivered(problem: Problem, config: SearchConfig, state: SearchState,
     """The final stage over the finalists (`finalist_records`: the uniform candidate, the agent's top-k, random
     search's best and Torch-Pruning's recipes). `selection.method: full` judges each by its held-out
     correctness after its full fine-tune: uniform pruning is delivered unless another finalist beats it
-    significantly on the same images (`guarded_choice`); `halving` by successive halving on short fine-tunes.
+    significantly on the same images (`guarded_choice`); `halving` by successive halving on short fine-tunes (on Tune's
+    ASHA when two or more fit on the search's Ray outside a sweep's trial, else in the driver).
     Off: the agent's pick. Every finalist it needs, and the winner, end up in `finalized`
     ({label: (record, model)})."""
     uniform = (baselines.get("uniform") or {}).get("best") if config.selection.enabled else None
@@ -107,10 +108,15 @@ def select_delivered(problem: Problem, config: SearchConfig, state: SearchState,
     elif sel.method == "halving":
         finalists = [(lb, records[lb]["keep"], records[lb].get("ranking"), records[lb].get("dropped_blocks") or ())
                      for lb in labels]
-        out = successive_halving(problem.space, problem.splits, finalists,
-                                 calibration=problem.evaluator.calibration, rung_steps=sel.rung_steps, eta=sel.eta,
-                                 batch_size=sel.batch_size, lr=sel.lr, seed=config.seed)
-        problem.model.to("cpu")
+        slots, strategy = parallel_slots(config) if config.finetune.parallel else (0, None)
+        if slots >= 2 and strategy is None:  # not in a sweep's trial: Tune's trials do not nest in one
+            out = {**halving_on_tune(problem, config, finalists), "scheduler": "tune-asha"}
+        else:
+            out = successive_halving(problem.space, problem.splits, finalists,
+                                     calibration=problem.evaluator.calibration, rung_steps=sel.rung_steps,
+                                     eta=sel.eta, batch_size=sel.batch_size, lr=sel.lr, seed=config.seed)
+            out["scheduler"] = "driver"
+            problem.model.to("cpu")
         out = {"enabled": True, "method": "halving", **out}
     else:
         for label in labels:

@@ -314,6 +314,8 @@ def test_summary_says_why_the_delivered_network_was_delivered():
         {"steps": 30, "heldout_accuracy": {"uniform": 0.5, "top1": 0.75}, "continue": ["top1"], "eliminated": ["uniform"]}]}
     assert selection_lines(halving) == ["final stage: successive halving on short fine-tunes, top1 delivered",
                                         "  30 steps: held-out uniform 50.00%, top1 75.00%; eliminated uniform"]
+    assert selection_lines({**halving, "scheduler": "tune-asha"})[0] == (
+        "final stage: successive halving on short fine-tunes (Tune trials under ASHA), top1 delivered")
     assert selection_lines({"enabled": False, "method": "full", "winner": "top1", "rungs": []}) == [
         "final stage: off, the agent's best (top1) is delivered"]
     assert selection_lines({"enabled": True, "method": "full", "winner": "uniform", "rungs": []}) == [

@@ -183,7 +183,8 @@ def selection_lines(selection: dict | None) -> list[str]:
                 f"; another finalist replaces uniform only when more accurate at p < {rung['significance']:g} "
                 "(selection.significance)")
         return [f"final stage: held-out accuracy after the full fine-tune {scores}{rule}: {winner} delivered"]
-    lines = [f"final stage: successive halving on short fine-tunes, {winner} delivered"]
+    where = " (Tune trials under ASHA)" if selection.get("scheduler") == "tune-asha" else ""
+    lines = [f"final stage: successive halving on short fine-tunes{where}, {winner} delivered"]
     for rung in rungs:
         scores = ", ".join(f"{label} {100 * acc:.2f}%" for label, acc in rung["heldout_accuracy"].items())
         lines.append(f"  {rung['steps']} steps: held-out {scores}; eliminated {', '.join(rung['eliminated']) or '-'}")

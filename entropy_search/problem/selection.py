@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -46,10 +46,78 @@ def finalist_records(uniform: dict | None, top_k: Sequence[dict], random: dict |
     return {label: record for label, record in finalists.values()}
 
 
+#: A finalist of the final stage: (label, keep ratios, ranking of the space's channels or None, dropped blocks).
+Finalist = tuple[str, Sequence[float], str | None, Sequence[str]]
+
+
+def halving_rung_count(n: int, eta: int) -> int:
+    """Rungs successive halving takes to bring `n` finalists down to one (each keeps ceil(alive / eta))."""
+    rungs = 0
+    while n > 1:
+        n, rungs = math.ceil(n / eta), rungs + 1
+    return rungs
+
+
+def short_finetune_rungs(
+    space: PruningSpace,
+    splits: DataSplits,
+    finalist: Finalist,
+    *,
+    calibration: torch.Tensor | None,
+    rung_steps: int,
+    eta: int,
+    rungs: int,
+    batch_size: int = 128,
+    lr: float = 0.01,
+    seed: int = 0,
+    device: str = "auto",
+) -> Iterator[tuple[int, float, float]]:
+    """One finalist through the rungs of successive halving: pruned for real, BN re-estimated on `calibration`,
+    then at rung r trained on to `rung_steps * eta**r` SGD steps in all and measured on the held-out split.
+    Yields (steps, held-out accuracy, held-out loss) per rung; whoever drives it (the driver's loop, a Tune trial
+    under ASHA) stops when the finalist is eliminated. Every finalist sees the same images at the same rung."""
+    _, keep, ranking, dropped = finalist
+    model = space.prune(keep, ranking, dropped)
+    if calibration is not None:
+        recalibrate_batchnorm(model, calibration)
+    done = 0
+    for rung in range(rungs):
+        steps = rung_steps * eta**rung
+        images = _subset(len(splits.train), (steps - done) * batch_size, np.random.default_rng([seed, rung]))
+        train(model, Subset(splits.train, images), epochs=1, lr=lr, batch_size=batch_size, seed=seed + rung,
+              progress=False, device=device)
+        accuracy, loss = accuracy_and_loss(model, splits.heldout, device=device)
+        done = steps
+        yield steps, accuracy, loss
+
+
+def halving_result(histories: dict[str, Sequence[tuple[int, float, float]]]) -> dict:
+    """The rungs and the winner of successive halving from what each finalist measured ({label: [(steps,
+    held-out accuracy, held-out loss), ...]}, labels in the order of preference): at each rung, who was measured,
+    who went on to the next one and who stopped there; the winner is the most accurate of those that reached
+    the last rung (ties: the order of preference). The same for the driver's loop and for Tune's ASHA, whose
+    promotions are its own."""
+    milestones = sorted({steps for history in histories.values() for steps, *_ in history})
+    if not milestones:
+        return {"winner": next(iter(histories)), "rungs": []}
+    at = {label: {steps: (acc, loss) for steps, acc, loss in history} for label, history in histories.items()}
+    last = [label for label in histories if milestones[-1] in at[label]]
+    winner = max(last, key=lambda lb: at[lb][milestones[-1]][0])  # max keeps the first of equals
+    rungs = []
+    for i, steps in enumerate(milestones):
+        measured = [label for label in histories if steps in at[label]]
+        going_on = ([winner] if i == len(milestones) - 1 else
+                    [label for label in measured if milestones[i + 1] in at[label]])
+        rungs.append({"steps": steps, "heldout_accuracy": {lb: at[lb][steps][0] for lb in measured},
+                      "heldout_loss": {lb: at[lb][steps][1] for lb in measured}, "continue": going_on,
+                      "eliminated": [lb for lb in measured if lb not in going_on]})
+    return {"winner": winner, "rungs": rungs}
+
+
 def successive_halving(
     space: PruningSpace,
     splits: DataSplits,
-    finalists: Sequence[tuple[str, Sequence[float], str | None, Sequence[str]]],
+    finalists: Sequence[Finalist],
     *,
     calibration: torch.Tensor | None,
     rung_steps: int,
@@ -59,49 +127,38 @@ def successive_halving(
     seed: int = 0,
     device: str = "auto",
 ) -> dict:
-    """Successive halving over `finalists` ((label, keep ratios, ranking of the space's channels or None, dropped
-    blocks), in
-    order of preference for ties).
+    """Successive halving over `finalists` (in order of preference for ties), one finalist after another in this
+    process: at each rung every finalist still in (`short_finetune_rungs`), then the best ceil(alive / eta) go on.
 
     Returns {"winner": label, "rungs": [{"steps", "heldout_accuracy": {label: acc}, "heldout_loss": {label: loss},
-    "continue": [...], "eliminated": [...]}], "seconds"}; each rung's steps are cumulative (a survivor keeps
-    training)."""
+    "continue": [...], "eliminated": [...]}], "seconds"} (`halving_result`); each rung's steps are cumulative (a
+    survivor keeps training)."""
+    check_halving(splits, finalists, rung_steps=rung_steps, eta=eta)
+    t0 = time.perf_counter()
+    rungs = halving_rung_count(len(finalists), eta)
+    runs = {f[0]: short_finetune_rungs(space, splits, f, calibration=calibration, rung_steps=rung_steps, eta=eta,
+                                       rungs=rungs, batch_size=batch_size, lr=lr, seed=seed, device=device)
+            for f in finalists}
+    histories: dict[str, list[tuple[int, float, float]]] = {label: [] for label in runs}
+    alive = list(runs)
+    while len(alive) > 1:
+        for label in alive:
+            histories[label].append(next(runs[label]))
+        keep_n = math.ceil(len(alive) / eta)
+        ranked = sorted(alive, key=lambda lb: -histories[lb][-1][1])  # stable: ties keep the order of preference
+        alive = [lb for lb in alive if lb in ranked[:keep_n]]
+    return {**halving_result(histories), "seconds": time.perf_counter() - t0}
+
+
+def check_halving(splits: DataSplits, finalists: Sequence[Finalist], *, rung_steps: int, eta: int) -> None:
+    """EntropySearchError unless successive halving can run: a finalist, eta >= 2, a rung of steps, held-out
+    images to judge by."""
     if not finalists:
         raise EntropySearchError("successive halving needs at least one finalist")
     if eta < 2 or rung_steps < 1:
         raise EntropySearchError(f"successive halving needs eta >= 2 and rung_steps >= 1, got {eta} and {rung_steps}")
     if len(splits.heldout) == 0:
         raise EntropySearchError(f"the held-out split of {splits.name} is empty: the final stage has nothing to judge by")
-    t0 = time.perf_counter()
-    if len(finalists) == 1:
-        return {"winner": finalists[0][0], "rungs": [], "seconds": 0.0}
-    models = {}
-    for label, keep, ranking, dropped in finalists:
-        pruned = space.prune(keep, ranking, dropped)
-        if calibration is not None:
-            recalibrate_batchnorm(pruned, calibration)
-        models[label] = pruned
-    alive = [label for label, *_ in finalists]
-    rungs: list[dict] = []
-    steps_done, rung = 0, 0
-    rng = np.random.default_rng(seed)
-    while True:
-        steps = rung_steps * eta**rung
-        images = _subset(len(splits.train), (steps - steps_done) * batch_size, rng)
-        scores, losses = {}, {}
-        for label in alive:
-            train(models[label], Subset(splits.train, images), epochs=1, lr=lr, batch_size=batch_size, seed=seed + rung,
-                  progress=False, device=device)
-            scores[label], losses[label] = accuracy_and_loss(models[label], splits.heldout, device=device)
-        keep_n = max(1, math.ceil(len(alive) / eta)) if len(alive) > 1 else 1
-        ranked = sorted(alive, key=lambda lb: -scores[lb])  # stable: ties keep the order of preference
-        survivors, eliminated = ranked[:keep_n], ranked[keep_n:]
-        rungs.append({"steps": steps, "heldout_accuracy": scores, "heldout_loss": losses, "continue": survivors,
-                      "eliminated": eliminated})
-        steps_done, rung = steps, rung + 1
-        alive = [lb for lb in alive if lb in survivors]
-        if len(alive) == 1:
-            return {"winner": alive[0], "rungs": rungs, "seconds": time.perf_counter() - t0}
 
 
 def _subset(n: int, wanted: int, rng: np.random.Generator) -> list[int]:
