@@ -145,7 +145,8 @@ def finetune_finalist(env_cfg: dict, record: dict, label: str, threads: int,
         problem.space.set_ranking(record["ranking"], ranking)
     torch.set_num_threads(threads)
     final, model = finalize_record(problem, problem.config, record, label=label, progress=False)
-    final["finetuned_on"] = {"ray_task": True, "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
+    final["finetuned_on"] = {"ray_task": True, "node_ip": ray.util.get_node_ip_address(),
+                             "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
     return final, model
 
 
@@ -171,7 +172,7 @@ def finetune_finalists(problem: Problem, config: SearchConfig, jobs: dict[str, d
     if info["slots"] == 1:
         for label in todo:
             final, model = finalize_record(problem, config, jobs[label], label=label, progress=progress)
-            final["finetuned_on"] = {"ray_task": False, "node_ip": None, "pid": os.getpid()}
+            final["finetuned_on"] = {"ray_task": False, "node_ip": None, "node_id": None, "pid": os.getpid()}
             done[label] = final, model
             store.save(label, keys[label], final, model)
     else:
