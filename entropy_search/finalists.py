@@ -130,7 +130,7 @@ def parallel_slots(config: SearchConfig) -> tuple[int, PlacementGroupSchedulingS
 
     group = get_current_placement_group()
     if group is not None:
-        return sum(fits(bundle) > 0 for bundle in group.bundle_specs[1:]), PlacementGroupSchedulingStrategy(group)
+        return sum(fits(bundle) for bundle in group.bundle_specs[1:]), PlacementGroupSchedulingStrategy(group)
     return fits(ray.cluster_resources()), None
 
 
@@ -180,8 +180,9 @@ def finetune_finalists(problem: Problem, config: SearchConfig, jobs: dict[str, d
     return {label: done[label] for label in jobs}, info
 
 
-def _run_tasks(problem: Problem, config: SearchConfig, jobs: dict[str, dict], todo: list[str], keys: dict[str, str], store: FinalistStore, done: dict[str, Finalized], strategy: PlacementGroupSchedulingStrategy | None,
-               *, progress: bool) -> None:
+def _run_tasks(problem: Problem, config: SearchConfig, jobs: dict[str, dict], todo: list[str], keys: dict[str, str],
+               store: FinalistStore, done: dict[str, Finalized], strategy: PlacementGroupSchedulingStrategy | None, *,
+               progress: bool) -> None:
     """The fine-tunes of `todo` as Ray tasks, into `done`; each is saved (and announced) as it finishes."""
     res = config.finetune.resources
     options = {"num_cpus": res.num_cpus, "num_gpus": finetune_gpus(config)}
