@@ -1,8 +1,9 @@
 """The finalists' fine-tunes (docs/design.md, "The final stage"): each finalist of a search (the agent's top-k, the
 baselines' best) pruned for real, fine-tuned and tested by `problem.finalize`, either as Ray tasks on the Ray the
 search used, as many at once as it has room for (`finetune.parallel`, `finetune.resources`), or one after another
-in the driver; and `selection.method: halving` as Tune trials under Tune's ASHA scheduler (`halving_on_tune`). Ray only schedules: a task builds the same problem from the resolved config (`get_problem`) and runs
-the same `finalize_record`, so both paths compute the same networks for the same seeds.
+in the driver; and `selection.method: halving` as Tune trials under Tune's ASHA scheduler (`halving_on_tune`).
+Ray only schedules: a task builds the same problem from the resolved config (`worker_problem`) and runs the same
+`finalize_record`, so both paths compute the same networks for the same seeds.
 
 Each finished fine-tune is written to `<output.dir>/finalists/<label>.pt` as it finishes (its measurements and its
 weights, keyed by the network and the fine-tune's settings), so a resumed search redoes none that finished. A task
@@ -16,6 +17,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import ray
@@ -134,16 +136,32 @@ def parallel_slots(config: SearchConfig) -> tuple[int, PlacementGroupSchedulingS
     return fits(ray.cluster_resources()), None
 
 
+def task_threads(config: SearchConfig) -> int:
+    """Torch threads of a fine-tune task: its CPUs, rounded down, at least one."""
+    return max(1, int(config.finetune.resources.num_cpus))
+
+
+def shipped_rankings(space: PruningSpace, names: Iterable[str | None]) -> dict[str, list[torch.Tensor]]:
+    """The driver's channel rankings of `names` (a peer recipe's: a worker cannot compute it again), by name."""
+    return {name: space.ranking(name) for name in dict.fromkeys(names) if name is not None}
+
+
+def worker_problem(env_cfg: dict, threads: int, rankings: dict[str, list[torch.Tensor]]) -> Problem:
+    """The problem in a Ray worker: built from the resolved config (once per worker process), with the driver's
+    `rankings` installed (`shipped_rankings`) and torch at `threads`."""
+    problem = get_problem(env_cfg)
+    for name, order in rankings.items():
+        problem.space.set_ranking(name, order)
+    torch.set_num_threads(threads)
+    return problem
+
+
 @ray.remote(max_retries=1)  # a worker lost mid fine-tune (a node, the OOM killer, a kill): tried once more
 def finetune_finalist(env_cfg: dict, record: dict, label: str, threads: int,
-                      ranking: list[torch.Tensor] | None) -> Finalized:
-    """One finalist's fine-tune in a Ray worker: the problem built from the resolved config (once per worker
-    process), the record's ranking of the channels (a peer recipe's, computed by the driver) installed, then
-    `finalize_record`; the record says where it ran (`finetuned_on`)."""
-    problem = get_problem(env_cfg)
-    if ranking is not None:
-        problem.space.set_ranking(record["ranking"], ranking)
-    torch.set_num_threads(threads)
+                      rankings: dict[str, list[torch.Tensor]]) -> Finalized:
+    """One finalist's fine-tune in a Ray worker (`worker_problem`), then `finalize_record`; the record says where
+    it ran (`finetuned_on`)."""
+    problem = worker_problem(env_cfg, threads, rankings)
     final, model = finalize_record(problem, problem.config, record, label=label, progress=False)
     final["finetuned_on"] = {"ray_task": True, "node_ip": ray.util.get_node_ip_address(),
                              "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
@@ -189,13 +207,12 @@ def _run_tasks(problem: Problem, config: SearchConfig, jobs: dict[str, dict], to
     if strategy is not None:
         options["scheduling_strategy"] = strategy
     env_cfg = env_config(config)
-    threads = max(1, int(res.num_cpus))
     t0 = time.perf_counter()
     pending = {}
     for label in todo:
-        ranking = jobs[label].get("ranking")
-        order = problem.space.ranking(ranking) if ranking is not None else None
-        pending[finetune_finalist.options(**options).remote(env_cfg, jobs[label], label, threads, order)] = label
+        rankings = shipped_rankings(problem.space, [jobs[label].get("ranking")])
+        ref = finetune_finalist.options(**options).remote(env_cfg, jobs[label], label, task_threads(config), rankings)
+        pending[ref] = label
     if progress:
         print(f"fine-tuning {len(todo)} finalists as Ray tasks ({res.num_cpus:g} CPUs, {options['num_gpus']:g} GPUs "
               "each)", flush=True)
@@ -225,14 +242,12 @@ HALVING_DIR = "halving"
 
 def halving_trial(params: dict, *, env_cfg: dict, finalists: dict[str, Finalist],
                   rankings: dict[str, list[torch.Tensor]], threads: int) -> None:
-    """One finalist of successive halving as a Tune trial: its short fine-tune's rungs (`short_finetune_rungs`)
-    reported one by one (steps, held-out accuracy and loss) until Tune's ASHA stops it or it reaches the last."""
-    problem = get_problem(env_cfg)
-    torch.set_num_threads(threads)
+    """One finalist of successive halving as a Tune trial (`worker_problem`): its short fine-tune's rungs
+    (`short_finetune_rungs`) reported one by one (steps, held-out accuracy and loss) until Tune's ASHA stops it or
+    it reaches the last."""
+    problem = worker_problem(env_cfg, threads, rankings)
     config, sel = problem.config, problem.config.selection
     finalist = finalists[params["label"]]
-    if finalist[2] is not None:
-        problem.space.set_ranking(finalist[2], rankings[params["label"]])
     rungs = short_finetune_rungs(problem.space, problem.splits, finalist, calibration=problem.evaluator.calibration,
                                  rung_steps=sel.rung_steps, eta=sel.eta, rungs=halving_rung_count(len(finalists), sel.eta),
                                  batch_size=sel.batch_size, lr=sel.lr, seed=config.seed)
@@ -253,12 +268,11 @@ def halving_on_tune(problem: Problem, config: SearchConfig, finalists: list[Fina
     if len(labels) == 1:
         return {"winner": labels[0], "rungs": [], "seconds": 0.0}
     t0 = time.perf_counter()
-    res = config.finetune.resources
-    rankings = {label: problem.space.ranking(ranking) for label, _, ranking, _ in finalists if ranking is not None}
+    rankings = shipped_rankings(problem.space, [ranking for _, _, ranking, _ in finalists])
     trainable = tune.with_resources(
         tune.with_parameters(halving_trial, env_cfg=env_config(config), finalists={f[0]: f for f in finalists},
-                             rankings=rankings, threads=max(1, int(res.num_cpus))),
-        {"cpu": res.num_cpus, "gpu": finetune_gpus(config)})
+                             rankings=rankings, threads=task_threads(config)),
+        {"cpu": config.finetune.resources.num_cpus, "gpu": finetune_gpus(config)})
     last = sel.rung_steps * sel.eta ** (halving_rung_count(len(labels), sel.eta) - 1)
     scheduler = ASHAScheduler(time_attr="steps", metric="heldout_accuracy", mode="max", max_t=last,
                               grace_period=sel.rung_steps, reduction_factor=sel.eta)

@@ -23,6 +23,11 @@ cluster_utils = pytest.importorskip("ray.cluster_utils")
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, train_digits_checkpoint) -> Path:
+    return train_digits_checkpoint(tmp_path_factory.mktemp("baseline") / "digits_cnn.pt", epochs=3)
+
+
 @pytest.fixture
 def two_nodes():
     """A head node (1 CPU) and a worker node (2 CPUs), joined by this process; shut down after the test."""
@@ -38,10 +43,9 @@ def two_nodes():
         cluster.shutdown()
 
 
-def test_finalists_are_fine_tuned_on_the_second_node(two_nodes, train_digits_checkpoint, tmp_path: Path):
+def test_finalists_are_fine_tuned_on_the_second_node(two_nodes, checkpoint, tmp_path: Path):
     from entropy_search.search import run_search  # deferred: RLlib takes seconds to import
 
-    checkpoint = train_digits_checkpoint(tmp_path / "digits_cnn.pt", epochs=3)
     config = load_config(tiny_search(tmp_path / "run", checkpoint, **{"finetune.epochs": 3,
                                                                        "resources.num_env_runners": 1}))
     result = run_search(config, progress=False)
@@ -62,9 +66,8 @@ def three_cpus():
     ray.shutdown()
 
 
-def test_a_sweep_trial_fine_tunes_its_finalists_in_its_placement_group(three_cpus, train_digits_checkpoint, store,
+def test_a_sweep_trial_fine_tunes_its_finalists_in_its_placement_group(three_cpus, checkpoint, store,
                                                                        no_default_store, tmp_path: Path):
-    checkpoint = train_digits_checkpoint(tmp_path / "digits_cnn.pt", epochs=3)
     data = tiny_sweep("in-group", tmp_path / "sweeps", checkpoint, store,
                       resources={"cpus_per_trial": 0.5, "num_env_runners": 2, "cpus_per_env_runner": 1},
                       axes={"seed": [0]}, max_concurrent_trials=1, mlflow={"tracking_uri": store, "log_model": False})
