@@ -374,16 +374,16 @@ class SelectionConfig(Section):
     """Choose the delivered network among the uniform candidate, the agent's top-k and the best random-search candidate (same budget), by held-out accuracy (never the test split); uniform pruning unless another finalist beats it significantly (`significance`). Off: the agent's best is delivered."""
 
     method: Literal["full", "halving"] = "full"
-    """`full`: judge every finalist by held-out accuracy after its full fine-tune (every finalist is fine-tuned anyway for the comparison with the baselines, so this costs evaluations only); `halving`: successive halving on short fine-tunes (rung_steps, eta), for when fine-tuning every finalist fully costs too much. On digits at 3.3x the short fine-tunes preferred candidates that end below uniform after the full fine-tune (bench/RESULTS.md)."""
+    """`full`: fine-tune every finalist in full (the comparison with the baselines in result.json), then judge each by held-out accuracy; `halving`: successive halving on short fine-tunes (rung_steps, eta; Tune trials under ASHA when two fit at once), uniform pruning kept to the last rung, where the guarded rule (`significance`) decides; only the delivered network is fine-tuned in full, so the others have no test accuracy. On digits at 3.3x, short fine-tunes without the guard preferred candidates that end below uniform after the full fine-tune (bench/RESULTS.md)."""
 
     significance: Annotated[float, Field(gt=0.0, le=1.0)] = 0.2
-    """`full`: another finalist replaces uniform pruning only if it is more accurate on the held-out split after fine-tuning and the one-sided exact McNemar test on the same images gives p below this (1.0: the most accurate finalist wins). A small held-out split cannot tell networks a few images apart, and then the user gets the known-safe network. 0.2 was chosen on recorded searches by a rule fixed before its validation runs (bench/RESULTS.md, "the final stage's significance level"): it never left uniform on digits' 144 held-out images, and on Fashion-MNIST's 6,000 it took leads of 0.2-0.5 points that 0.05 refused."""
+    """Another finalist replaces uniform pruning only if it is more accurate on the held-out split after fine-tuning (`halving`: after the last rung's short fine-tune) and the one-sided exact McNemar test on the same images gives p below this (1.0: the most accurate finalist wins). A small held-out split cannot tell networks a few images apart, and then the user gets the known-safe network. 0.2 was chosen on recorded searches by a rule fixed before its validation runs (bench/RESULTS.md, "the final stage's significance level"): it never left uniform on digits' 144 held-out images, and on Fashion-MNIST's 6,000 it took leads of 0.2-0.5 points that 0.05 refused."""
 
     rung_steps: PositiveInt = 30
     """`halving`: SGD steps of every finalist in the first rung; each later rung trains the survivors eta times longer (cumulative)."""
 
-    eta: Annotated[int, Field(ge=2)] = 2
-    """`halving`: 1/eta of the finalists continue at each rung."""
+    eta: Annotated[int, Field(ge=2)] = 3
+    """`halving`: 1/eta of the finalists continue at each rung (3: nine finalists take two rungs, 30 and 90 steps; with 2, four rungs cost twice the steps on ResNet-20 / Fashion-MNIST, bench/RESULTS.md)."""
 
     batch_size: PositiveInt = 128
     """`halving`: batch size of the short fine-tunes."""

@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import ray
 import ray.exceptions
 import torch
@@ -163,9 +164,17 @@ def finetune_finalist(env_cfg: dict, record: dict, label: str, threads: int,
     it ran (`finetuned_on`)."""
     problem = worker_problem(env_cfg, threads, rankings)
     final, model = finalize_record(problem, problem.config, record, label=label, progress=False)
-    final["finetuned_on"] = {"ray_task": True, "node_ip": ray.util.get_node_ip_address(),
-                             "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+    final["finetuned_on"] = {"ray_task": True, **where_this_runs()}
     return final, model
+
+
+def where_this_runs() -> dict:
+    """This process's Ray node (IP and id; None outside Ray: a search without Ray) and PID, as a finalist's
+    record says where it was fine-tuned."""
+    if not ray.is_initialized():
+        return {"node_ip": None, "node_id": None, "pid": os.getpid()}
+    return {"node_ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid()}
 
 
 def finetune_finalists(problem: Problem, config: SearchConfig, jobs: dict[str, dict], *,
@@ -190,7 +199,7 @@ def finetune_finalists(problem: Problem, config: SearchConfig, jobs: dict[str, d
     if info["slots"] == 1:
         for label in todo:
             final, model = finalize_record(problem, config, jobs[label], label=label, progress=progress)
-            final["finetuned_on"] = {"ray_task": False, "node_ip": None, "node_id": None, "pid": os.getpid()}
+            final["finetuned_on"] = {"ray_task": False, **where_this_runs()}
             done[label] = final, model
             store.save(label, keys[label], final, model)
     else:
@@ -243,25 +252,46 @@ HALVING_DIR = "halving"
 def halving_trial(params: dict, *, env_cfg: dict, finalists: dict[str, Finalist],
                   rankings: dict[str, list[torch.Tensor]], threads: int) -> None:
     """One finalist of successive halving as a Tune trial (`worker_problem`): its short fine-tune's rungs
-    (`short_finetune_rungs`) reported one by one (steps, held-out accuracy and loss) until Tune's ASHA stops it or
-    it reaches the last."""
+    (`short_finetune_rungs`) reported one by one (steps, held-out accuracy and loss; at the last rung also which
+    held-out images it got right, for the guarded rule) until Tune's ASHA stops it or it reaches the last."""
     problem = worker_problem(env_cfg, threads, rankings)
     config, sel = problem.config, problem.config.selection
     finalist = finalists[params["label"]]
+    n_rungs = halving_rung_count(len(finalists), sel.eta)
     rungs = short_finetune_rungs(problem.space, problem.splits, finalist, calibration=problem.evaluator.calibration,
-                                 rung_steps=sel.rung_steps, eta=sel.eta, rungs=halving_rung_count(len(finalists), sel.eta),
+                                 rung_steps=sel.rung_steps, eta=sel.eta, rungs=n_rungs,
                                  batch_size=sel.batch_size, lr=sel.lr, seed=config.seed)
-    for steps, accuracy, loss in rungs:
-        tune.report({"steps": steps, "heldout_accuracy": accuracy, "heldout_loss": loss})
+    for rung, (steps, accuracy, loss, correct) in enumerate(rungs):
+        report = {"steps": steps, "heldout_accuracy": accuracy, "heldout_loss": loss}
+        if rung == n_rungs - 1:
+            report["heldout_correct"] = np.packbits(correct.numpy()).tobytes().hex()
+        tune.report(report)
 
 
-def halving_on_tune(problem: Problem, config: SearchConfig, finalists: list[Finalist]) -> dict:
+class _GuardedASHA(ASHAScheduler):
+    """Tune's ASHA, except that it never stops the reference finalist (uniform pruning) before the last rung:
+    its results still count in every rung's cut-off, and at the last rung the guarded rule compares the
+    survivors with it on the same images."""
+
+    def __init__(self, *, reference: str | None, last_steps: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.reference, self.last_steps = reference, last_steps
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        if trial.config.get("label") == self.reference and result.get("steps", 0) < self.last_steps:
+            return self.CONTINUE
+        return action
+
+
+def halving_on_tune(problem: Problem, config: SearchConfig, finalists: list[Finalist], *,
+                    reference: str | None) -> dict:
     """`selection.method: halving` on Ray Tune: each finalist a trial (`halving_trial`, `finetune.resources`), Tune's
     ASHA scheduler stopping the worse 1 - 1/eta at each rung of `rung_steps * eta**r` steps, judged by held-out
-    accuracy (never the test split). Returns `halving_result` of what the trials reported, with `seconds`. ASHA
-    promotes asynchronously (a finalist that reaches a rung early can go on before the others are measured there),
-    but what each finalist measures at a rung does not depend on the others: the same images and seeds as the
-    driver's loop (`successive_halving`)."""
+    accuracy (never the test split), `reference` kept to the last rung. Returns `halving_result` of what the trials
+    reported, with `seconds`. ASHA promotes asynchronously (a finalist that reaches a rung early can go on before
+    the others are measured there), but what each finalist measures at a rung does not depend on the others: the
+    same images and seeds as the driver's loop (`successive_halving`)."""
     sel = config.selection
     check_halving(problem.splits, finalists, rung_steps=sel.rung_steps, eta=sel.eta)
     labels = [label for label, *_ in finalists]
@@ -274,13 +304,15 @@ def halving_on_tune(problem: Problem, config: SearchConfig, finalists: list[Fina
                              rankings=rankings, threads=task_threads(config)),
         {"cpu": config.finetune.resources.num_cpus, "gpu": finetune_gpus(config)})
     last = sel.rung_steps * sel.eta ** (halving_rung_count(len(labels), sel.eta) - 1)
-    scheduler = ASHAScheduler(time_attr="steps", metric="heldout_accuracy", mode="max", max_t=last,
-                              grace_period=sel.rung_steps, reduction_factor=sel.eta)
+    scheduler = _GuardedASHA(reference=reference, last_steps=last, time_attr="steps", metric="heldout_accuracy",
+                             mode="max", max_t=last, grace_period=sel.rung_steps, reduction_factor=sel.eta)
     storage = Path(config.output.dir).resolve()
     shutil.rmtree(storage / HALVING_DIR, ignore_errors=True)
     tuner = tune.Tuner(
         trainable, param_space={"label": tune.grid_search(labels)},
-        tune_config=tune.TuneConfig(scheduler=scheduler, trial_name_creator=lambda t: t.config["label"],
+        # reuse_actors: a trial's process (its problem built once: data, baseline, space) serves the next trials
+        tune_config=tune.TuneConfig(scheduler=scheduler, reuse_actors=True,
+                                    trial_name_creator=lambda t: t.config["label"],
                                     trial_dirname_creator=lambda t: t.config["label"]),
         run_config=tune.RunConfig(name=HALVING_DIR, storage_path=str(storage), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=1)))
@@ -290,8 +322,16 @@ def halving_on_tune(problem: Problem, config: SearchConfig, finalists: list[Fina
         raise EntropySearchError(f"successive halving on Tune failed ({first[-1][:300] if first else 'a trial failed'}); "
                                  "continue with --resume")
     histories: dict[str, list[tuple[int, float, float]]] = {label: [] for label in labels}
+    last_correct: dict[str, torch.Tensor] = {}
+    n_heldout = len(problem.splits.heldout)
     for result in results:
+        label = result.config["label"]
         frame = result.metrics_dataframe
-        histories[result.config["label"]] = [(int(row.steps), float(row.heldout_accuracy), float(row.heldout_loss))
-                                             for row in frame.itertuples()]
-    return {**halving_result(histories), "seconds": time.perf_counter() - t0}
+        histories[label] = [(int(row.steps), float(row.heldout_accuracy), float(row.heldout_loss))
+                            for row in frame.itertuples()]
+        packed = result.metrics.get("heldout_correct")
+        if isinstance(packed, str):
+            bits = np.unpackbits(np.frombuffer(bytes.fromhex(packed), dtype=np.uint8))[:n_heldout]
+            last_correct[label] = torch.from_numpy(bits.astype(bool))
+    return {**halving_result(histories, last_correct, reference=reference, significance=sel.significance),
+            "seconds": time.perf_counter() - t0}

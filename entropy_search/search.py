@@ -34,7 +34,7 @@ import torch
 from .config import SearchConfig, load_config
 from .data import eval_batch
 from .errors import EntropySearchError
-from .finalists import finalize_record, finetune_finalists, halving_on_tune, parallel_slots
+from .finalists import finetune_finalists, halving_on_tune, parallel_slots, policy_of
 from .jsonio import write_json
 from .latency import onnx_latency, speedup, torch_latency
 from .problem import (
@@ -97,9 +97,10 @@ def select_delivered(problem: Problem, config: SearchConfig, state: SearchState,
     records = finalist_records(uniform, state.top_k, (baselines.get("random") or {}).get("best"), others)
     labels = list(records)
 
-    def ensure_finalized(label: str) -> None:
-        if label not in finalized:  # a baseline whose fine-tune was switched off
-            finalized[label] = finalize_record(problem, config, records[label], label=label, progress=progress)
+    def ensure_finalized(*wanted: str) -> None:
+        # the finalists not fine-tuned yet (a baseline whose fine-tune was switched off; halving's winner)
+        todo = {label: records[label] for label in wanted if label not in finalized}
+        finalized.update(finetune_finalists(problem, config, todo, progress=progress)[0])
 
     sel = config.selection
     t0 = time.perf_counter()
@@ -108,19 +109,20 @@ def select_delivered(problem: Problem, config: SearchConfig, state: SearchState,
     elif sel.method == "halving":
         finalists = [(lb, records[lb]["keep"], records[lb].get("ranking"), records[lb].get("dropped_blocks") or ())
                      for lb in labels]
+        reference = "uniform" if "uniform" in labels else None
         slots, strategy = parallel_slots(config) if config.finetune.parallel else (0, None)
         if slots >= 2 and strategy is None:  # not in a sweep's trial: Tune's trials do not nest in one
-            out = {**halving_on_tune(problem, config, finalists), "scheduler": "tune-asha"}
+            out = {**halving_on_tune(problem, config, finalists, reference=reference), "scheduler": "tune-asha"}
         else:
             out = successive_halving(problem.space, problem.splits, finalists,
                                      calibration=problem.evaluator.calibration, rung_steps=sel.rung_steps,
-                                     eta=sel.eta, batch_size=sel.batch_size, lr=sel.lr, seed=config.seed)
+                                     eta=sel.eta, reference=reference, significance=sel.significance,
+                                     batch_size=sel.batch_size, lr=sel.lr, seed=config.seed)
             out["scheduler"] = "driver"
             problem.model.to("cpu")
         out = {"enabled": True, "method": "halving", **out}
     else:
-        for label in labels:
-            ensure_finalized(label)
+        ensure_finalized(*labels)
         heldout = problem.splits.heldout  # empty: nothing can beat uniform, which is delivered
         correct = {label: correct_predictions(finalized[label][1], heldout, device=config.search.device)
                    if len(heldout) else torch.zeros(0, dtype=torch.bool) for label in labels}
@@ -223,6 +225,7 @@ def finish_search(
     t2 = time.perf_counter()
     selection = select_delivered(problem, config, state, baselines, finalized, progress=progress)
     winner = selection["winner"]
+    place_delivered(top_k, baselines, finalized, winner)
     files = export_delivered(problem, config, *finalized[winner])
     phases = {"setup_seconds": setup_seconds, "baselines_seconds": t1 - t0, "finetune_seconds": t2 - t1,
               "finetunes_at_once": finetunes["slots"], "finetunes_kept": finetunes["kept"]}
@@ -271,20 +274,51 @@ def finalize_finalists(problem: Problem, config: SearchConfig, state: SearchStat
                        progress: bool) -> tuple[list[dict], dict[str, tuple[dict, torch.nn.Module]], dict]:
     """The agent's top-k and, with `baselines.finetune`, each baseline's best, pruned for real, fine-tuned and
     tested (`finetune_finalists`: Ray tasks in parallel when they fit, each kept as it finishes); each baseline's
-    record gets its `final`. Returns (the top-k's records, {label: (record, pruned model)}, how they ran)."""
-    jobs = {f"top{rank + 1}": record for rank, record in enumerate(state.top_k)}
-    if config.baselines.enabled and config.baselines.finetune:
-        jobs.update((name, res["best"]) for name, res in baselines.items() if res.get("best") is not None)
+    record gets its `final`. Under `selection.method: halving` none is fine-tuned here: the final stage fine-tunes
+    in full only the network it delivers (`place_delivered`). Returns (the top-k's records, {label: (record,
+    pruned model)}, how they ran)."""
+    jobs: dict[str, dict] = {}
+    if not deferred_finetunes(config):
+        jobs = {f"top{rank + 1}": record for rank, record in enumerate(state.top_k)}
+        if config.baselines.enabled and config.baselines.finetune:
+            jobs.update((name, res["best"]) for name, res in baselines.items() if res.get("best") is not None)
     finalized, how = finetune_finalists(problem, config, jobs, progress=progress)
     top_k = []
-    for rank in range(len(state.top_k)):
-        final = finalized[f"top{rank + 1}"][0]
+    for rank, record in enumerate(state.top_k):
+        label = f"top{rank + 1}"
+        final = finalized[label][0] if label in finalized else unfinalized(problem, record, label)
         final["rank"] = rank + 1
         top_k.append(final)
     for name, res in baselines.items():
         if name in finalized:
             res["final"] = finalized[name][0]
     return top_k, finalized, how
+
+
+def deferred_finetunes(config: SearchConfig) -> bool:
+    """Whether only the delivered network is fine-tuned in full (`selection.method: halving`, which judges the
+    finalists on short fine-tunes) rather than every finalist."""
+    return config.selection.enabled and config.selection.method == "halving"
+
+
+def unfinalized(problem: Problem, record: dict, label: str) -> dict:
+    """A finalist's figures when it is not fine-tuned in full: the search's own (its policy, cost, reward,
+    entropy, held-out accuracy), without test figures."""
+    keys = ("keep", "kept_channels", "dropped_blocks", "blocks_kept", "macs", "params", "macs_ratio", "params_ratio")
+    return {"label": label, "policy": policy_of(problem.space, record), "reward": record.get("reward"),
+            "entropy": record.get("entropy"), "heldout_accuracy": record.get("accuracy"),
+            **{k: record[k] for k in keys if k in record}, "finetuned": False}
+
+
+def place_delivered(top_k: list[dict], baselines: dict, finalized: dict, winner: str) -> None:
+    """The delivered network's fine-tuned record where the result lists it (its top-k rank, its baseline's
+    `final`), when the final stage fine-tuned it only after choosing it."""
+    final = finalized[winner][0]
+    for rank, record in enumerate(top_k):
+        if record.get("label") == winner and record.get("finetuned") is False:
+            top_k[rank] = {**final, "rank": rank + 1}
+    if winner in baselines and "final" not in baselines[winner]:
+        baselines[winner]["final"] = final
 
 
 def export_delivered(problem: Problem, config: SearchConfig, delivered: dict, model: torch.nn.Module) -> dict:

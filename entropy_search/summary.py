@@ -188,6 +188,18 @@ def final_metrics(result: Mapping[str, Any]) -> dict[str, float]:
     return numeric(m)
 
 
+def final_stage_metrics(result: Mapping[str, Any]) -> dict[int, dict[str, float]]:
+    """What the final stage measured, as metric histories: {step: {`final_stage_heldout_accuracy_<label>`: held-out
+    accuracy}}, one step per rung (halving: its cumulative SGD steps; full: the fine-tune's epochs), so each
+    finalist's curve through the rungs shows in MLflow."""
+    out: dict[int, dict[str, float]] = {}
+    for rung in (result.get("selection") or {}).get("rungs") or []:
+        step = int(rung.get("steps", rung.get("epochs")) or 0)
+        out.setdefault(step, {}).update(numeric({f"final_stage_heldout_accuracy_{label}": acc
+                                                 for label, acc in (rung.get("heldout_accuracy") or {}).items()}))
+    return out
+
+
 def upgrade_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
     """A trial's final metrics as `final_metrics` names them now. Runs logged before the delivered network had
     the unprefixed names gave them to the agent's pick and the delivered network's to `delivered_*`: those are

@@ -61,6 +61,7 @@ from .store import local_store_dir, resolve_tracking_uri
 from .summary import (
     delivered_network,
     final_metrics,
+    final_stage_metrics,
     finite,
     flatten,
     format_table,
@@ -426,6 +427,8 @@ class TrialRun:
         step = int((result.get("cost") or {}).get("iterations") or 0)
         final = final_metrics(result)
         log_metrics(self.client, self.run_id, final, step=step)
+        for rung_step, measured in final_stage_metrics(result).items():
+            log_metrics(self.client, self.run_id, measured, step=rung_step)
         set_tags(self.client, self.run_id, {DELIVERED_TAG: delivered_network(result).get("label")})
         art = out / "mlflow"
         art.mkdir(parents=True, exist_ok=True)

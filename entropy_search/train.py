@@ -206,8 +206,16 @@ def evaluate(model: nn.Module, dataset: EvalData, *, batch_size: int = 512, devi
 def accuracy_and_loss(model: nn.Module, dataset: EvalData, *, batch_size: int = 512,
                       device: str | torch.device = "auto") -> tuple[float, float]:
     """Top-1 accuracy in [0, 1] and mean cross-entropy (nats) of `model` on a data set or an `(x, y)` pair."""
+    correct, loss = correct_and_loss(model, dataset, batch_size=batch_size, device=device)
+    return int(correct.sum()) / len(correct), loss
+
+
+def correct_and_loss(model: nn.Module, dataset: EvalData, *, batch_size: int = 512,
+                     device: str | torch.device = "auto") -> tuple[torch.Tensor, float]:
+    """Per-item correctness (bool, CPU) and mean cross-entropy (nats) in one pass: a short fine-tune's rung
+    needs both (the accuracy it is ranked by, the images a paired test compares)."""
     correct, loss = _evaluation_pass(model, dataset, batch_size=batch_size, device=device)
-    return int(correct.sum()) / len(correct), loss / len(correct)
+    return correct, loss / len(correct)
 
 
 def correct_predictions(model: nn.Module, dataset: EvalData, *, batch_size: int = 512,

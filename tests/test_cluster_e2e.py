@@ -1,21 +1,27 @@
 """The cluster path end to end on this machine: `ray up` / `ray submit` / `ray down` of cluster/local.yaml
-over real SSH, with the head node's MLflow tracking server, and nothing left running afterwards.
+over real SSH on two nodes (a head and a worker), with the head node's MLflow tracking server, and nothing
+left running afterwards.
 
 What is real: the `ray` CLI and its local provider, OpenSSH (an `sshd -i` of the test's own, started by
-ssh as its ProxyCommand, so no daemon and no listening port), rsync of the checkout, the setup commands
-of cluster/local.yaml (pip-installing the synced checkout into the node's environment), `ray start`,
-cluster/start_mlflow.sh, cluster/submit_sweep.py joining the cluster and running the real
+ssh as its ProxyCommand, so no daemon and no listening port), rsync of the checkout to both nodes, the
+setup commands of cluster/local.yaml (pip-installing the synced checkout into each node's environment),
+`ray start` on the head and, by the head's autoscaler over SSH, on the worker, cluster/start_mlflow.sh,
+cluster/submit_sweep.py joining the cluster and running the real
 `entropy-search sweep tune_configs/cluster_smoke.yaml` (2 tiny trials: baseline training, RL search,
-baselines, fine-tuning), its parent and child runs, metrics, artifacts and models on the head's tracking
-server, `ray job submit` of the same sweep through the dashboard, `ray down`.
+baselines, fine-tuning) on the worker node, its parent and child runs, metrics, artifacts and models on the
+head's tracking server, `ray job submit` of the same sweep through the dashboard, `ray down`.
 
 What the test adapts to share this machine safely (the rest of cluster/local.yaml is used as written):
-- provider and auth point at 127.0.0.1 through the test's sshd (key-only auth, a key made for the
-  test); the cluster name is unique to the run;
+- provider and auth point at 127.0.0.1 (the head) and 127.0.0.2 (the worker), two addresses of the
+  loopback interface, through the test's sshd (key-only auth, a key made for the test); the cluster name
+  is unique to the run;
+- the head starts with `--num-cpus=0` (a common set-up: the head does no work), so the trials and their
+  finalists' fine-tunes run on the worker, which the test checks in each trial's result.json; the worker
+  has 2 CPUs and each node a 300 MiB object store;
 - ports: free ones below the kernel's ephemeral range instead of 6379/5000/8265, and 0 (the agent's
   own choice) for the dashboard agent's 52365; Ray's node address and MLflow's bind address are
   127.0.0.1;
-- the sshd gives the "node" its own HOME, TMPDIR and RAY_TMPDIR under a temporary directory, so the
+- the sshd gives each "node" its own HOME, TMPDIR and RAY_TMPDIR under a temporary directory, so the
   node's ~/.bashrc, ~/entropy-search, ~/mlflow, the sweeps' ~/runs and Ray's session files (including
   ray_current_cluster, which would turn later `ray.init(num_cpus=...)` calls into connections) never
   touch the real ones; the node's ~/.bashrc starts with `cd "$HOME"` (sshd itself starts in the real
@@ -23,8 +29,9 @@ What the test adapts to share this machine safely (the rest of cluster/local.yam
 - the node's "project environment" (~/entropy-search-venv, which local.yaml creates with pip on a real
   host) is a thin venv layered over this test's environment, so setup installs the synced checkout into
   it without downloading anything and without touching this environment;
-- its `ray` command only lets `ray stop` (run by `ray up` and `ray down`) stop this cluster's processes:
-  plain `ray stop` kills every Ray process of the host, including other Ray instances of other tests.
+- its `ray` command only lets `ray stop` (run by `ray up`, the worker's start and `ray down`) stop this
+  cluster's processes of that node: plain `ray stop` kills every Ray process of the host, including other
+  Ray instances of other tests (and here the other node's).
 
 Needs openssh-server, openssh-client and rsync (`.ci/install_sshd.sh`, which the test runs itself when
 they are missing and it runs as root). Deselect with `-m "not cluster"`. Takes about four minutes on
@@ -69,6 +76,9 @@ BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 MARKER_VAR = "ES_CLUSTER_E2E"
+NODE_VAR = "ES_CLUSTER_E2E_NODE"
+HEAD_IP, WORKER_IP = "127.0.0.1", "127.0.0.2"  # two addresses of the loopback interface: two hosts for Ray
+OBJECT_STORE_BYTES = 300 * 1024**2  # each node's object store (the test's share of a machine's memory)
 
 
 def _have_tools() -> list[str]:
@@ -144,11 +154,12 @@ def _ours(marker: str) -> dict[int, str]:
     return {pid: cmd for pid, cmd in found.items() if cmd}  # zombies have no cmdline
 
 
-def _layered_venv(dest: Path, marker: str) -> None:
+def _layered_venv(dest: Path, marker: str, node: str) -> None:
     """A venv at `dest` that sees this test's environment beneath its own site-packages.
 
     pip installs into `dest` only (it declines to uninstall what lies outside it); console scripts are
-    rewritten to run `dest`'s python; `ray stop` is limited to this test's processes.
+    rewritten to run `dest`'s python; `ray stop` is limited to this test's processes on this node (`node`:
+    the value of NODE_VAR its sshd gives it), so a worker's `ray start` does not stop the head.
     """
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(dest)], check=True, timeout=120)
     here = sysconfig.get_paths()
@@ -169,7 +180,8 @@ def _layered_venv(dest: Path, marker: str) -> None:
         target.chmod(0o755)
     (dest / "bin" / "ray").write_text(
         f"""#!{python}
-# tests/test_cluster_e2e.py: the `ray` CLI, except that `ray stop` stops only this test's Ray processes.
+# tests/test_cluster_e2e.py: the `ray` CLI, except that `ray stop` stops only this test's Ray processes of
+# this node.
 import sys
 
 from ray.scripts import scripts
@@ -181,7 +193,8 @@ if sys.argv[1:2] == ["stop"]:
     def _ours(*args, **kwargs):
         for proc in _all(*args, **kwargs):
             try:
-                if proc.environ().get({MARKER_VAR!r}) == {marker!r}:
+                env = proc.environ()
+                if env.get({MARKER_VAR!r}) == {marker!r} and env.get({NODE_VAR!r}) == {node!r}:
                     yield proc
             except psutil.Error:
                 pass
@@ -206,6 +219,8 @@ class Cluster:
         self.name = f"es-e2e-{secrets.token_hex(4)}"
         self.logs = work / "logs"
         self.node_home, self.node_tmp, self.client_tmp = work / "home", work / "n", work / "c"
+        self.worker_home, self.worker_tmp = work / "home2", work / "n2"
+        self.homes = {HEAD_IP: (self.node_home, self.node_tmp), WORKER_IP: (self.worker_home, self.worker_tmp)}
         self.ssh_dir = work / "ssh"
         self.yaml = work / "local.yaml"
         self.gcs, self.mlflow_port, self.dashboard = _free_ports(3)
@@ -214,7 +229,7 @@ class Cluster:
         self.is_down = False
 
     def prepare(self) -> None:
-        for d in (self.logs, self.node_home, self.node_tmp, self.client_tmp):
+        for d in (self.logs, self.node_home, self.node_tmp, self.worker_home, self.worker_tmp, self.client_tmp):
             d.mkdir()
         # sshd of our own: key-only, our host key, our user key, the node's environment.
         self.ssh_dir.mkdir(mode=0o700)
@@ -237,55 +252,59 @@ class Cluster:
             )
         shutil.copy(self.ssh_dir / "id_ed25519.pub", self.ssh_dir / "authorized_keys")
         user = getpass.getuser()
-        node_env = {
-            "HOME": self.node_home,
-            "TMPDIR": self.node_tmp,
-            "RAY_TMPDIR": self.node_tmp,
-            "RAY_USAGE_STATS_ENABLED": "0",
-            MARKER_VAR: self.marker,
-        }
-        sshd_config = self.ssh_dir / "sshd_config"
-        sshd_config.write_text(
-            "\n".join(
-                [
-                    f"HostKey {self.ssh_dir / 'host_key'}",
-                    f"AuthorizedKeysFile {self.ssh_dir / 'authorized_keys'}",
-                    "AuthenticationMethods publickey",
-                    "PubkeyAuthentication yes",
-                    "PasswordAuthentication no",
-                    "KbdInteractiveAuthentication no",
-                    "UsePAM no",
-                    "PermitRootLogin prohibit-password",
-                    f"AllowUsers {user}",
-                    "StrictModes no",
-                    "X11Forwarding no",
-                    "PidFile none",
-                    "LogLevel ERROR",
-                    "SetEnv " + " ".join(f"{k}={v}" for k, v in node_env.items()),
-                ]
+        # One sshd config per host address (ssh's ProxyCommand picks it by %h): each "host" has its own home,
+        # temporary folders and project environment.
+        for ip, (home, tmp) in self.homes.items():
+            node_env = {
+                "HOME": home,
+                "TMPDIR": tmp,
+                "RAY_TMPDIR": tmp,
+                "RAY_USAGE_STATS_ENABLED": "0",
+                MARKER_VAR: self.marker,
+                NODE_VAR: ip,
+            }
+            sshd_config = self.ssh_dir / f"sshd_config_{ip}"
+            sshd_config.write_text(
+                "\n".join(
+                    [
+                        f"HostKey {self.ssh_dir / 'host_key'}",
+                        f"AuthorizedKeysFile {self.ssh_dir / 'authorized_keys'}",
+                        "AuthenticationMethods publickey",
+                        "PubkeyAuthentication yes",
+                        "PasswordAuthentication no",
+                        "KbdInteractiveAuthentication no",
+                        "UsePAM no",
+                        "PermitRootLogin prohibit-password",
+                        f"AllowUsers {user}",
+                        "StrictModes no",
+                        "X11Forwarding no",
+                        "PidFile none",
+                        "LogLevel ERROR",
+                        "SetEnv " + " ".join(f"{k}={v}" for k, v in node_env.items()),
+                    ]
+                )
+                + "\n"
             )
-            + "\n"
-        )
-        subprocess.run([SSHD, "-t", "-f", str(sshd_config)], check=True, timeout=60)
+            subprocess.run([SSHD, "-t", "-f", str(sshd_config)], check=True, timeout=60)
 
-        # sshd starts every session in the home directory of the user's passwd entry (the real one here,
-        # whatever HOME says), a real host in the node's home: there `ray submit` runs the script, and
-        # the sweep's relative storage_path resolves. Ray runs every remote command after
-        # `source ~/.bashrc`, so the node's ~/.bashrc moves there (local.yaml's setup appends below).
-        (self.node_home / ".bashrc").write_text('cd "$HOME"  # tests/test_cluster_e2e.py: see prepare()\n')
+            # sshd starts every session in the home directory of the user's passwd entry (the real one here,
+            # whatever HOME says), a real host in the node's home: there `ray submit` runs the script, and
+            # the sweep's relative storage_path resolves. Ray runs every remote command after
+            # `source ~/.bashrc`, so the node's ~/.bashrc moves there (local.yaml's setup appends below).
+            (home / ".bashrc").write_text('cd "$HOME"  # tests/test_cluster_e2e.py: see prepare()\n')
 
-        # The node's project environment (what local.yaml's first setup command creates on a real host).
-        _layered_venv(self.node_home / "entropy-search-venv", self.marker)
+            # The node's project environment (what local.yaml's first setup command creates on a real host).
+            _layered_venv(home / "entropy-search-venv", self.marker, ip)
 
         # cluster/local.yaml, filled in for this machine.
         config = yaml.safe_load(LOCAL_YAML.read_text())
         config["cluster_name"] = self.name
-        config["provider"]["head_ip"] = "127.0.0.1"
-        config["provider"]["worker_ips"] = []
+        config["provider"]["head_ip"] = HEAD_IP
+        config["provider"]["worker_ips"] = [WORKER_IP]
         config["auth"] = {
             "ssh_user": user,
             "ssh_private_key": str(self.ssh_dir / "id_ed25519"),
-            "ssh_proxy_command": f"{SSHD} -i -f {sshd_config}",
+            "ssh_proxy_command": f"{SSHD} -i -f {self.ssh_dir}/sshd_config_%h",
         }
         head = _sub(config["head_start_ray_commands"], "--port=6379", f"--port={self.gcs}")
         head = _sub(
@@ -294,7 +313,9 @@ class Cluster:
             # The dashboard agent (which runs Ray jobs) binds a port of its own choosing and
             # publishes it in the GCS, where the Jobs API looks it up.
             f"--dashboard-host=127.0.0.1 --dashboard-port={self.dashboard}"
-            " --dashboard-agent-listen-port=0 --node-ip-address=127.0.0.1",
+            f" --dashboard-agent-listen-port=0 --node-ip-address={HEAD_IP}"
+            # the head does no work (a common set-up): every trial, and its fine-tunes, runs on the worker
+            f" --num-cpus=0 --object-store-memory={OBJECT_STORE_BYTES}",
         )
         head = _sub(
             head,
@@ -308,8 +329,12 @@ class Cluster:
         config["worker_setup_commands"] = _sub(
             config["worker_setup_commands"], ":5000", f":{self.mlflow_port}"
         )
+        worker = _sub(config["worker_start_ray_commands"], ":6379", f":{self.gcs}")
         config["worker_start_ray_commands"] = _sub(
-            config["worker_start_ray_commands"], ":6379", f":{self.gcs}"
+            worker,
+            "--disable-usage-stats",
+            f"--disable-usage-stats --node-ip-address={WORKER_IP} --dashboard-agent-listen-port=0"
+            f" --num-cpus=2 --object-store-memory={OBJECT_STORE_BYTES}",
         )
         self.yaml.write_text(yaml.safe_dump(config, sort_keys=False))
 
@@ -354,6 +379,26 @@ class Cluster:
             f"`ray {' '.join(args)}` failed (exit {proc.returncode}):\n{_tail(path)}{self.ray_errors()}"
         )
 
+    def wait_for_worker(self, timeout: float = 600) -> None:
+        """Wait until the worker node, which the head's autoscaler starts over SSH after `ray up` returns (sync,
+        setup, `ray start`), is alive in the cluster; fail with its updater's log if it never joins."""
+        deadline = time.time() + timeout
+        listed = ""
+        while time.time() < deadline:
+            listed = subprocess.run(
+                [RAY, "list", "nodes", "--address", f"http://127.0.0.1:{self.dashboard}", "--format", "json"],
+                cwd=REPO, env=self.env, capture_output=True, text=True, timeout=120,
+            ).stdout
+            with contextlib.suppress(ValueError):
+                alive = {n["node_ip"] for n in json.loads(listed) if n["state"] == "ALIVE"}
+                if alive == {HEAD_IP, WORKER_IP}:
+                    print(f"worker node joined after {timeout - (deadline - time.time()):.0f} s")
+                    return
+            time.sleep(3)
+        updater = self.node_tmp / "ray" / "session_latest" / "logs" / "monitor.log"
+        pytest.fail(f"the worker node {WORKER_IP} did not join within {timeout:.0f} s; nodes: {listed}\n"
+                    f"{_tail(updater)}{self.ray_errors()}")
+
     def ray_errors(self) -> str:
         """The errors in the node's Ray logs of the dashboard and its agent (which runs Ray jobs)."""
         logs = self.node_tmp / "ray" / "session_latest" / "logs"
@@ -390,6 +435,7 @@ def cluster(ssh_tools):
     try:
         c.prepare()
         c.ray("up", "-y", str(c.yaml), log="up")
+        c.wait_for_worker()
         yield c
     finally:
         try:
@@ -519,7 +565,7 @@ def _artifacts(client, run_id: str, path: str | None = None) -> set[str]:
 def _check_sweep(client, parent, downloads: Path, log: Path, commit: str = "") -> None:
     """A finished smoke sweep on the tracking server: its parent run with the summary, one finished child
     run per trial with the search's metrics (the best candidate within the FLOPs budget), the candidate
-    table, the best policy and the pruned model."""
+    table, the best policy, the pruned model, and its finalists fine-tuned on the worker node."""
     smoke = _smoke()
     rewards = smoke["axes"]["search.reward"]
     resolved = load_config(smoke["base"])  # the config sets only what differs from the schema
@@ -574,6 +620,12 @@ def _check_sweep(client, parent, downloads: Path, log: Path, commit: str = "") -
         )
         assert policy["policy"] and policy["flops_target"] == target, (name, policy)
         assert policy["macs_ratio"] == pytest.approx(m["macs_ratio"]), name
+        # The head does no work: the trial ran on the worker node, and so did its finalists' fine-tunes.
+        result = json.loads(
+            Path(client.download_artifacts(run_id, "search/result.json", str(dest))).read_text()
+        )
+        finals = [*result["top_k"], *(b["final"] for b in result["baselines"].values() if b.get("final"))]
+        assert finals and {f["finetuned_on"]["node_ip"] for f in finals} == {WORKER_IP}, (name, finals)
         # The pruned, fine-tuned model (mlflow.pytorch), a logged model of the trial's run.
         models = client.search_logged_models(
             [parent.info.experiment_id], filter_string=f"source_run_id = '{run_id}'"

@@ -1,9 +1,9 @@
 """The finalists' fine-tunes (`entropy_search.finalists`): as Ray tasks in parallel they compute what the driver
 computes one after another (same seeds, one thread each), each is kept on disk as it finishes and a resumed search
 reads it back; a worker killed mid fine-tune is retried and the finalist enters the result once; successive halving
-runs as Tune trials under ASHA.
+runs as Tune trials under ASHA and fine-tunes in full only the network it delivers.
 
-On the digits CNN with a local Ray of 2 CPUs: about 50 s (the killed worker's search, marked slow, about 40 s).
+On the digits CNN with a local Ray of 2 CPUs: about 60 s (the killed worker's search, marked slow, about 40 s).
 """
 
 from __future__ import annotations
@@ -121,8 +121,7 @@ def _kill_first_finetune(found: dict, stop: threading.Event) -> None:
 def test_a_worker_killed_mid_finetune_is_retried_and_each_finalist_enters_once(ray_local, checkpoint, tmp_path):
     from entropy_search.search import run_search  # deferred: RLlib takes seconds to import
 
-    config = config_in(tmp_path / "killed", checkpoint, **{"finetune.epochs": 6, "selection.method": "halving",
-                                                           "selection.rung_steps": 2})
+    config = config_in(tmp_path / "killed", checkpoint, **{"finetune.epochs": 6})
     found: dict = {}
     stop = threading.Event()
     killer = threading.Thread(target=_kill_first_finetune, args=(found, stop), daemon=True)
@@ -142,11 +141,32 @@ def test_a_worker_killed_mid_finetune_is_retried_and_each_finalist_enters_once(r
     assert all(final["finetuned_on"]["ray_task"] for final in finals.values())
     kept = sorted(p.stem for p in (tmp_path / "killed" / FINALISTS_DIR).glob("*.pt"))
     assert kept == sorted(finals)
-    # the final stage: successive halving as Tune trials under ASHA, its rungs in result.json
-    selection = result["selection"]
+
+
+def test_a_halving_search_fine_tunes_in_full_only_the_network_it_delivers(ray_local, checkpoint, tmp_path):
+    """`selection.method: halving` end to end (about 10 s): the finalists as Tune trials under ASHA, uniform
+    pruning measured at every rung, and one full fine-tune, the delivered network's; the others keep the search's
+    figures and no test accuracy."""
+    from entropy_search.search import run_search  # deferred: RLlib takes seconds to import
+
+    config = config_in(tmp_path / "halving", checkpoint, **{"selection.method": "halving", "selection.rung_steps": 2})
+    result = run_search(config, progress=False)
+    selection, delivered = result["selection"], result["delivered"]
     assert selection["method"] == "halving" and selection["scheduler"] == "tune-asha"
-    assert selection["rungs"] and selection["winner"] == result["delivered"]["label"]
+    assert len(selection["finalists"]) >= 3 and selection["winner"] == delivered["label"]
     assert set(selection["rungs"][0]["heldout_accuracy"]) == set(selection["finalists"])
+    assert all("uniform" in rung["heldout_accuracy"] for rung in selection["rungs"])
+    assert set(selection["rungs"][-1]["p_value_vs_uniform"]) == set(selection["rungs"][-1]["heldout_accuracy"]) - {
+        "uniform"}
+    assert 0 <= delivered["test_accuracy_after_finetune"] <= 1 and delivered["finetune_epochs"] == 2
+    kept = sorted(p.stem for p in (tmp_path / "halving" / FINALISTS_DIR).glob("*.pt"))
+    assert kept == [delivered["label"]]
+    for record in result["top_k"]:
+        assert ("test_accuracy_after_finetune" in record) == (record["label"] == delivered["label"]), record["label"]
+        assert record.get("finetuned", True) == (record["label"] == delivered["label"])
+    finals = [name for name, res in result["baselines"].items() if res.get("final")]
+    assert finals == ([delivered["label"]] if delivered["label"] in result["baselines"] else [])
+    assert result["cost"]["finetunes_at_once"] == 1 and result["cost"]["finetune_seconds"] < 5
 
 
 def test_halving_on_tune_asha_keeps_the_known_best_and_measures_what_the_driver_measures(ray_local, checkpoint,
@@ -154,15 +174,17 @@ def test_halving_on_tune_asha_keeps_the_known_best_and_measures_what_the_driver_
     """Four finalists, the unpruned network among them (the answer known in advance), as Tune trials under ASHA
     (2 at a time): the unpruned one wins; every rung Tune measured equals what the driver's loop measures for
     that finalist at that rung (same images, same seeds, one thread); the rungs say who went on. About 30 s."""
-    config = config_in(tmp_path / "halving", checkpoint, **{"selection.method": "halving", "selection.rung_steps": 3})
+    config = config_in(tmp_path / "halving", checkpoint, **{"selection.method": "halving", "selection.rung_steps": 3,
+                                                            "selection.eta": 2})
     problem = setup(config)
     n = len(problem.space.groups)
     torch.manual_seed(0)
     problem.space.add_ranking("random", tp.importance.RandomImportance())
     finalists = [("starved", [0.1] * n, None, ()), ("whole", [1.0] * n, None, ()),
                  ("half", [0.5] * n, "random", ()), ("thin", [0.2] * n, None, ())]
-    out = halving_on_tune(problem, config, finalists)
+    out = halving_on_tune(problem, config, finalists, reference="starved")
     assert out["winner"] == "whole"
+    assert all("starved" in rung["heldout_accuracy"] for rung in out["rungs"])  # the reference: to the last rung
     assert sorted(p.name for p in (tmp_path / "halving" / HALVING_DIR).iterdir() if p.is_dir()) == sorted(
         label for label, *_ in finalists)
     first, last = out["rungs"][0], out["rungs"][-1]
@@ -176,10 +198,13 @@ def test_halving_on_tune_asha_keeps_the_known_best_and_measures_what_the_driver_
     torch.set_num_threads(1)
     try:
         driver = successive_halving(problem.space, problem.splits, finalists, calibration=problem.evaluator.calibration,
-                                    rung_steps=3, eta=2, seed=config.seed)
+                                    rung_steps=3, eta=2, reference="starved",
+                                    significance=config.selection.significance, seed=config.seed)
     finally:
         torch.set_num_threads(threads)
     assert driver["winner"] == "whole"
+    ours, theirs = out["rungs"][-1]["p_value_vs_uniform"], driver["rungs"][-1]["p_value_vs_uniform"]
+    assert "whole" in ours and all(ours[label] == theirs[label] for label in set(ours) & set(theirs))
     for ours, theirs in zip(out["rungs"], driver["rungs"]):
         assert ours["steps"] == theirs["steps"]
         for label in set(ours["heldout_accuracy"]) & set(theirs["heldout_accuracy"]):

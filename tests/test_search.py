@@ -311,11 +311,17 @@ def test_summary_says_why_the_delivered_network_was_delivered():
         "(p 0.28); another finalist replaces uniform only when more accurate at p < 0.2 (selection.significance): "
         "uniform delivered"]
     halving = {"enabled": True, "method": "halving", "winner": "top1", "rungs": [
-        {"steps": 30, "heldout_accuracy": {"uniform": 0.5, "top1": 0.75}, "continue": ["top1"], "eliminated": ["uniform"]}]}
-    assert selection_lines(halving) == ["final stage: successive halving on short fine-tunes, top1 delivered",
-                                        "  30 steps: held-out uniform 50.00%, top1 75.00%; eliminated uniform"]
-    assert selection_lines({**halving, "scheduler": "tune-asha"})[0] == (
-        "final stage: successive halving on short fine-tunes (Tune trials under ASHA), top1 delivered")
+        {"steps": 30, "heldout_accuracy": {"uniform": 0.5, "top1": 0.75, "random": 0.25}, "continue": ["uniform", "top1"],
+         "eliminated": ["random"]},
+        {"steps": 90, "heldout_accuracy": {"uniform": 0.5, "top1": 0.8}, "continue": ["top1"], "eliminated": ["uniform"],
+         "p_value_vs_uniform": {"top1": 0.01}, "significance": 0.2}]}
+    assert selection_lines(halving) == [
+        "final stage: successive halving on short fine-tunes; another finalist replaces uniform only when more "
+        "accurate at p < 0.2 (selection.significance); top1 delivered, the only network fine-tuned in full",
+        "  30 steps: held-out uniform 50.00%, top1 75.00%, random 25.00%; eliminated random",
+        "  90 steps: held-out uniform 50.00%, top1 80.00% (p 0.01); eliminated uniform"]
+    assert selection_lines({**halving, "scheduler": "tune-asha"})[0].startswith(
+        "final stage: successive halving on short fine-tunes (Tune trials under ASHA); another finalist")
     assert selection_lines({"enabled": False, "method": "full", "winner": "top1", "rungs": []}) == [
         "final stage: off, the agent's best (top1) is delivered"]
     assert selection_lines({"enabled": True, "method": "full", "winner": "uniform", "rungs": []}) == [

@@ -54,6 +54,29 @@ def test_successive_halving_keeps_the_finalist_that_is_known_best(digits):
     assert successive_halving(space, splits, finalists[:1], calibration=None, rung_steps=3)["rungs"] == []
 
 
+def test_halving_keeps_uniform_to_the_last_rung_where_the_guard_decides(digits):
+    """About 3 s: uniform pruning (here a starved network) is never eliminated before the last rung, where a
+    finalist replaces it only with a paired p-value below selection.significance."""
+    space, splits = digits
+    n = len(space.groups)
+    finalists = [("uniform", [0.1] * n, None, ()), ("whole", [1.0] * n, None, ()), ("half", [0.5] * n, None, ()),
+                 ("quarter", [0.25] * n, None, ()), ("fifth", [0.2] * n, None, ())]
+
+    def halving(significance: float) -> dict:
+        return successive_halving(space, splits, finalists, calibration=None, rung_steps=3, eta=2,
+                                  reference="uniform", significance=significance, seed=0, device="cpu")
+
+    out = halving(0.2)
+    first, last = out["rungs"][0], out["rungs"][-1]
+    assert len(out["rungs"]) == 3 and "uniform" in first["continue"]
+    assert all("uniform" in rung["heldout_accuracy"] for rung in out["rungs"])  # measured at every rung
+    assert first["heldout_accuracy"]["uniform"] < sorted(first["heldout_accuracy"].values())[-3]  # kept all the same
+    assert out["winner"] == "whole" and last["p_value_vs_uniform"]["whole"] < 0.2 and last["significance"] == 0.2
+    # a level no finalist's p-value is below: uniform pruning is delivered
+    strict = halving(min(last["p_value_vs_uniform"].values()))
+    assert strict["winner"] == "uniform" and strict["rungs"][-1]["continue"] == ["uniform"]
+
+
 def test_relative_actions_of_zero_give_the_uniform_candidate(digits):
     space, _ = digits
     budget = Budget(space, 0.4, 0.1, 0.0, action_space="relative")

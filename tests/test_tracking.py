@@ -72,6 +72,9 @@ def fake_search(tmp_path_factory) -> tuple[dict, Path]:
                  "candidates_per_second": 6.0, "total_seconds": 30.0},
         "history": [{"iteration": 3, "best_reward": best["reward"]}],
         "files": {"pytorch": str(out / "best_pruned.pt")},
+        "selection": {"enabled": True, "method": "halving", "winner": "uniform", "rungs": [
+            {"steps": 30, "heldout_accuracy": {"uniform": 0.5, "top1": 0.6, "random": 0.4}},
+            {"steps": 90, "heldout_accuracy": {"uniform": 0.7, "top1": 0.65}}]},
     }
     (out / "result.json").write_text(json.dumps(result))
     config.save(out / "config.yaml")
@@ -119,6 +122,12 @@ def test_trial_run_is_found_again_and_logs_everything(store, fake_search):
     history = mlclient.get_metric_history(run_id, "best_macs_ratio")
     assert [m.step for m in history] == [1, 2, 3]
     assert "reward_mean" not in got.data.metrics  # NaN is not logged
+    # the final stage's rungs: each finalist's held-out accuracy at each rung's steps
+    rungs = {key: [(m.step, m.value) for m in mlclient.get_metric_history(run_id, key)]
+             for key in got.data.metrics if key.startswith("final_stage_heldout_accuracy_")}
+    assert rungs == {"final_stage_heldout_accuracy_uniform": [(30, 0.5), (90, 0.7)],
+                     "final_stage_heldout_accuracy_top1": [(30, 0.6), (90, 0.65)],
+                     "final_stage_heldout_accuracy_random": [(30, 0.4)]}
     # unprefixed: the delivered network (uniform pruning here); the agent's own pick under agent_*
     assert got.data.tags[tracking.DELIVERED_TAG] == "uniform"
     assert got.data.metrics["test_accuracy"] == pytest.approx(0.75) == final["test_accuracy"]

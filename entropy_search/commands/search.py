@@ -176,19 +176,30 @@ def selection_lines(selection: dict | None) -> list[str]:
         return [f"final stage: one distinct finalist ({winner}), delivered"]
     if selection.get("method") == "full":
         rung = rungs[0]
-        p_values = rung.get("p_value_vs_uniform") or {}
-        scores = ", ".join(f"{label} {100 * acc:.2f}%" + (f" (p {p_values[label]:.2f})" if label in p_values else "")
-                           for label, acc in rung["heldout_accuracy"].items())
-        rule = ("" if rung.get("significance") is None else  # results written before the paired test have none
-                f"; another finalist replaces uniform only when more accurate at p < {rung['significance']:g} "
-                "(selection.significance)")
-        return [f"final stage: held-out accuracy after the full fine-tune {scores}{rule}: {winner} delivered"]
+        return [f"final stage: held-out accuracy after the full fine-tune {_rung_scores(rung)}{_guard(rung)}: "
+                f"{winner} delivered"]
     where = " (Tune trials under ASHA)" if selection.get("scheduler") == "tune-asha" else ""
-    lines = [f"final stage: successive halving on short fine-tunes{where}, {winner} delivered"]
+    lines = [f"final stage: successive halving on short fine-tunes{where}{_guard(rungs[-1])}; {winner} delivered, "
+             "the only network fine-tuned in full"]
     for rung in rungs:
-        scores = ", ".join(f"{label} {100 * acc:.2f}%" for label, acc in rung["heldout_accuracy"].items())
-        lines.append(f"  {rung['steps']} steps: held-out {scores}; eliminated {', '.join(rung['eliminated']) or '-'}")
+        lines.append(f"  {rung['steps']} steps: held-out {_rung_scores(rung)}; eliminated "
+                     f"{', '.join(rung['eliminated']) or '-'}")
     return lines
+
+
+def _rung_scores(rung: dict) -> str:
+    """A final-stage rung's held-out accuracies, with the p-values against uniform pruning where it has them."""
+    p_values = rung.get("p_value_vs_uniform") or {}
+    return ", ".join(f"{label} {100 * acc:.2f}%" + (f" (p {p_values[label]:.2f})" if label in p_values else "")
+                     for label, acc in rung["heldout_accuracy"].items())
+
+
+def _guard(rung: dict) -> str:
+    """The guarded rule as a rung records it (results written before the paired test have none)."""
+    if rung.get("significance") is None:
+        return ""
+    return (f"; another finalist replaces uniform only when more accurate at p < {rung['significance']:g} "
+            "(selection.significance)")
 
 
 def latency_lines(latency: dict | None) -> list[str]:

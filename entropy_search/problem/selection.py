@@ -1,15 +1,14 @@
 """The final stage's choice of the network delivered to the user (docs/design.md, "The final stage").
 
-The search's top-k, the best random-search candidate and the uniform candidate, all under the same budget,
-go through successive halving on short fine-tunes judged by held-out accuracy (never the test split):
-every finalist is pruned for real, its BN statistics re-estimated, fine-tuned for `rung_steps` SGD steps
-and measured; the best 1/eta continue with eta times more steps, until one is left. Held-out accuracy
-decides (held-out cross-entropy is recorded next to it); equal accuracies (a small held-out split moves in
-steps of one image) are decided by the order of preference, which puts the uniform candidate first: another
-finalist has to do better than uniform pruning to be delivered instead of it. (Breaking ties by the lower
-cross-entropy instead delivered a worse network than uniform in one quickstart trial: bench/RESULTS.md.) The user then gets
-the survivor, fully fine-tuned, so a search never hands back a network that short fine-tunes judged worse
-than uniform pruning.
+The finalists (the uniform candidate, the agent's top-k, random search's and Torch-Pruning's best, all under the
+same budget) are judged by held-out accuracy (never the test split), uniform pruning first in the order of
+preference: another finalist has to beat uniform pruning, significantly on the same images (`guarded_choice`,
+exact McNemar), to be delivered instead of it. `selection.method: full` judges each after its full fine-tune;
+`halving` runs successive halving on short fine-tunes: every finalist is pruned for real, its BN statistics
+re-estimated, fine-tuned for `rung_steps` SGD steps and measured; the best 1/eta continue with eta times more
+steps, uniform pruning always among them, and at the last rung the same guarded rule decides. Only the network
+delivered is then fine-tuned in full. (Breaking ties by the lower cross-entropy instead delivered a worse
+network than uniform in one quickstart trial: bench/RESULTS.md.)
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from torch.utils.data import Subset
 
 from ..data import DataSplits
 from ..errors import EntropySearchError
-from ..train import accuracy_and_loss, train
+from ..train import correct_and_loss, train
 from .adaptive_bn import recalibrate_batchnorm
 from .evaluate import record_key
 from .space import PruningSpace
@@ -71,11 +70,12 @@ def short_finetune_rungs(
     lr: float = 0.01,
     seed: int = 0,
     device: str = "auto",
-) -> Iterator[tuple[int, float, float]]:
+) -> Iterator[tuple[int, float, float, torch.Tensor]]:
     """One finalist through the rungs of successive halving: pruned for real, BN re-estimated on `calibration`,
     then at rung r trained on to `rung_steps * eta**r` SGD steps in all and measured on the held-out split.
-    Yields (steps, held-out accuracy, held-out loss) per rung; whoever drives it (the driver's loop, a Tune trial
-    under ASHA) stops when the finalist is eliminated. Every finalist sees the same images at the same rung."""
+    Yields (steps, held-out accuracy, held-out loss, held-out correctness per image) per rung; whoever drives it
+    (the driver's loop, a Tune trial under ASHA) stops when the finalist is eliminated. Every finalist sees the
+    same images at the same rung."""
     _, keep, ranking, dropped = finalist
     model = space.prune(keep, ranking, dropped)
     if calibration is not None:
@@ -86,23 +86,26 @@ def short_finetune_rungs(
         images = _subset(len(splits.train), (steps - done) * batch_size, np.random.default_rng([seed, rung]))
         train(model, Subset(splits.train, images), epochs=1, lr=lr, batch_size=batch_size, seed=seed + rung,
               progress=False, device=device)
-        accuracy, loss = accuracy_and_loss(model, splits.heldout, device=device)
+        correct, loss = correct_and_loss(model, splits.heldout, device=device)
         done = steps
-        yield steps, accuracy, loss
+        yield steps, int(correct.sum()) / len(correct), loss, correct
 
 
-def halving_result(histories: dict[str, Sequence[tuple[int, float, float]]]) -> dict:
+def halving_result(histories: dict[str, Sequence[tuple[int, float, float]]], last_correct: dict[str, torch.Tensor],
+                   *, reference: str | None, significance: float) -> dict:
     """The rungs and the winner of successive halving from what each finalist measured ({label: [(steps,
-    held-out accuracy, held-out loss), ...]}, labels in the order of preference): at each rung, who was measured,
-    who went on to the next one and who stopped there; the winner is the most accurate of those that reached
-    the last rung (ties: the order of preference). The same for the driver's loop and for Tune's ASHA, whose
+    held-out accuracy, held-out loss), ...]}, labels in the order of preference) and the held-out correctness of
+    those that reached the last rung (`last_correct`): at each rung, who was measured, who went on to the next one
+    and who stopped there; at the last rung `guarded_choice` against `reference` (uniform pruning, kept to the
+    last rung) at `significance` picks the winner. The same for the driver's loop and for Tune's ASHA, whose
     promotions are its own."""
     milestones = sorted({steps for history in histories.values() for steps, *_ in history})
     if not milestones:
         return {"winner": next(iter(histories)), "rungs": []}
     at = {label: {steps: (acc, loss) for steps, acc, loss in history} for label, history in histories.items()}
     last = [label for label in histories if milestones[-1] in at[label]]
-    winner = max(last, key=lambda lb: at[lb][milestones[-1]][0])  # max keeps the first of equals
+    winner, p_values = guarded_choice(last, last_correct, reference=reference if reference in last else None,
+                                      significance=significance)
     rungs = []
     for i, steps in enumerate(milestones):
         measured = [label for label in histories if steps in at[label]]
@@ -111,6 +114,7 @@ def halving_result(histories: dict[str, Sequence[tuple[int, float, float]]]) -> 
         rungs.append({"steps": steps, "heldout_accuracy": {lb: at[lb][steps][0] for lb in measured},
                       "heldout_loss": {lb: at[lb][steps][1] for lb in measured}, "continue": going_on,
                       "eliminated": [lb for lb in measured if lb not in going_on]})
+    rungs[-1].update({"p_value_vs_uniform": p_values, "significance": significance})
     return {"winner": winner, "rungs": rungs}
 
 
@@ -122,17 +126,20 @@ def successive_halving(
     calibration: torch.Tensor | None,
     rung_steps: int,
     eta: int = 2,
+    reference: str | None = None,
+    significance: float = 1.0,
     batch_size: int = 128,
     lr: float = 0.01,
     seed: int = 0,
     device: str = "auto",
 ) -> dict:
     """Successive halving over `finalists` (in order of preference for ties), one finalist after another in this
-    process: at each rung every finalist still in (`short_finetune_rungs`), then the best ceil(alive / eta) go on.
+    process: at each rung every finalist still in (`short_finetune_rungs`), then the best ceil(alive / eta) go on,
+    and `reference` with them; at the last rung the guarded rule (`halving_result`).
 
     Returns {"winner": label, "rungs": [{"steps", "heldout_accuracy": {label: acc}, "heldout_loss": {label: loss},
-    "continue": [...], "eliminated": [...]}], "seconds"} (`halving_result`); each rung's steps are cumulative (a
-    survivor keeps training)."""
+    "continue": [...], "eliminated": [...]}], "seconds"}; each rung's steps are cumulative (a survivor keeps
+    training)."""
     check_halving(splits, finalists, rung_steps=rung_steps, eta=eta)
     t0 = time.perf_counter()
     rungs = halving_rung_count(len(finalists), eta)
@@ -140,14 +147,19 @@ def successive_halving(
                                        rungs=rungs, batch_size=batch_size, lr=lr, seed=seed, device=device)
             for f in finalists}
     histories: dict[str, list[tuple[int, float, float]]] = {label: [] for label in runs}
+    correct: dict[str, torch.Tensor] = {}
     alive = list(runs)
-    while len(alive) > 1:
+    for rung in range(rungs):
         for label in alive:
-            histories[label].append(next(runs[label]))
-        keep_n = math.ceil(len(alive) / eta)
-        ranked = sorted(alive, key=lambda lb: -histories[lb][-1][1])  # stable: ties keep the order of preference
-        alive = [lb for lb in alive if lb in ranked[:keep_n]]
-    return {**halving_result(histories), "seconds": time.perf_counter() - t0}
+            steps, accuracy, loss, correct[label] = next(runs[label])
+            histories[label].append((steps, accuracy, loss))
+        if rung < rungs - 1:
+            ranked = sorted(alive, key=lambda lb: -histories[lb][-1][1])  # stable: ties keep the order of preference
+            going_on = set(ranked[:math.ceil(len(alive) / eta)]) | ({reference} & set(alive))
+            alive = [lb for lb in alive if lb in going_on]
+    last = {label: correct[label] for label in alive if label in correct}  # none with one finalist
+    return {**halving_result(histories, last, reference=reference, significance=significance),
+            "seconds": time.perf_counter() - t0}
 
 
 def check_halving(splits: DataSplits, finalists: Sequence[Finalist], *, rung_steps: int, eta: int) -> None:
