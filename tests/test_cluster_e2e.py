@@ -17,7 +17,7 @@ What the test adapts to share this machine safely (the rest of cluster/local.yam
   is unique to the run;
 - the head starts with `--num-cpus=0` (a common set-up: the head does no work), so the trials and their
   finalists' fine-tunes run on the worker, which the test checks in each trial's result.json; the worker
-  has 2 CPUs and each node a 300 MiB object store;
+  has 2 CPUs, its own Ray temp dir (`--temp-dir`) and each node a 300 MiB object store;
 - ports: free ones below the kernel's ephemeral range instead of 6379/5000/8265, and 0 (the agent's
   own choice) for the dashboard agent's 52365; Ray's node address and MLflow's bind address are
   127.0.0.1;
@@ -75,6 +75,7 @@ SWEEP_ARGS = [SWEEP_CONFIG]
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+SSH = shutil.which("ssh") or "/usr/bin/ssh"
 MARKER_VAR = "ES_CLUSTER_E2E"
 NODE_VAR = "ES_CLUSTER_E2E_NODE"
 HEAD_IP, WORKER_IP = "127.0.0.1", "127.0.0.2"  # two addresses of the loopback interface: two hosts for Ray
@@ -222,6 +223,8 @@ class Cluster:
         self.worker_home, self.worker_tmp = work / "home2", work / "n2"
         self.homes = {HEAD_IP: (self.node_home, self.node_tmp), WORKER_IP: (self.worker_home, self.worker_tmp)}
         self.ssh_dir = work / "ssh"
+        # ssh reaches each "host" through an sshd of the test's, `sshd -i` on its own config (%h: the address)
+        self.proxy_command = f"{SSHD} -i -f {self.ssh_dir}/sshd_config_%h"
         self.yaml = work / "local.yaml"
         self.gcs, self.mlflow_port, self.dashboard = _free_ports(3)
         self.tracking_uri = f"http://127.0.0.1:{self.mlflow_port}"
@@ -295,6 +298,21 @@ class Cluster:
 
             # The node's project environment (what local.yaml's first setup command creates on a real host).
             _layered_venv(home / "entropy-search-venv", self.marker, ip)
+            # Ray drops `auth.ssh_proxy_command` from the head's copy of the config (a real head reaches its
+            # workers on port 22); here no sshd listens, so the head's `ssh` (found first on its PATH, as
+            # `rsync -e ssh` finds it too) goes through the same ProxyCommand as `ray up` did. It also
+            # reads the node's key (`-i ~/ray_bootstrap_key.pem`) from the node's HOME: ssh itself expands
+            # `~` to the passwd entry's home, which on a real host is HOME.
+            ssh = home / "entropy-search-venv" / "bin" / "ssh"
+            ssh.write_text(
+                "#!/bin/sh\n# tests/test_cluster_e2e.py: ssh through the test's sshd (see prepare())\n"
+                # only the identity file's `~` (rsync passes the remote path `~/...` as an argument too)
+                "key=\nfor arg do\n  shift\n"
+                "  if [ -n \"$key\" ]; then case $arg in '~/'*) arg=$HOME/${arg#'~/'} ;; esac; fi\n"
+                '  if [ "$arg" = -i ]; then key=1; else key=; fi\n  set -- "$@" "$arg"\ndone\n'
+                f'exec {SSH} -o "ProxyCommand={self.proxy_command}" "$@"\n'
+            )
+            ssh.chmod(0o755)
 
         # cluster/local.yaml, filled in for this machine.
         config = yaml.safe_load(LOCAL_YAML.read_text())
@@ -304,7 +322,7 @@ class Cluster:
         config["auth"] = {
             "ssh_user": user,
             "ssh_private_key": str(self.ssh_dir / "id_ed25519"),
-            "ssh_proxy_command": f"{SSHD} -i -f {self.ssh_dir}/sshd_config_%h",
+            "ssh_proxy_command": self.proxy_command,
         }
         head = _sub(config["head_start_ray_commands"], "--port=6379", f"--port={self.gcs}")
         head = _sub(
@@ -334,7 +352,10 @@ class Cluster:
             worker,
             "--disable-usage-stats",
             f"--disable-usage-stats --node-ip-address={WORKER_IP} --dashboard-agent-listen-port=0"
-            f" --num-cpus=2 --object-store-memory={OBJECT_STORE_BYTES}",
+            f" --num-cpus=2 --object-store-memory={OBJECT_STORE_BYTES}"
+            # its own session folder: a joining node takes the head's temp dir otherwise, and on one machine
+            # the two nodes would share (and garbage-collect) each other's runtime environments
+            f" --temp-dir={self.worker_tmp / 'ray'}",
         )
         self.yaml.write_text(yaml.safe_dump(config, sort_keys=False))
 
@@ -390,8 +411,9 @@ class Cluster:
                 cwd=REPO, env=self.env, capture_output=True, text=True, timeout=120,
             ).stdout
             with contextlib.suppress(ValueError):
-                alive = {n["node_ip"] for n in json.loads(listed) if n["state"] == "ALIVE"}
-                if alive == {HEAD_IP, WORKER_IP}:
+                # (the head may publish the host's address rather than --node-ip-address)
+                alive = [n["node_ip"] for n in json.loads(listed) if n["state"] == "ALIVE"]
+                if len(alive) == 2 and WORKER_IP in alive:
                     print(f"worker node joined after {timeout - (deadline - time.time()):.0f} s")
                     return
             time.sleep(3)
@@ -413,8 +435,21 @@ class Cluster:
         return "\n" + "\n".join(found) if found else ""
 
     def down(self) -> None:
+        """`ray down`, then `ray stop` on the worker over SSH, as README "On a cluster" says for owned machines:
+        with Ray's local provider `ray down` stops Ray on the head only, and a worker's log monitor outlives
+        its raylet."""
         self.is_down = True
-        self.ray("down", "-y", str(self.yaml), log="down", timeout=300)
+        try:
+            self.ray("down", "-y", str(self.yaml), log="down", timeout=300)
+        finally:
+            with open(self.logs / "worker_stop.log", "w") as out:
+                stopped = subprocess.run(
+                    [SSH, "-i", str(self.ssh_dir / "id_ed25519"), "-o", f"ProxyCommand={self.proxy_command}",
+                     "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
+                     f"{getpass.getuser()}@{WORKER_IP}", "bash --login -c 'source ~/.bashrc; ray stop'"],
+                    env=self.env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, timeout=120,
+                )
+            assert stopped.returncode == 0, f"`ray stop` on the worker failed:\n{_tail(self.logs / 'worker_stop.log')}"
 
     def wait_for_no_processes(self, timeout: float = 60) -> dict[int, str]:
         deadline = time.time() + timeout
@@ -624,8 +659,10 @@ def _check_sweep(client, parent, downloads: Path, log: Path, commit: str = "") -
         result = json.loads(
             Path(client.download_artifacts(run_id, "search/result.json", str(dest))).read_text()
         )
-        finals = [*result["top_k"], *(b["final"] for b in result["baselines"].values() if b.get("final"))]
-        assert finals and {f["finetuned_on"]["node_ip"] for f in finals} == {WORKER_IP}, (name, finals)
+        finals = [result["delivered"], *result["top_k"], *(b["final"] for b in result["baselines"].values()
+                                                           if b.get("final"))]
+        where = {f["finetuned_on"]["node_ip"] for f in finals if f.get("finetuned_on")}  # halving: the delivered only
+        assert where == {WORKER_IP}, (name, finals)
         # The pruned, fine-tuned model (mlflow.pytorch), a logged model of the trial's run.
         models = client.search_logged_models(
             [parent.info.experiment_id], filter_string=f"source_run_id = '{run_id}'"
