@@ -60,7 +60,7 @@ def test_dotted_and_nested_overrides_win_over_the_file(tmp_path):
         ({"search": {"entropy": {"method": "fft"}}}, "search.entropy.method:"),
         ({"resources": {"num_env_runners": -1}}, "resources.num_env_runners: must be >= 0"),
         ({"search": {"round_to": 0}}, "search.round_to: must be > 0"),
-        ({"stop": {"iterations": None}}, "stop: set at least one of"),
+        ({"stop": {"iterations": None, "patience": None}}, "stop: set at least one of"),
         ({"agent": {"gamma": 1.2}}, "agent.gamma: must be in [0, 1]"),
         ({"output": {"checkpoint_every": 0}}, "output.checkpoint_every"),
         ({"search": {"bn_calibration": -1}}, "search.bn_calibration: must be >= 0"),
