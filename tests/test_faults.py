@@ -67,7 +67,7 @@ def test_too_little_space_is_one_line_before_ray_starts(checkpoint, tmpfs, capsy
     nothing written."""
     out = tmpfs / "run"
     path = tmpfs.parent / "search.yaml"
-    path.write_text(yaml.safe_dump(search_dict(out, checkpoint, **{"stop.iterations": None,
+    path.write_text(yaml.safe_dump(search_dict(out, checkpoint, **{"stop.iterations": None, "stop.patience": None,
                                                                     "stop.candidates": 1_000_000})))
     assert cli.main(["search", str(path), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
@@ -79,7 +79,8 @@ def test_too_little_space_is_one_line_before_ray_starts(checkpoint, tmpfs, capsy
 def test_a_sweep_that_cannot_fit_is_one_line_before_ray_starts(checkpoint, store, tmpfs, capsys):
     """The sweep's trials together need more than the 8 MB tmpfs holds (each alone would fit): exit 2, one line
     naming the sweep folder, the MB needed and the trials, before Ray starts and before any trial writes."""
-    base = search_dict(tmpfs / "unused", checkpoint, **{"stop.iterations": None, "stop.candidates": 2000})
+    base = search_dict(tmpfs / "unused", checkpoint, **{"stop.iterations": None, "stop.patience": None,
+                                                                 "stop.candidates": 2000})
     base.pop("resources")
     base["output"].pop("dir")
     path = tmpfs.parent / "sweep.yaml"
@@ -154,7 +155,8 @@ def test_ctrl_c_leaves_no_ray_process_behind(checkpoint, tmp_path):
     is alive."""
     out = tmp_path / "run"
     path = tmp_path / "search.yaml"
-    path.write_text(yaml.safe_dump(search_dict(out, checkpoint, **{"stop.iterations": 200, "output.checkpoint_every": 1,
+    path.write_text(yaml.safe_dump(search_dict(out, checkpoint, **{"stop.iterations": 200, "stop.patience": None,
+                                                                    "output.checkpoint_every": 1,
                                                                     "resources.num_cpus": 2})))
     # as a terminal's foreground job: SIGINT not ignored (a shell's background job, e.g. a CI runner's, starts with
     # SIGINT ignored, Python then installs no KeyboardInterrupt handler, and the signal would never arrive)

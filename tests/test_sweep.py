@@ -180,7 +180,7 @@ def test_interrupted_sweep_resumes_without_duplicate_runs(checkpoint, store, tmp
     """Ctrl-C during the second of two sequential trials: the first run stays FINISHED, the second is
     KILLED; --resume finishes the second in its own run and leaves the first alone."""
     data = tiny_sweep("interrupt", tmp_path / "sweeps", checkpoint, store, max_concurrent_trials=1)
-    data["base"]["stop"] = {"iterations": 30}
+    data["base"]["stop"] = {"iterations": 30, "patience": None}  # all 30, whatever the rewards
     data["base"]["baselines"] = {"enabled": False}
     data["base"]["finetune"] = {"epochs": 0}
     data["mlflow"]["log_model"] = False
