@@ -273,9 +273,9 @@ class _GuardedASHA(ASHAScheduler):
     its results still count in every rung's cut-off, and at the last rung the guarded rule compares the
     survivors with it on the same images."""
 
-    def __init__(self, *, reference: str | None, last_steps: int, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.reference, self.last_steps = reference, last_steps
+    def __init__(self, *, reference: str | None, max_t: int, **kwargs) -> None:
+        super().__init__(max_t=max_t, **kwargs)
+        self.reference, self.last_steps = reference, max_t  # the last rung's steps
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         action = super().on_trial_result(tune_controller, trial, result)
@@ -304,8 +304,8 @@ def halving_on_tune(problem: Problem, config: SearchConfig, finalists: list[Fina
                              rankings=rankings, threads=task_threads(config)),
         {"cpu": config.finetune.resources.num_cpus, "gpu": finetune_gpus(config)})
     last = sel.rung_steps * sel.eta ** (halving_rung_count(len(labels), sel.eta) - 1)
-    scheduler = _GuardedASHA(reference=reference, last_steps=last, time_attr="steps", metric="heldout_accuracy",
-                             mode="max", max_t=last, grace_period=sel.rung_steps, reduction_factor=sel.eta)
+    scheduler = _GuardedASHA(reference=reference, time_attr="steps", metric="heldout_accuracy", mode="max",
+                             max_t=last, grace_period=sel.rung_steps, reduction_factor=sel.eta)
     storage = Path(config.output.dir).resolve()
     shutil.rmtree(storage / HALVING_DIR, ignore_errors=True)
     tuner = tune.Tuner(
