@@ -23,8 +23,9 @@ import json
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from bench_quality import timed  # this folder: one way to time a command of a benchmark
 
 from entropy_search.jsonio import read_jsonl
 from entropy_search.summary import delivered_network
@@ -89,15 +90,10 @@ def run(args, method: str, seed: int) -> dict:
         for item in overrides(args) + METHODS[method]:
             cmd += ["--set", item]
     folder.mkdir(parents=True, exist_ok=True)
-    print(f"[{time.strftime('%H:%M:%S')}] {method} seed {seed} ...", flush=True)
-    t0 = time.perf_counter()
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if done.returncode != 0:
-        raise SystemExit(f"{method} seed {seed} failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    stdout, wall = timed(cmd, f"{method} seed {seed}")
     row = {"method": method, "seed": seed, "target": args.target, "set": row_set(args, method), "wall_seconds": wall}
     if method == "uniform":
-        found = re.search(r"test top-1 fine-tuned\s+([\d.]+)", done.stdout)
+        found = re.search(r"test top-1 fine-tuned\s+([\d.]+)", stdout)
         row["test_accuracy"] = float(found.group(1)) if found else None
     else:
         result = json.loads((folder / "result.json").read_text())
@@ -108,7 +104,7 @@ def run(args, method: str, seed: int) -> dict:
                    finetune_seconds=cost.get("finetune_seconds"), finetunes_at_once=cost.get("finetunes_at_once"),
                    selection_seconds=result["selection"].get("seconds"), iterations=cost.get("iterations"),
                    stopped_by=cost.get("stopped_by"), total_seconds=cost.get("total_seconds"))
-    print(f"    {wall:.0f} s, delivered test accuracy {row['test_accuracy']}", flush=True)
+    print(f"    delivered test accuracy {row['test_accuracy']}", flush=True)
     return row
 
 
