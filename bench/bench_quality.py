@@ -101,7 +101,7 @@ DESCRIPTIONS = {
     "tp_magnitude": "Torch-Pruning, global L1",
     "tp_taylor": "Torch-Pruning, global Taylor",
     "tp_isomorphic": "Torch-Pruning, isomorphic L1",
-    FASTNAS: "Model Optimizer FastNAS (residual stream kept whole)",
+    FASTNAS: "Model Optimizer FastNAS",
 }
 
 

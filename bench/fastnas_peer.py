@@ -6,12 +6,11 @@ library that searches the widths of a CNN's layers. An optional extra, never a d
 FastNAS (`mtp.prune(model, mode=[("fastnas", rules)], constraints={"flops": "N%"}, ...)`) measures how much the
 score drops when each prunable layer keeps fewer channels (its "sensitivity map", one score per layer and
 choice, saved in a checkpoint and reused), then bisects one threshold on that drop until the FLOPs constraint
-holds. It is used as documented: scored by accuracy on held-out images (never the test split), BN statistics
-re-estimated on a few training batches before each score; channel steps of one channel (its default of 32 would
+holds. It is used as documented: scored by accuracy on 1,000 held-out images (never the test split), BN statistics
+re-estimated on 50 batches of 8 training images before each score; channel steps of one channel (its default of 32 would
 leave ResNet-20's 16-channel layers whole). It counts FLOPs its own way, so its percentage is steered (bisected)
 until the network's cost as the search counts it (MACs, or the latency table's prediction under a latency
-budget) is within 3% below the target, as Torch-Pruning's recipes are. It keeps the residual stream's channels
-(every layer an addition joins) whole.
+budget) is within 3% below the target, as Torch-Pruning's recipes are. It never removes a residual block.
 
 The network it finds is fine-tuned, tested and timed exactly as the search's finalists are.
 """
@@ -32,9 +31,11 @@ from entropy_search.problem.adaptive_bn import recalibrate_batchnorm
 from entropy_search.problem.macs import count_macs, count_params
 from entropy_search.train import evaluate, fine_tune
 
-#: Held-out images each FastNAS score is measured on, and training batches its BN re-estimation uses.
+#: Held-out images each FastNAS score is measured on; the training batches its BN re-estimation uses before each
+#: score (Model Optimizer re-estimates BN only once it holds 50 batches, its MODELOPT_QUEUE_MAXLEN) and their size.
 SCORE_IMAGES = 1000
-CALIBRATION_BATCHES = 2
+CALIBRATION_BATCHES = 50
+CALIBRATION_BATCH_SIZE = 8
 
 
 def available() -> str | None:
@@ -61,7 +62,7 @@ def fastnas_at(problem: Problem, flops_percent: float, checkpoint: Path) -> tupl
 
     splits = problem.splits
     score_set = Subset(splits.heldout, range(min(SCORE_IMAGES, len(splits.heldout))))
-    calibration = DataLoader(splits.train_eval or splits.train, batch_size=128, shuffle=False)
+    calibration = DataLoader(splits.train_eval or splits.train, batch_size=CALIBRATION_BATCH_SIZE, shuffle=False)
 
     def score(model: nn.Module) -> float:
         return evaluate(model, score_set, device="cpu")
