@@ -72,7 +72,10 @@ class ModelConfig(Section):
     """Model registry name (`digits_cnn`, `resnet20`, `resnet56`, `vgg16_bn`, `mobilenet_v2`), `tv:<torchvision name>` or `package.module:factory`."""
 
     checkpoint: str | None = None
-    """Baseline checkpoint written by `entropy-search train`. Default: `<output.dir>/baseline.pt`."""
+    """Baseline checkpoint written by `entropy-search train`. Default: `<output.dir>/baseline.pt`. With `weights`: where the imported weights are written as a checkpoint."""
+
+    weights: Annotated[str, Field(min_length=1)] | None = None
+    """A network trained elsewhere: its weights as saved with plain PyTorch (`torch.save(model.state_dict(), FILE)`; also `{"state_dict": ...}`, `{"model": ...}` and keys prefixed `module.` by DataParallel), for the architecture `name` with the data set's classes and channels. Read with `weights_only=True`, checked strictly against the architecture, measured (test accuracy, MACs, latency) and written as the checkpoint (`checkpoint`) before the search starts. Give the held-out split it never trained on with `data.heldout`, and its input normalisation with `data.mean` and `data.std`."""
 
     train_if_missing: bool = True
     """When the checkpoint file does not exist, train a baseline first (on the train split) and save it there; otherwise a missing checkpoint is an error."""
@@ -95,6 +98,18 @@ class DataConfig(Section):
 
     heldout: Annotated[str, Field(min_length=1)] | None = None
     """The held-out split, for a baseline trained elsewhere (a checkpoint that does not record the `heldout_fraction` and seed it was trained with, whose drawn held-out split may hold images it trained on): a JSON split file, a list of indices into the data set's training set that the baseline never trained on (or `{"heldout": [...]}`), which then leave the train split; or a folder of images with one subfolder per class (named as the data set's classes, or 0..K-1), read with the data set's evaluation transform, the train split then being the whole training set. None: drawn from the training set with the checkpoint's fraction and seed."""
+
+    mean: list[float] | None = None
+    """Per-channel mean of the inputs' normalisation, `(x - mean) / std` with x in [0, 1], as the network was trained with. None: the data set's own (ImageNet's for `imagefolder`); a checkpoint's recorded normalisation otherwise wins. Recorded with every checkpoint and result, used by every evaluation, fine-tune and export."""
+
+    std: list[float] | None = None
+    """Per-channel standard deviation of the inputs' normalisation (with `mean`)."""
+
+    image_size: PositiveInt | None = None
+    """`imagefolder`: the side of the square inputs (images resized and centre-cropped to it; the baseline's when it records one, else 224)."""
+
+    channels: Literal[1, 3] | None = None
+    """`imagefolder`: images read as 1 (greyscale) or 3 (RGB) channels (the baseline's when it records one, else 3)."""
 
     eval_batch: PositiveInt = 512
     """Fixed batch of held-out images (a split of the training set, never the test set) on which every candidate is measured: spatial entropy (labels unused) and held-out accuracy."""

@@ -59,6 +59,14 @@ class DataSplits:
     classes: list[str] = field(default_factory=list)
     eval_transform: Callable[[Image.Image], torch.Tensor] | None = None
     """An image file -> a normalised input like the held-out split's (reads a folder given as held-out set)."""
+    mean: tuple[float, ...] = ()
+    """The per-channel mean the inputs are normalised with (`(x - mean) / std`, x in [0, 1])."""
+    std: tuple[float, ...] = ()
+
+    def preprocessing(self) -> dict:
+        """What the model's inputs are: channels, size and normalisation (recorded with checkpoints and results)."""
+        return {"channels": self.in_channels, "image_size": self.image_size, "mean": list(self.mean),
+                "std": list(self.std)}
 
 
 def default_data_root() -> Path:
@@ -197,16 +205,38 @@ def load_data(
     seed: int = 0,
     download: bool = False,
     image_size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    channels: int | None = None,
 ) -> DataSplits:
     """Load data set `name` (see `list_datasets()`) with a held-out part of `heldout_fraction` of its
-    training set, chosen by `seed`. `image_size` applies to ImageFolder data (default 224)."""
+    training set, chosen by `seed`. `image_size` and `channels` apply to ImageFolder data (default 224 and 3);
+    `mean` and `std` replace the data set's own normalisation (ImageNet's for ImageFolder data), for a network
+    trained with other ones. The built-in loaders take all of these; a registered one only what it declares."""
     root_path = Path(root).expanduser() if root else default_data_root()
     key, sep, argument = name.partition(":")
     entry = _DATASETS.get(key) if sep else _DATASETS.get(name)
     if entry is None or entry.takes_argument != bool(sep):
         raise EntropySearchError(f"unknown data set {name!r}; known: {', '.join(list_datasets())}")
-    return entry.loader(root_path, heldout_fraction=heldout_fraction, seed=seed, download=download,
-                        image_size=image_size, argument=argument)
+    if (mean is None) != (std is None):
+        raise ConfigError(f"give both mean and std of the inputs' normalisation, or neither (got mean {mean}, std {std})")
+    if mean is not None and (len(mean) != len(std) or min(std) <= 0):
+        raise ConfigError(f"mean and std need one value per input channel, std > 0; got mean {list(mean)}, std {list(std)}")
+    stated = {k: v for k, v in {"mean": mean, "std": std, "channels": channels}.items() if v is not None}
+    try:
+        splits = entry.loader(root_path, heldout_fraction=heldout_fraction, seed=seed, download=download,
+                              image_size=image_size, argument=argument, **stated)
+    except TypeError as exc:
+        if not stated or "unexpected keyword" not in str(exc):
+            raise
+        raise ConfigError(f"data set {name!r} does not take {', '.join(stated)} ({exc})") from None
+    if mean is not None and len(mean) != splits.in_channels:
+        raise ConfigError(f"data.mean and data.std give {len(mean)} value(s), but {splits.name}'s inputs have "
+                          f"{splits.in_channels} channel(s)")
+    if channels is not None and channels != splits.in_channels:
+        raise ConfigError(f"data.channels: {channels}, but {splits.name}'s images have {splits.in_channels}; "
+                          "only ImageFolder data converts images (to 1 or 3 channels)")
+    return splits
 
 
 def _array_splits(
@@ -240,6 +270,8 @@ def _array_splits(
         train_eval=Subset(plain, train_idx),
         classes=list(classes or []),
         eval_transform=ImageTransform(tuple(mean), tuple(std), train_images.shape[1], tuple(train_images.shape[-2:])),
+        mean=tuple(float(m) for m in mean),
+        std=tuple(float(v) for v in std),
     )
 
 
@@ -247,7 +279,8 @@ def _array_splits(
 
 
 @register_dataset("digits", description="scikit-learn's 8x8 handwritten digits (offline)")
-def _digits(root: Path, *, heldout_fraction: float, seed: int, **_: object) -> DataSplits:
+def _digits(root: Path, *, heldout_fraction: float, seed: int, mean: Sequence[float] | None = None,
+            std: Sequence[float] | None = None, **_: object) -> DataSplits:
     """scikit-learn's 8x8 digits: a fixed stratified 80/20 train/test split (seed 0, whatever `seed`)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -260,7 +293,8 @@ def _digits(root: Path, *, heldout_fraction: float, seed: int, **_: object) -> D
     )
     train_idx, test_idx = torch.as_tensor(np.sort(train_idx)), torch.as_tensor(np.sort(test_idx))
     train_pixels = images[train_idx] / 16
-    mean, std = (train_pixels.mean().item(),), (train_pixels.std().item(),)
+    if mean is None:
+        mean, std = (train_pixels.mean().item(),), (train_pixels.std().item(),)
     return _array_splits(
         "digits", images[train_idx], labels[train_idx], images[test_idx], labels[test_idx],
         mean=mean, std=std, scale=1 / 16, augment=False, num_classes=10,
@@ -272,7 +306,8 @@ def _digits(root: Path, *, heldout_fraction: float, seed: int, **_: object) -> D
 
 
 @register_dataset("fashion_mnist", aliases=("fashion-mnist", "fashionmnist"), description="Fashion-MNIST 28x28")
-def _fashion_mnist(root: Path, *, heldout_fraction: float, seed: int, download: bool, **_: object) -> DataSplits:
+def _fashion_mnist(root: Path, *, heldout_fraction: float, seed: int, download: bool,
+                   mean: Sequence[float] | None = None, std: Sequence[float] | None = None, **_: object) -> DataSplits:
     """torchvision's FashionMNIST, from `root`, else from Debian's files, else downloaded if allowed."""
     from torchvision.datasets import FashionMNIST
 
@@ -297,7 +332,7 @@ def _fashion_mnist(root: Path, *, heldout_fraction: float, seed: int, download: 
         ) from None
     return _array_splits(
         "fashion_mnist", train.data.unsqueeze(1), train.targets, test.data.unsqueeze(1), test.targets,
-        mean=FASHION_MEAN, std=FASHION_STD, scale=1 / 255, augment=False, num_classes=10,
+        mean=mean or FASHION_MEAN, std=std or FASHION_STD, scale=1 / 255, augment=False, num_classes=10,
         heldout_fraction=heldout_fraction, seed=seed, classes=list(train.classes),
     )
 
@@ -334,21 +369,23 @@ def _download(fetch: Callable[[], object], label: str, where: Path) -> None:
 
 
 @register_dataset("cifar10", description="CIFAR-10 32x32 (torchvision)")
-def _cifar10(root: Path, *, heldout_fraction: float, seed: int, download: bool, **_: object) -> DataSplits:
-    return _cifar("cifar10", root, heldout_fraction, seed, download)
+def _cifar10(root: Path, *, heldout_fraction: float, seed: int, download: bool, mean: Sequence[float] | None = None,
+             std: Sequence[float] | None = None, **_: object) -> DataSplits:
+    return _cifar("cifar10", root, heldout_fraction, seed, download, mean or CIFAR10_MEAN, std or CIFAR10_STD)
 
 
 @register_dataset("cifar100", description="CIFAR-100 32x32 (torchvision)")
-def _cifar100(root: Path, *, heldout_fraction: float, seed: int, download: bool, **_: object) -> DataSplits:
-    return _cifar("cifar100", root, heldout_fraction, seed, download)
+def _cifar100(root: Path, *, heldout_fraction: float, seed: int, download: bool, mean: Sequence[float] | None = None,
+              std: Sequence[float] | None = None, **_: object) -> DataSplits:
+    return _cifar("cifar100", root, heldout_fraction, seed, download, mean or CIFAR100_MEAN, std or CIFAR100_STD)
 
 
-def _cifar(name: str, root: Path, heldout_fraction: float, seed: int, download: bool) -> DataSplits:
+def _cifar(name: str, root: Path, heldout_fraction: float, seed: int, download: bool, mean: Sequence[float],
+           std: Sequence[float]) -> DataSplits:
     """torchvision's CIFAR-10/100 (files checked against torchvision's checksums)."""
     from torchvision.datasets import CIFAR10, CIFAR100
 
     cls, label, num_classes = (CIFAR10, "CIFAR-10", 10) if name == "cifar10" else (CIFAR100, "CIFAR-100", 100)
-    mean, std = (CIFAR10_MEAN, CIFAR10_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
     folder = root / cls.base_folder
     files = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
     if not all((folder / f).is_file() for f in files):
@@ -382,12 +419,16 @@ def _cifar(name: str, root: Path, heldout_fraction: float, seed: int, download: 
 
 @register_dataset("imagefolder", takes_argument=True, description="train/ and val/ (or test/) folders of class folders")
 def _imagefolder(root: Path, *, heldout_fraction: float, seed: int, image_size: int | None, argument: str,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None, channels: int | None = None,
                  **_: object) -> DataSplits:
-    return _image_folder(Path(argument).expanduser(), heldout_fraction, seed, image_size or 224)
+    return _image_folder(Path(argument).expanduser(), heldout_fraction, seed, image_size or 224,
+                         mean or IMAGENET_MEAN, std or IMAGENET_STD, channels or 3)
 
 
-def _image_folder(path: Path, heldout_fraction: float, seed: int, image_size: int) -> DataSplits:
-    """`path/train/<class>/*` and `path/val/<class>/*` (or `test/`), resized to `image_size`."""
+def _image_folder(path: Path, heldout_fraction: float, seed: int, image_size: int, mean: Sequence[float],
+                  std: Sequence[float], channels: int) -> DataSplits:
+    """`path/train/<class>/*` and `path/val/<class>/*` (or `test/`), resized to `image_size`, as `channels`
+    channels (1: greyscale, 3: RGB), normalised with `mean` and `std`."""
     from torchvision import transforms
     from torchvision.datasets import ImageFolder
     from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
@@ -400,13 +441,19 @@ def _image_folder(path: Path, heldout_fraction: float, seed: int, image_size: in
             f"image folder {path} needs train/ and val/ (or test/) subfolders with one folder of images per "
             f"class (train/<class>/<image>); found {'no such folder' if not path.is_dir() else 'none'}"
         )
-    normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    if channels not in (1, 3):
+        raise ConfigError(f"ImageFolder images are read as 1 (greyscale) or 3 (RGB) channels, not {channels}")
+    if len(mean) != channels:
+        raise ConfigError(f"data.mean and data.std give {len(mean)} value(s) for {channels}-channel images")
+    colour = [transforms.Grayscale(num_output_channels=1)] if channels == 1 else []
+    normalize = transforms.Normalize(tuple(mean), tuple(std))
     augmented = transforms.Compose([
-        transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize,
+        *colour, transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+        normalize,
     ])
     plain = transforms.Compose([
-        transforms.Resize(round(image_size * 256 / 224)), transforms.CenterCrop(image_size), transforms.ToTensor(),
-        normalize,
+        *colour, transforms.Resize(round(image_size * 256 / 224)), transforms.CenterCrop(image_size),
+        transforms.ToTensor(), normalize,
     ])
     try:
         train_aug = ImageFolder(str(path / "train"), transform=augmented)
@@ -430,11 +477,13 @@ def _image_folder(path: Path, heldout_fraction: float, seed: int, image_size: in
         heldout=Subset(train_plain, heldout_idx),
         test=test,
         num_classes=len(train_aug.classes),
-        in_channels=3,
+        in_channels=channels,
         image_size=image_size,
         train_eval=Subset(train_plain, train_idx),
         classes=list(train_aug.classes),
         eval_transform=plain,
+        mean=tuple(float(m) for m in mean),
+        std=tuple(float(v) for v in std),
     )
 
 

@@ -99,10 +99,13 @@ def _user_model(path: str, num_classes: int | None, in_channels: int | None, **k
     except (ImportError, AttributeError) as exc:
         raise EntropySearchError(f"cannot import model factory {path!r}: {exc}") from None
     params = inspect.signature(factory).parameters
-    if num_classes is not None and "num_classes" in params:
+    forwards = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())  # timm's factories: **kwargs
+    if num_classes is not None and ("num_classes" in params or forwards):
         kwargs["num_classes"] = num_classes
     if in_channels is not None and "in_channels" in params:
         kwargs["in_channels"] = in_channels
+    elif in_channels is not None and ("in_chans" in params or (forwards and module_name.split(".")[0] == "timm")):
+        kwargs["in_chans"] = in_channels  # timm's name for it
     model = factory(**kwargs)
     if not isinstance(model, nn.Module):
         raise EntropySearchError(f"model factory {path!r} returned {type(model).__name__}, not a torch.nn.Module")

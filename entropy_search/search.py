@@ -21,12 +21,14 @@ Tune sweep logs them to MLflow).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import onnx
 import ray
 import ray.exceptions
 import torch
@@ -54,6 +56,7 @@ from .problem import (
     shallow_blocks,
     successive_halving,
     uniform_baseline,
+    user_weights,
 )
 from .ray_runtime import check_fits, env_runner_bundles, start_ray, stop_ray
 from .rl import RLSearch, SearchState, prepare_output_dir
@@ -72,10 +75,12 @@ from .train import evaluate as test_accuracy
 from .utils import environment_info, seed_everything
 
 
-def prepare(config: SearchConfig, *, progress: bool = True) -> Problem:
-    """The problem on the driver, before Ray starts: the baseline checkpoint (trained when missing), data,
-    channel groups, a reachable budget and a local evaluator."""
-    ensure_checkpoint(config, progress=progress)
+def prepare(config: SearchConfig, *, progress: bool = True,
+            imported: tuple[torch.nn.Module, Any] | None = None) -> Problem:
+    """The problem on the driver, before Ray starts: the baseline checkpoint (imported from `model.weights`, or
+    trained when missing; `imported`: `user_weights`' result), data, channel groups, a reachable budget and a local
+    evaluator."""
+    ensure_checkpoint(config, progress=progress, imported=imported)
     problem = setup(config)
     for note in problem.notes:
         print(f"note: {note}", flush=True)
@@ -148,10 +153,11 @@ def run_search(
     """Run one search end to end and return the result dict (also written to `<output.dir>/result.json`)."""
     config = config if isinstance(config, SearchConfig) else load_config(config)
     t_start = time.perf_counter()
+    imported = user_weights(config)  # a network the user brings is checked before anything is written
     out = prepare_output_dir(config, resume=resume, overwrite=overwrite)
     seed_everything(config.seed)
 
-    problem = prepare(config, progress=progress)  # config errors (unreachable target...) before Ray starts
+    problem = prepare(config, progress=progress, imported=imported)  # config errors (unreachable target...) before Ray starts
     n_steps = len(problem.space.blocks) + len(problem.space.groups)  # one step per residual block and group
     check_free_space(config, n_steps)
     t_setup = time.perf_counter()
@@ -331,8 +337,19 @@ def export_delivered(problem: Problem, config: SearchConfig, delivered: dict, mo
     files.update(export(model, problem.space.example_input, out, "best_pruned", onnx=config.output.export_onnx,
                         base=problem.network.checkpoint, keep=delivered["keep"], round_to=config.search.round_to,
                         dropped=delivered.get("dropped_blocks") or (),
-                        metrics={k: delivered[k] for k in ("test_accuracy_after_finetune", "macs", "params")}))
+                        metrics={k: delivered[k] for k in ("test_accuracy_after_finetune", "macs", "params")},
+                        preprocessing=problem.splits.preprocessing()))
+    if files.get("onnx"):
+        label_onnx(files["onnx"], problem.splits.preprocessing())
     return files
+
+
+def label_onnx(path: str | Path, preprocessing: dict) -> None:
+    """The inputs' preprocessing (`channels`, `image_size`, `mean`, `std`, JSON values) as an ONNX file's metadata,
+    so whoever deploys it feeds what the network was trained on."""
+    exported = onnx.load(str(path))
+    onnx.helper.set_model_props(exported, {key: json.dumps(value) for key, value in preprocessing.items()})
+    onnx.save(exported, str(path))
 
 
 def measure_unpruned(problem: Problem) -> dict:
@@ -346,6 +363,7 @@ def measure_unpruned(problem: Problem) -> dict:
         "counted_macs": count_macs(problem.model, problem.space.example_input),
         "counted_params": count_params(problem.model),
         "test_accuracy": test_accuracy(problem.model, problem.splits.test),
+        "preprocessing": problem.splits.preprocessing(),
         "heldout_accuracy": full.get("accuracy"),
         "entropy": full.get("entropy"),
     }

@@ -9,10 +9,11 @@ import json
 from pathlib import Path
 
 from ..config import FinetuneConfig, SearchSettings
-from ..data import eval_batch, load_data
+from ..data import DataSplits, eval_batch, load_data
 from ..errors import ConfigError, EntropySearchError
 from ..problem import (
     Budget,
+    Checkpoint,
     PruningSpace,
     build_model,
     count_params,
@@ -20,6 +21,7 @@ from ..problem import (
     load_checkpoint,
     save_checkpoint,
     uniform_counts,
+    user_network,
 )
 from ..summary import delivered_network, delivered_policy
 from ..train import evaluate
@@ -41,7 +43,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "network's policy, with the residual blocks it drops). --drop removes residual blocks too.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("checkpoint", help="a checkpoint written by `entropy-search train`")
+    parser.add_argument("checkpoint", help="a checkpoint written by `entropy-search train` (or a search), or with "
+                        "--model, a network's weights saved with plain PyTorch (torch.save(model.state_dict(), FILE))")
+    parser.add_argument("--model", default=None,
+                        help="the architecture of plain weights given as CHECKPOINT: a registry name, tv:<torchvision "
+                             "name> or package.module:factory (needs --data; its classes and channels are the data's)")
+    parser.add_argument("--mean", type=float, nargs="+", default=None,
+                        help="per-channel mean of the inputs' normalisation the network was trained with (default: "
+                             "the data set's own, ImageNet's for imagefolder; a checkpoint's recorded one)")
+    parser.add_argument("--std", type=float, nargs="+", default=None, help="per-channel std, with --mean")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="imagefolder data: the side of the square inputs (default: the checkpoint's, else 224)")
     how = parser.add_mutually_exclusive_group()
     how.add_argument("--flops-target", type=float, default=None,
                      help="fraction of the baseline's MACs to keep, met by one ratio for all groups (default 0.5)")
@@ -107,15 +119,39 @@ def read_policy(path: str | Path, group_names: list[str] | None = None) -> tuple
     return data, dropped
 
 
+def _user_checkpoint(args: argparse.Namespace) -> tuple[Checkpoint, DataSplits]:
+    """CHECKPOINT read as plain weights of --model on --data (checked strictly), as an in-memory checkpoint."""
+    if not args.data:
+        raise ConfigError("--model reads CHECKPOINT as plain weights: give the data set they were trained for with --data")
+    splits = load_data(args.data, args.data_root, heldout_fraction=0.0, mean=args.mean, std=args.std,
+                       image_size=args.image_size)
+    model = user_network(args.checkpoint, model_name=args.model, num_classes=splits.num_classes,
+                         in_channels=splits.in_channels)
+    ckpt = Checkpoint(path=Path(args.checkpoint), model_name=args.model, model_kwargs={}, num_classes=splits.num_classes,
+                      in_channels=splits.in_channels, image_size=splits.image_size, data=splits.name,
+                      config={"trained_by": "elsewhere", "weights": str(args.checkpoint),
+                              "preprocessing": splits.preprocessing()},
+                      metrics={}, state_dict=model.state_dict())
+    return ckpt, splits
+
+
 def run(args: argparse.Namespace) -> int:
     if args.epochs < 0:
         raise ConfigError(f"--epochs must be >= 0, got {args.epochs}")
     if args.bn_calibration < 0:
         raise ConfigError(f"--bn-calibration must be >= 0, got {args.bn_calibration}")
-    ckpt = load_checkpoint(args.checkpoint)
-    if ckpt.keep is not None:
-        raise EntropySearchError(f"checkpoint {ckpt.path} is already pruned; prune its baseline instead")
-    splits = load_data(args.data or ckpt.data, args.data_root)
+    if args.model:
+        ckpt, splits = _user_checkpoint(args)
+    else:
+        ckpt = load_checkpoint(args.checkpoint)
+        if ckpt.keep is not None:
+            raise EntropySearchError(f"checkpoint {ckpt.path} is already pruned; prune its baseline instead")
+        recorded = (ckpt.config or {}).get("preprocessing") or {}
+        folder = (args.data or ckpt.data).startswith("imagefolder")
+        splits = load_data(args.data or ckpt.data, args.data_root, mean=args.mean or recorded.get("mean") or None,
+                           std=args.std or recorded.get("std") or None,
+                           image_size=(args.image_size or ckpt.image_size) if folder else None,
+                           channels=ckpt.in_channels if folder else None)
     if (splits.in_channels, splits.num_classes) != (ckpt.in_channels, ckpt.num_classes):
         raise EntropySearchError(
             f"data set {splits.name} ({splits.in_channels} channels, {splits.num_classes} classes) does not fit "
@@ -160,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         "baseline_params": rows["params"][0], "test_accuracy_baseline": acc_base,
         "test_accuracy_pruned": acc_pruned, "test_accuracy_finetuned": acc_tuned,
     }
-    config = {**ckpt.config, "round_to": args.round_to,
+    config = {**ckpt.config, "round_to": args.round_to, "preprocessing": splits.preprocessing(),
               "prune": {"how": how, "epochs": args.epochs, "lr": args.lr, "bn_calibration": args.bn_calibration}}
     save_checkpoint(out, pruned, model_name=ckpt.model_name, model_kwargs=ckpt.model_kwargs,
                     num_classes=ckpt.num_classes, in_channels=ckpt.in_channels, image_size=ckpt.image_size,

@@ -34,8 +34,18 @@ from .rewards import (
     proxy_agreement,
 )
 from .selection import finalist_records, guarded_choice, guarded_winner, paired_p_value, successive_halving
-from .setup import Network, Problem, ensure_checkpoint, load_network, load_splits, setup, train_baseline
+from .setup import (
+    Network,
+    Problem,
+    ensure_checkpoint,
+    load_network,
+    load_splits,
+    setup,
+    train_baseline,
+    user_weights,
+)
 from .space import ChannelGroup, PruningSpace
+from .weights import user_network
 
 __all__ = [
     "LABEL_FREE_REWARDS",
@@ -93,4 +103,6 @@ __all__ = [
     "train_baseline",
     "uniform_baseline",
     "uniform_counts",
+    "user_network",
+    "user_weights",
 ]

@@ -111,8 +111,9 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch file ({reason[:200]})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(
-            f"{path} is not an entropy-search checkpoint (no model name or config in it); "
-            "a plain state_dict can be loaded into `create_model(...)` and saved with save_checkpoint"
+            f"{path} is not an entropy-search checkpoint (no model name or config in it); if it holds a network's "
+            "weights saved with plain PyTorch, give it as model.weights with its architecture as model.name "
+            "(`entropy-search prune FILE --model NAME`)"
         )
     missing = [key for key in _REQUIRED if key not in payload]
     if missing:

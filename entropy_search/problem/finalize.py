@@ -83,10 +83,11 @@ def finalize(
 
 def export(model: nn.Module, example_input: torch.Tensor, out_dir: str | Path, name: str, *, onnx: bool,
            base: Checkpoint, keep: Sequence[float], round_to: int, metrics: dict | None = None,
-           dropped: Sequence[str] = ()) -> dict[str, str]:
+           dropped: Sequence[str] = (), preprocessing: dict | None = None) -> dict[str, str]:
     """Write `<name>.pt`, an entropy-search checkpoint of the pruned network (the base model's name, the keep
     ratios and the names of the dropped blocks, so `load_model` rebuilds it; opens with `torch.load`'s default `weights_only=True`), and, when asked,
-    `<name>.onnx`; returns {format: path}. A failed ONNX export is logged and recorded as `onnx_error`: the
+    `<name>.onnx`; returns {format: path}. `preprocessing` (the inputs' channels, size, mean and std) is recorded
+    in the checkpoint. A failed ONNX export is logged and recorded as `onnx_error`: the
     PyTorch file is the result."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -94,8 +95,9 @@ def export(model: nn.Module, example_input: torch.Tensor, out_dir: str | Path, n
     path = out_dir / f"{name}.pt"
     save_checkpoint(path, model, model_name=base.model_name, model_kwargs=base.model_kwargs,
                     num_classes=base.num_classes, in_channels=base.in_channels, image_size=base.image_size,
-                    data=base.data, config={**base.config, "round_to": round_to}, metrics=metrics, keep=keep,
-                    dropped=dropped)
+                    data=base.data, config={**base.config, "round_to": round_to,
+                                            **({"preprocessing": preprocessing} if preprocessing else {})},
+                    metrics=metrics, keep=keep, dropped=dropped)
     files["pytorch"] = str(path)
     if onnx:
         try:

@@ -29,6 +29,7 @@ from .checkpoint import Checkpoint, build_model, load_checkpoint, save_checkpoin
 from .evaluate import CandidateCache, CandidateEvaluator, SimulatedEvaluator
 from .latency_table import LatencyMeter, LatencyTable, latency_table, table_key
 from .space import PruningSpace
+from .weights import file_digest, import_weights, user_network
 
 
 @dataclass
@@ -75,18 +76,50 @@ def load_network(config: SearchConfig) -> Network:
     return Network(build_model(ckpt), ckpt.example_input(), ckpt)
 
 
-def load_splits(config: SearchConfig, ckpt: Checkpoint) -> DataSplits:
+def preprocessing_of(config: SearchConfig, ckpt: Checkpoint | None = None) -> dict[str, Any]:
+    """`load_data`'s image_size, channels, mean and std for the config's data: what the config states, else what the
+    checkpoint records (its image size and channels for ImageFolder data, its normalisation); a statement that
+    contradicts the checkpoint's record is a ConfigError (the network was trained or imported with it)."""
+    data = config.data
+    recorded = dict(((ckpt.config or {}).get("preprocessing") or {}) if ckpt is not None else {})
+    if ckpt is not None:
+        recorded.setdefault("image_size", ckpt.image_size)
+        recorded.setdefault("channels", ckpt.in_channels)
+    for key in ("mean", "std", "image_size", "channels"):
+        stated, kept = getattr(data, key), recorded.get(key)
+        if stated is not None and kept is not None and kept != [] and _differs(stated, kept):
+            raise ConfigError(f"data.{key}: {stated}, but checkpoint {ckpt.path} records {kept} (the network was "
+                              f"trained or imported with it); leave data.{key} out or use another checkpoint")
+    folder = data.name.startswith("imagefolder")
+    out: dict[str, Any] = {"mean": data.mean or recorded.get("mean") or None,
+                           "std": data.std or recorded.get("std") or None}
+    if folder:  # only ImageFolder data is resized or converted
+        out["image_size"] = data.image_size or recorded.get("image_size")
+        out["channels"] = data.channels or recorded.get("channels")
+    elif data.image_size is not None or data.channels is not None:
+        raise ConfigError(f"data.image_size and data.channels apply to imagefolder data; {data.name} has its own")
+    return out
+
+
+def _differs(stated, kept) -> bool:
+    if isinstance(stated, list | tuple):
+        return len(stated) != len(kept) or any(abs(float(a) - float(b)) > 1e-6 for a, b in zip(stated, kept))
+    return stated != kept
+
+
+def load_splits(config: SearchConfig, ckpt: Checkpoint | None) -> DataSplits:
     """The data of the search, with the held-out split drawn by the checkpoint's own seed and fraction, so it
     is the part of the training set the baseline never trained on; or, with `data.heldout`, the held-out split
-    that it gives (a split file's training images then leave the train split)."""
-    trained = ckpt.config or {}
+    that it gives (a split file's training images then leave the train split). Inputs are preprocessed as the
+    checkpoint records (`preprocessing_of`); None: a network not yet written as a checkpoint (`model.weights`)."""
+    trained = (ckpt.config or {}) if ckpt is not None else {}
     given = config.data.heldout
     splits = load_data(
         config.data.name, config.data.root,
         heldout_fraction=0.0 if given else float(trained.get("heldout_fraction", config.data.heldout_fraction)),
-        seed=int(trained.get("seed", config.seed)),
+        seed=int(trained.get("seed", config.seed)), **preprocessing_of(config, ckpt),
     )
-    if ckpt.data and splits.name != ckpt.data:
+    if ckpt is not None and ckpt.data and splits.name != ckpt.data:
         raise ConfigError(f"data.name: {config.data.name!r}, but checkpoint {ckpt.path} was trained on {ckpt.data!r}")
     if given:
         try:
@@ -264,7 +297,8 @@ def train_baseline(
     if history:
         metrics.update(train_loss=history[-1]["loss"], train_acc=history[-1]["acc"])
     config = {"model": model, "data": data, "epochs": epochs, "seed": seed, "heldout_fraction": heldout_fraction,
-              "device_used": dev, "threads_used": threads_used, **(train_options or {}), **(extra_config or {})}
+              "device_used": dev, "threads_used": threads_used, "preprocessing": splits.preprocessing(),
+              **(train_options or {}), **(extra_config or {})}
     path = save_checkpoint(out, net, model_name=model, model_kwargs=model_kwargs, num_classes=splits.num_classes,
                            in_channels=splits.in_channels, image_size=splits.image_size, data=splits.name,
                            config=config, metrics=metrics)
@@ -278,9 +312,46 @@ def training_state_path(checkpoint: str | os.PathLike) -> Path:
     return checkpoint.with_name(checkpoint.name + ".state")
 
 
-def ensure_checkpoint(config: SearchConfig, *, progress: bool = True) -> Path:
-    """The config's baseline checkpoint; trained first (`train_baseline`) when missing and allowed."""
+def user_weights(config: SearchConfig) -> tuple[nn.Module, DataSplits] | None:
+    """`model.weights` read and checked against the architecture on the config's data, before anything is written
+    (the network and its data); None without `model.weights`, or when the checkpoint was imported from the same
+    file already (a resumed search)."""
+    weights = config.model.weights
+    if not weights:
+        return None
     path = config.checkpoint_path()
+    if path.exists() and (load_checkpoint(path).config or {}).get("weights_sha256") == file_digest(weights):
+        return None
+    splits = load_splits(config, None)
+    model = user_network(weights, model_name=config.model.name, num_classes=splits.num_classes,
+                         in_channels=splits.in_channels)
+    return model, splits
+
+
+def ensure_checkpoint(config: SearchConfig, *, progress: bool = True,
+                      imported: tuple[nn.Module, DataSplits] | None = None) -> Path:
+    """The config's baseline checkpoint: with `model.weights`, those weights written as one (`import_weights`;
+    `imported`: `user_weights`' result when already read), measured and printed first; else trained
+    (`train_baseline`) when missing and allowed."""
+    path = config.checkpoint_path()
+    if config.model.weights:
+        if path.exists() and not (load_checkpoint(path).config or {}).get("weights_sha256"):
+            raise ConfigError(f"model.weights: {path} holds a checkpoint not imported from weights; set "
+                              "model.checkpoint to another file to write the imported one")
+        imported = imported or user_weights(config)
+        if imported is None:  # imported from the same file before
+            return path
+        model, splits = imported
+        _, metrics = import_weights(config.model.weights, path, model=model, model_name=config.model.name,
+                                    model_kwargs={}, splits=splits, device=config.search.device)
+        held = f", held-out {100 * metrics['heldout_acc']:.2f}%" if "heldout_acc" in metrics else ""
+        print(f"your network ({config.model.name}, {config.model.weights}): test accuracy "
+              f"{100 * metrics['test_acc']:.2f}%{held} on {splits.name} ({len(splits.test)} test images, inputs "
+              f"{splits.in_channels}x{splits.image_size}x{splits.image_size} normalised with mean "
+              f"{[round(m, 4) for m in splits.mean]}, std {[round(v, 4) for v in splits.std]}); "
+              f"{metrics['macs'] / 1e6:.2f}M MACs, {metrics['params'] / 1e6:.3f}M params, "
+              f"{metrics['latency_ms_batch1']:.2f} ms per image on the CPU; written as {path}", flush=True)
+        return path
     if path.exists():
         return path
     if not config.model.train_if_missing:
