@@ -495,7 +495,7 @@ def _fluent_store(uri: str):
 
 
 def input_example(result: Mapping[str, Any]):
-    """Two real test images of the searched data set (normalised like the model saw them), or zeros."""
+    """Two real test images of the searched data set (preprocessed as the search recorded), or zeros."""
     cfg = result.get("config") or {}
     try:
         ckpt = load_checkpoint(cfg["model"]["checkpoint"])
@@ -503,7 +503,10 @@ def input_example(result: Mapping[str, Any]):
     except Exception:  # noqa: BLE001
         ckpt, shape = None, None
     try:
-        splits = load_data(cfg["data"]["name"], cfg["data"].get("root"), seed=int(cfg.get("seed", 0)))
+        pre = (result.get("base") or {}).get("preprocessing") or {}  # as the search fed the network
+        resized = {k: pre.get(k) for k in ("image_size", "channels")} if cfg["data"]["name"].startswith("imagefolder") else {}
+        splits = load_data(cfg["data"]["name"], cfg["data"].get("root"), seed=int(cfg.get("seed", 0)),
+                           mean=pre.get("mean") or None, std=pre.get("std") or None, **resized)
         x = np.stack([splits.test[i][0].numpy() for i in range(2)]).astype(np.float32)
         if shape is None or tuple(x.shape[1:]) == shape:
             return x
