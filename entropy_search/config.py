@@ -191,6 +191,9 @@ class SearchSettings(Section):
     eval_mode: Literal["auto", "sliced", "masked", "pruned"] = "auto"
     """How a candidate is evaluated without surgery: kept weights sliced into the original modules (the pruned network's cost plus a few launches per layer), masked outputs (full cost, no slicing), or a physical prune per candidate (slow; for checking). `auto`: sliced on CPUs (within a few % of the pruned forward), masked on GPUs (on an H200 slicing's ~300 small launches cost more than masking for ResNet-56: 20.6 vs 16.7 ms at batch 1,024); bench/RESULTS.md."""
 
+    check_exact: bool = True
+    """Before the search, one seeded random candidate under the budget is evaluated the way every candidate will be (sliced or masked) and also pruned for real; if the two compute different outputs (relative difference over 1e-4), the search stops with the channel groups that differ named, instead of ranking one function and delivering another (`result.json`'s `exactness`; docs/design.md, "The exactness guard"). Not needed with `eval_mode: pruned`."""
+
     cache: bool = True
     """Answer a candidate already evaluated (same kept channels) from a cache instead of evaluating it again."""
 

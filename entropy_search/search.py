@@ -40,8 +40,10 @@ from .finalists import finetune_finalists, halving_on_tune, parallel_slots, poli
 from .jsonio import write_json
 from .latency import onnx_latency, speedup, torch_latency
 from .problem import (
+    CandidateEvaluator,
     LatencyMeter,
     Problem,
+    check_exact,
     count_macs,
     count_params,
     ensure_checkpoint,
@@ -74,6 +76,9 @@ from .train import correct_predictions
 from .train import evaluate as test_accuracy
 from .utils import environment_info, seed_everything
 
+#: Evaluation images the exactness guard compares the candidate's two computations on.
+EXACTNESS_IMAGES = 16
+
 
 def prepare(config: SearchConfig, *, progress: bool = True,
             imported: tuple[torch.nn.Module, Any] | None = None) -> Problem:
@@ -84,6 +89,10 @@ def prepare(config: SearchConfig, *, progress: bool = True,
     problem = setup(config)
     for note in problem.notes:
         print(f"note: {note}", flush=True)
+    evaluator = problem.evaluator
+    if config.search.check_exact and isinstance(evaluator, CandidateEvaluator) and evaluator.mode != "pruned":
+        problem.exactness = check_exact(problem.space, problem.budget, evaluator.x[:EXACTNESS_IMAGES],
+                                        mode=evaluator.mode, seed=config.seed)
     return problem
 
 
@@ -237,6 +246,8 @@ def finish_search(
               "finetunes_at_once": finetunes["slots"], "finetunes_kept": finetunes["kept"]}
     result = search_result(config, problem, state, base=base, top_k=top_k, baselines=baselines, selection=selection,
                            delivered=finalized[winner][0], files=files, phases=phases, t_start=t_start)
+    if problem.exactness is not None:
+        result["exactness"] = problem.exactness
     if config.output.latency:
         result["latency"] = measure_latency(problem, finalized, winner, files, config)
     write_json(Path(config.output.dir) / RESULT_FILE, result)

@@ -53,3 +53,26 @@ class NanWhenNarrow(nn.Module):
 
 def nan_when_narrow(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
     return NanWhenNarrow(num_classes, in_channels)
+
+
+class ChannelMeanNet(nn.Module):
+    """A network whose middle layer adds the mean over its channels to every channel: zeroing channels (masking)
+    changes that mean, removing them (pruning) changes the divisor instead, so a masked evaluation and the pruned
+    network compute different functions: what the exactness guard must catch."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 16) -> None:
+        super().__init__()
+        self.stem = _conv_bn_relu(in_channels, width)
+        self.middle = _conv_bn_relu(width, width)
+        self.head = _conv_bn_relu(width, 2 * width, stride=2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.middle(self.stem(x))
+        x = x + x.mean(dim=1, keepdim=True)
+        return self.fc(torch.flatten(self.pool(self.head(x)), 1))
+
+
+def channel_mean_net(num_classes: int = 10, in_channels: int = 1, width: int = 16) -> nn.Module:
+    return ChannelMeanNet(num_classes, in_channels, width)

@@ -22,6 +22,7 @@ from .checkpoint import Checkpoint, build_model, load_checkpoint, load_model, sa
 from .entropy import EntropyProbe, network_entropy, spatial_entropy
 from .evaluate import CandidateCache, CandidateEvaluator, SimulatedEvaluator, cache_entry, record_key
 from .finalize import export, export_onnx, finalize
+from .guard import check_exact
 from .latency_table import LatencyMeter, LatencyTable
 from .macs import count_macs, count_params
 from .peers import PEER_RECIPES, offered, peer_baseline, peer_network
@@ -67,6 +68,7 @@ __all__ = [
     "SimulatedEvaluator",
     "build_model",
     "cache_entry",
+    "check_exact",
     "choose_default_reward",
     "collapse_rate",
     "compute_reward",

@@ -55,6 +55,8 @@ class Problem:
     config: SearchConfig = field(repr=False)
     notes: list[str] = field(default_factory=list)
     """What the user should know about this problem (said once by the driver), e.g. a small held-out split."""
+    exactness: dict | None = None
+    """The exactness guard's check of this problem (`guard.check_exact`), when the driver ran it."""
 
     @property
     def model(self) -> nn.Module:
