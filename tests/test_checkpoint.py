@@ -189,3 +189,16 @@ def test_example_input_has_the_trained_shape(tmp_path, model):
     ckpt = load_checkpoint(_save(tmp_path / "c.pt", model))
     assert ckpt.example_input().shape == (1, 1, 8, 8) and ckpt.example_input(4).shape == (4, 1, 8, 8)
     assert ckpt.format_version == 1, "a file without dropped blocks stays readable by readers before blocks"
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_saying_what_it_is(tmp_path):
+    """A pickled object (torch.save of a whole model) is not loaded: the message says the file holds pickled
+    objects, that only weights are loaded, and how to convert a trusted file; not torch's advice to switch the
+    safeguard off."""
+    path = tmp_path / "evil.pt"
+    torch.save(torch.nn.Linear(2, 2), path)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    message = str(err.value)
+    assert "\n" not in message and "holds pickled Python objects" in message and "weights_only=True" in message
+    assert "convert it once" in message and "weights_only` set to `False`" not in message

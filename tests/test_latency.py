@@ -73,7 +73,7 @@ def test_measure_command_times_a_delivered_network_like_the_search(tmp_path, cap
 
 @pytest.mark.parametrize("args, message", [
     (["missing.pt"], "checkpoint missing.pt not found"),
-    (["junk.pt"], "is corrupt or not a PyTorch file"),
+    (["junk.pt"], "is corrupt, truncated or not a PyTorch file"),
     (["ok.pt", "--batch-sizes", "0"], "--batch-sizes must be positive integers, got [0]"),
     (["ok.pt", "--threads", "0"], "--threads, --repeats and --rounds must be >= 1"),
 ])

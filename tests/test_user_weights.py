@@ -121,7 +121,8 @@ def wrong_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
                                         "first stem"),
         "another number of classes": (classes, r"shape.*differ, first fc.weight \[10, 32\] in the file, \[3, 32\] "
                                                "in the model"),
-        "a pickled model": (objects, "holds Python objects, not only tensors.*torch.save\\(model.state_dict"),
+        "a pickled model": (objects, "holds pickled Python objects, not only tensors.*weights_only=True, which never "
+                                     "runs code.*convert it once"),
         "a truncated file": (truncated, "corrupt, truncated or not a PyTorch file"),
         "a text file": (text, "corrupt, truncated or not a PyTorch file"),
     }

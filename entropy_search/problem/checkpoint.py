@@ -8,6 +8,7 @@ Python values and loading one never runs code from it.
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,16 +100,36 @@ def save_checkpoint(
         raise CheckpointError(f"cannot write checkpoint {path}: {exc}") from None
 
 
+def _said(exc: BaseException) -> str:
+    """The line of an exception's message that says what is wrong (torch's unpickler says it after its advice)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return next((line for line in lines if "error:" in line.lower()), lines[0] if lines else type(exc).__name__)[:200]
+
+
+def load_tensors(path: Path, what: str):
+    """`torch.load(path, weights_only=True)` on the CPU; a CheckpointError in one line that says what the file is
+    when it is not tensors and plain values (`what`: "checkpoint" or "weights file")."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "unsupported global" in str(exc).lower():  # a pickled object: loading it could run code
+            raise CheckpointError(
+                f"{what} {path} holds pickled Python objects, not only tensors; entropy-search loads weights only "
+                "(torch.load with weights_only=True, which never runs code from a file). If you trust the file, "
+                "convert it once: torch.save(torch.load(FILE, weights_only=False).state_dict(), 'weights.pth'), "
+                "then give weights.pth as model.weights"
+            ) from None
+        raise CheckpointError(f"{what} {path} is corrupt, truncated or not a PyTorch file ({_said(exc)})") from None
+    except Exception as exc:  # a truncated zip, not a torch file at all
+        raise CheckpointError(f"{what} {path} is corrupt, truncated or not a PyTorch file ({_said(exc)})") from None
+
+
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read a checkpoint written by `save_checkpoint`; CheckpointError if missing, corrupt or foreign."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found" + (" (it is a directory)" if path.is_dir() else ""))
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch file ({reason[:200]})") from None
+    payload = load_tensors(path, "checkpoint")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not an entropy-search checkpoint (no model name or config in it); if it holds a network's "

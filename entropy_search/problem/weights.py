@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,20 +21,13 @@ from ..errors import CheckpointError, EntropySearchError
 from ..latency import torch_latency
 from ..models import create_model
 from ..train import evaluate
-from .checkpoint import FORMAT, save_checkpoint
+from .checkpoint import FORMAT, load_tensors, save_checkpoint
 from .macs import count_macs, count_params
 
 #: Keys under which training scripts commonly keep the state_dict in a saved dict.
 WRAPPING_KEYS = ("state_dict", "model_state_dict", "model", "net")
 #: Prefixes that wrappers add to every key: DataParallel / DistributedDataParallel, torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-def _first_line(exc: BaseException) -> str:
-    """The line of an exception's message that says what is wrong (torch's unpickler says it after its advice)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    said = next((line for line in lines if "error:" in line.lower()), lines[0] if lines else type(exc).__name__)
-    return said[:200]
 
 
 def _is_state_dict(value) -> bool:
@@ -49,19 +41,7 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file {path} not found" + (" (it is a directory)" if path.is_dir() else ""))
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "unsupported global" in str(exc).lower():  # a pickled object, refused by weights_only
-            raise CheckpointError(
-                f"weights file {path} holds Python objects, not only tensors, and is not loaded (it could run code): "
-                "save the network's weights with torch.save(model.state_dict(), FILE) instead of the model"
-            ) from None
-        raise CheckpointError(f"weights file {path} is corrupt, truncated or not a PyTorch file "
-                              f"({_first_line(exc)})") from None
-    except Exception as exc:  # truncated zip, not a torch file at all
-        raise CheckpointError(f"weights file {path} is corrupt, truncated or not a PyTorch file "
-                              f"({_first_line(exc)})") from None
+    payload = load_tensors(path, "weights file")
     if isinstance(payload, Mapping) and payload.get("format") == FORMAT:
         raise CheckpointError(f"{path} is an entropy-search checkpoint, not plain weights: give it as model.checkpoint")
     state = payload
