@@ -159,3 +159,31 @@ def assert_exact(space, batch: torch.Tensor, keep, dropped=()) -> None:
     for name in names:  # a block inside a dropped block goes with it
         gone = name not in left if any(name.startswith(o + ".") for o in names) else isinstance(left[name], nn.Identity)
         assert gone, f"{name} is removed from the pruned network"
+
+
+def exact_or_refused(model: nn.Module, name: str, size: int, refused: dict[str, str], *, max_seconds: float):
+    """A coverage test's checks of one model: refused in one line (and expected to be, with `refused[name]` in
+    the message), or accepted and exact at random keep ratios with random residual blocks dropped (`assert_exact`),
+    fewer MACs than the baseline. Returns the space (None when refused)."""
+    import random
+
+    from entropy_search import PruningSpace
+    from entropy_search.errors import EntropySearchError
+
+    x = torch.randn(1, 3, size, size)
+    try:
+        space = PruningSpace(model, x, max_seconds=max_seconds)
+    except EntropySearchError as exc:
+        message = str(exc)
+        assert "\n" not in message and len(message) < 600, "a refusal is one line"
+        assert name in refused, f"{name} was refused: {message}"
+        assert refused[name] in message, message
+        return None
+    assert name not in refused, f"{name} is handled now: update REFUSED and the README's coverage figure"
+    assert space.groups, "an accepted model has something to prune"
+    rng = random.Random(1)
+    keep = [rng.uniform(0.1, 1.0) for _ in space.groups]
+    dropped = [b.index for b in space.blocks if rng.random() < 0.5]  # depth too, where the model has blocks
+    assert_exact(space, torch.randn(2, 3, size, size), keep, dropped)
+    assert space.macs(keep, dropped) < space.base_macs
+    return space

@@ -252,7 +252,8 @@ def test_submit_sweep_stops_at_once_without_a_tracking_server(submit_sweep, monk
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again below: nothing listens there
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_ADDRESS", "")  # recorded, so the `auto` the script sets is undone after the test: a
+    monkeypatch.delenv("RAY_ADDRESS")  # later search would join whatever Ray runs on this machine
     assert submit_sweep.main(["tune_configs/quickstart.yaml"]) == 2
     assert "no MLflow tracking server answers" in capsys.readouterr().err
     assert os.environ["RAY_ADDRESS"] == "auto"

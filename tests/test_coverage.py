@@ -4,15 +4,12 @@ refused with one line naming where, with random residual blocks dropped where it
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 import torchvision
-from conftest import assert_exact, randomise_weights
+from conftest import exact_or_refused, randomise_weights
 
-from entropy_search import PruningSpace, create_model
-from entropy_search.errors import EntropySearchError
+from entropy_search import create_model
 
 MODELS = torchvision.models.list_models(module=torchvision.models)
 # Refused, and why (the test fails when one of them starts to work, so the README's figure stays true):
@@ -37,20 +34,7 @@ def test_torchvision_model_is_exact_or_refused_with_a_reason(name, one_thread):
     model = create_model(f"tv:{name}", num_classes=10, **BUILD.get(name, {})).eval()
     randomise_weights(model, 0)
     size = BUILD.get(name, {}).get("image_size") or SIZES.get(name, 64)
-    x = torch.randn(1, 3, size, size)
-    try:
-        space = PruningSpace(model, x, max_seconds=ANALYSIS_SECONDS)
-    except EntropySearchError as exc:
-        message = str(exc)
-        assert "\n" not in message and len(message) < 600, "a refusal is one line"
-        assert name in REFUSED, f"{name} was refused: {message}"
-        assert REFUSED[name] in message
+    space = exact_or_refused(model, name, size, REFUSED, max_seconds=ANALYSIS_SECONDS)
+    if space is None:
         return
-    assert name not in REFUSED, f"{name} is handled now: update REFUSED and the README's coverage figure"
-    assert space.groups, "an accepted model has something to prune"
-    rng = random.Random(1)
-    keep = [rng.uniform(0.1, 1.0) for _ in space.groups]
-    dropped = [b.index for b in space.blocks if rng.random() < 0.5]  # depth too, where the model has blocks
-    assert_exact(space, torch.randn(2, 3, size, size), keep, dropped)
-    assert space.macs(keep, dropped) < space.base_macs
     assert bool(space.blocks) == any(name.startswith(family) for family in WITH_BLOCKS), "blocks found from the graph"

@@ -1,8 +1,9 @@
 """The network a user brings: weights saved with plain PyTorch, for a torchvision, a timm and a user's own
 architecture, pruned from the command line (`model.weights`, `prune --model`); wrapped state_dicts read; wrong
 files refused in one line (exit 2) with nothing written; the preprocessing stated, recorded and used. On an
-ImageFolder of three classes of 32x32 images made here; the README section's commands run (a one-iteration search). About
-2.5 min on 2 cores: four small searches (a local Ray of 2 CPUs each, seconds of agent time), the rest seconds."""
+ImageFolder of three classes of 32x32 images made here (tests/test_readme_own_network.py runs the README's
+commands). About 2 min on 2 cores: three small searches on one local Ray of 2 CPUs (seconds of agent time each),
+the rest seconds."""
 
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def search_config(folder: Path, weights: Path, model_name: str, out: Path) -> di
 
 
 @pytest.mark.parametrize("model_name", ["tv:resnet18", "timm.models.resnet:resnet10t", "user_models:dense_grouped_net"])
-def test_a_search_prunes_the_weights_a_user_brings(folder, tmp_path, capsys, model_name):
+def test_a_search_prunes_the_weights_a_user_brings(ray_local, folder, tmp_path, capsys, model_name):
     """`entropy-search search cfg.yaml` with `model.weights`: the network measured first, then searched, pruned,
     fine-tuned and exported with the stated preprocessing recorded everywhere."""
     weights = saved_weights(tmp_path / "weights.pth", model_name)
@@ -184,50 +185,3 @@ def test_plain_weights_given_as_a_checkpoint_say_where_they_go(tmp_path):
     with pytest.raises(CheckpointError, match="not an entropy-search checkpoint.*give it as model.weights"):
         load_checkpoint(weights)
 
-
-def readme_blocks(section: str) -> dict[str, str]:
-    """The first code block of each language (yaml, bash, python) in a section of the README."""
-    import re
-
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    start = text.index(f"## {section}\n")
-    body = text[start:text.index("\n## ", start + 3)]
-    blocks: dict[str, str] = {}
-    for lang, code in re.findall(r"```(\w+)\n(.*?)```", body, flags=re.S):
-        blocks.setdefault(lang, code)
-    return blocks
-
-
-#: What the test changes in the README's settings to run in seconds: 32x32 images and a one-iteration search.
-QUICK = {"data": {"image_size": 32, "eval_batch": 6}, "stop": {"iterations": 1},
-         "agent": {"episodes_per_iteration": 2, "num_epochs": 1, "num_minibatches": 1},
-         "resources": {"num_env_runners": 1, "driver_threads": 1},
-         "baselines": {"random_candidates": 2, "peers": []}, "search": {"top_k": 1},
-         "finetune": {"epochs": 1, "batch_size": 8}, "output": {"latency": False}}
-
-
-def test_the_readme_commands_for_your_own_network_run(tmp_path, monkeypatch, capsys):
-    """The README's "Prune your own network": its YAML (with QUICK's changes), its two commands and its Python."""
-    import shlex
-
-    import yaml
-
-    blocks = readme_blocks("Prune your own network")
-    monkeypatch.chdir(tmp_path)
-    write_folder(tmp_path / "my_images", {"train": 12, "val": 4})
-    saved_weights(tmp_path / "my_weights.pth", "tv:resnet18")
-    settings = yaml.safe_load(blocks["yaml"])
-    for section, values in QUICK.items():
-        settings.setdefault(section, {}).update(values)
-    Path("my_network.yaml").write_text(yaml.safe_dump(settings))
-    commands = [line.split("#")[0] for line in blocks["bash"].splitlines() if line.startswith("entropy-search")]
-    assert len(commands) == 2
-    assert main(shlex.split(commands[0])[1:] + ["--no-progress"]) == 0
-    assert "your network (tv:resnet18, my_weights.pth)" in capsys.readouterr().out
-    assert Path("runs/my_network/best_pruned.pt").exists()
-    assert main(shlex.split(commands[1])[1:] + ["--image-size", "32", "--epochs", "1", "--no-progress"]) == 0
-    assert load_checkpoint("my_weights_pruned.pt").model_name == "tv:resnet18"
-    scope: dict = {}
-    exec(blocks["python"].replace('run_search("my_network.yaml")',
-                                  'run_search("my_network.yaml", overwrite=True, progress=False)'), scope)
-    assert scope["result"]["delivered"]["macs_ratio"] <= 0.5

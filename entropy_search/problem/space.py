@@ -32,7 +32,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Collection, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -249,13 +249,13 @@ class PruningSpace:
         """Analytic MACs count conv and linear layers. Work elsewhere (an attention's matrix products) is added as a
         constant when pruning does not change it (measured on the smallest candidate); otherwise the model is
         refused, naming the layers, rather than track a budget that is not the network's."""
-        counted = count_macs(self.model, self.example_input)
+        counted = self._count(None, "PyTorch's FLOP counter cannot count the MACs of this model")
+        smallest = [1 / g.channels for g in self.groups]
+        counted_smallest = self._count(smallest, "the model does not run with its channels pruned")
         extra = counted - self.base_macs
         if extra == 0:
             return
-        smallest = [1 / g.channels for g in self.groups]
-        with self.sliced(smallest):
-            extra_smallest = count_macs(self.model, self.example_input) - self.macs(smallest)
+        extra_smallest = counted_smallest - self.macs(smallest)
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             self.model.eval()
             self.model(self.example_input)
@@ -278,6 +278,29 @@ class PruningSpace:
         raise EntropySearchError(f"{extra / 1e6:.2f}M of the model's {counted / 1e6:.2f}M MACs are outside conv and "
                                  f"linear layers, in {what}, and change with pruning: a budget on them cannot be "
                                  "tracked; this architecture is not supported")
+
+    def _count(self, keep: Sequence[float] | None, failure: str) -> int:
+        """MACs counted on the model, sliced to `keep` when given (every group at its smallest width: a forward that
+        keeps channel counts in attributes fails there, as the pruned network would: a split at fixed sizes, heads
+        reshaped to a fixed width, a scale viewed to a fixed shape, a weight standardised with its stored channel
+        count). An exception, there or in PyTorch's FLOP counter, is a refusal naming the layer that raised it."""
+        try:
+            with self.sliced(keep) if keep is not None else nullcontext():
+                return count_macs(self.model, self.example_input)
+        except Exception as exc:  # noqa: BLE001 - the model's own error, made one line with the layer named
+            lines = str(exc).strip().splitlines()
+            message = f"{failure}{self._raised_in(exc)}: {type(exc).__name__}: {lines[0][:300] if lines else ''}"
+        raise EntropySearchError(message)
+
+    def _raised_in(self, exc: BaseException) -> str:
+        """' in layer X' for the innermost module of the model whose code raised `exc` (from the traceback), else ''."""
+        tb, name = exc.__traceback__, ""
+        while tb is not None:
+            module = tb.tb_frame.f_locals.get("self")
+            if isinstance(module, nn.Module) and self._names.get(module):
+                name = self._names[module]
+            tb = tb.tb_next
+        return f" in layer {name}" if name else ""
 
     def _trace(self, x: torch.Tensor) -> tuple[list[nn.Module], dict[nn.Module, list[torch.Size]]]:
         """Forward order of conv/linear layers and the output shapes of every leaf module."""
@@ -361,7 +384,12 @@ class PruningSpace:
             for module, imap in consumers:
                 if isinstance(module, (nn.Conv2d, nn.Linear)):
                     sliced(module, "weight").add(1, g, imap)
-            scores = imp(full)
+            try:
+                scores = imp(full)
+            except (IndexError, RuntimeError) as exc:  # Torch-Pruning's indices do not fit a layer (a depthwise
+                # conv with a channel multiplier): one line naming the group, not an exception from inside it
+                raise EntropySearchError(f"the importance cannot score the group rooted at {self._names[root]}: "
+                                         f"{type(exc).__name__}: {exc}") from None
             channels = units.numel()
             if scores is None or scores.numel() != channels:
                 raise EntropySearchError(f"importance gave no score for the {channels} channels of group {g}")
@@ -441,11 +469,12 @@ class PruningSpace:
         full = graph.get_pruning_group(root, root_fn, idxs=list(range(channels)))
         members = []  # (module, is_producer, indices into the module's dim, one row per root channel)
         params = []  # (owner module, attribute, dim, indices): parameters outside layers (layer scales)
-        for dep, idxs in full.items:
-            module = dep.target.module
+        for item in full.items:
+            dep, module = item.dep, item.dep.target.module
             if isinstance(module, nn.Parameter) and module in owners:
-                idx = torch.as_tensor([int(i) for i in idxs], dtype=torch.long)
-                params.append((*owners[module], dims[module] % module.ndim, idx.view(channels, -1)))
+                dim = dims[module] % module.ndim
+                name = ".".join(filter(None, (self._names[owners[module][0]], owners[module][1])))
+                params.append((*owners[module], dim, _channel_map(item, channels, module.shape[dim], name)))
                 continue
             if not isinstance(module, nn.Module) or module not in self._names:
                 continue  # an operation of the graph (add, relu, reshape, concat), nothing to slice
@@ -458,10 +487,8 @@ class PruningSpace:
                         "but is not supported (conv, linear, batch and layer norms are)"
                     )
                 continue
-            idx = torch.as_tensor([int(i) for i in idxs], dtype=torch.long)
-            if idx.numel() % channels:
-                raise _UnsupportedGroup(f"cannot map channels of {self._names[module]} to its group")
-            members.append((module, graph.is_out_channel_pruning_fn(dep.handler), idx.view(channels, -1)))
+            is_out = graph.is_out_channel_pruning_fn(dep.handler)
+            members.append((module, is_out, _channel_map(item, channels, _dim_size(module, is_out), self._names[module])))
         units = self._units_of(channels, members)
         producers, consumers = [], []
         for module, is_producer, imap in members:
@@ -1031,6 +1058,37 @@ def _update_index_mapping(graph: tp.DependencyGraph) -> None:
 # Installed once, for every graph (Torch-Pruning calls the module's function by name, from `build_dependency` and
 # `get_pruning_group`); a graph without a channel-mixing reshape gets Torch-Pruning's own update, unchanged.
 tp.dependency.index_mapping.update_index_mapping = _update_index_mapping
+
+
+def _channel_map(item, channels: int, size: int, name: str) -> torch.Tensor:
+    """[channels, k]: row r holds the indices (of a member's dim of `size`) that the group's channel r maps to.
+    Torch-Pruning lists a member's indices in the order its mappings produce them, with the group channel of each
+    (`root_idxs`): a concatenation that takes the same channels twice lists one block after the other (DLA's roots,
+    where row r must be [r, r + C], not [2r, 2r + 1]). An index list that is not k consecutive indices per channel,
+    in channel order, or one that points past the dim (a mapping Torch-Pruning got wrong), keeps the group whole."""
+    idx = torch.as_tensor([int(i) for i in item.idxs], dtype=torch.long)
+    if idx.numel() == 0 or idx.numel() % channels:
+        raise _UnsupportedGroup(f"cannot map channels of {name} to its group")
+    if int(idx.min()) < 0 or int(idx.max()) >= size:
+        raise _UnsupportedGroup(f"Torch-Pruning maps the group to index {int(idx.max())} of {name}, which has {size} "
+                                "channels")
+    roots = getattr(item, "root_idxs", None)
+    per = idx.numel() // channels
+    if roots is None or any(r != j // per for j, r in enumerate(roots)):
+        raise _UnsupportedGroup(f"Torch-Pruning lists the channels of {name} out of the group's order (a "
+                                "concatenation or repeat that takes them more than once)")
+    return idx.view(channels, per)
+
+
+def _dim_size(module: nn.Module, is_out: bool) -> int:
+    """Size of the dim of a sliceable layer that a group prunes (its output channels, or its inputs)."""
+    if isinstance(module, nn.Linear):
+        return module.out_features if is_out else module.in_features
+    if isinstance(module, nn.Conv2d):
+        return module.out_channels if is_out else module.in_channels
+    if isinstance(module, nn.LayerNorm):
+        return module.normalized_shape[0]
+    return module.num_features  # a batch norm
 
 
 def _is_depthwise(module: nn.Conv2d) -> bool:
