@@ -123,7 +123,7 @@ def wrong_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
         "another number of classes": (classes, r"shape.*differ, first fc.weight \[10, 32\] in the file, \[3, 32\] "
                                                "in the model"),
         "a pickled model": (objects, "holds pickled Python objects, not only tensors.*weights_only=True, which never "
-                                     "runs code.*convert it once"),
+                                     "runs code.*convert it once.*state_dict"),
         "a truncated file": (truncated, "corrupt, truncated or not a PyTorch file"),
         "a text file": (text, "corrupt, truncated or not a PyTorch file"),
     }

@@ -116,8 +116,8 @@ def load_tensors(path: Path, what: str):
             raise CheckpointError(
                 f"{what} {path} holds pickled Python objects, not only tensors; entropy-search loads weights only "
                 "(torch.load with weights_only=True, which never runs code from a file). If you trust the file, "
-                "convert it once: torch.save(torch.load(FILE, weights_only=False).state_dict(), 'weights.pth'), "
-                "then give weights.pth as model.weights"
+                "convert it once: load it in your own Python with torch.load's safeguard off, save "
+                "torch.save(model.state_dict(), 'weights.pth'), and give weights.pth as model.weights"
             ) from None
         raise CheckpointError(f"{what} {path} is corrupt, truncated or not a PyTorch file ({_said(exc)})") from None
     except Exception as exc:  # a truncated zip, not a torch file at all

@@ -24,17 +24,21 @@ TOLERANCE = 1e-4
 def relative_difference(space: PruningSpace, x: torch.Tensor, keep: Sequence[float], dropped: Collection[int] = (),
                         *, mode: str) -> float:
     """How far the candidate computed the evaluator's way (`mode`: sliced or masked) is from the physically pruned
-    network, on the images `x` (the space's model in eval mode: the baseline's BN statistics)."""
+    network, on the images `x` (the space's model in eval mode: the baseline's BN statistics); outputs that are not
+    finite must be so in the same places on both, and only the finite ones are compared."""
     apply = space.sliced if mode == "sliced" else space.masked
     with torch.no_grad():
         pruned = space.prune(keep, dropped=dropped).eval().to(x.device)
         expected = pruned(x).float()
         with apply(keep, None, dropped) as model:
             got = model(x).float()
-    if got.shape != expected.shape:
+    if got.shape != expected.shape or not torch.equal(torch.isfinite(got), torch.isfinite(expected)):
         return float("inf")
-    scale = expected.abs().max().clamp_min(1e-12)
-    return float((got - expected).abs().max() / scale)
+    finite = torch.isfinite(expected)  # a network that overflows (NaN or inf) does so on both paths alike
+    if not finite.any():
+        return 0.0
+    scale = expected[finite].abs().max().clamp_min(1e-12)
+    return float((got - expected)[finite].abs().max() / scale)
 
 
 def check_exact(space: PruningSpace, budget: Budget, x: torch.Tensor, *, mode: str, seed: int,
