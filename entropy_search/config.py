@@ -397,6 +397,9 @@ class SelectionConfig(Section):
     significance: Annotated[float, Field(gt=0.0, le=1.0)] = 0.2
     """Another finalist replaces uniform pruning only if it is more accurate on the held-out split after fine-tuning (`halving`: after the last rung's short fine-tune) and the one-sided exact McNemar test on the same images gives p below this (1.0: the most accurate finalist wins). A small held-out split cannot tell networks a few images apart, and then the user gets the known-safe network. 0.2 was chosen on recorded searches by a rule fixed before its validation runs (bench/RESULTS.md, "the final stage's significance level"): it never left uniform on digits' 144 held-out images, and on Fashion-MNIST's 6,000 it took leads of 0.2-0.5 points that 0.05 refused."""
 
+    survivors: NonNegativeInt = 0
+    """`halving`: this many of the last rung's most accurate finalists, with uniform pruning, are then fine-tuned in full and the guarded rule decides on those full fine-tunes (as `full` does, on fewer networks); 0: the guarded rule decides at the last rung's short fine-tune and only the delivered network is fine-tuned in full."""
+
     rung_steps: PositiveInt = 30
     """`halving`: SGD steps of every finalist in the first rung; each later rung trains the survivors eta times longer (cumulative)."""
 

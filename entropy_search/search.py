@@ -22,6 +22,7 @@ Tune sweep logs them to MLflow).
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -50,6 +51,7 @@ from .problem import (
     export,
     finalist_records,
     guarded_choice,
+    halving_survivors,
     offered,
     peer_baseline,
     proxy_agreement,
@@ -116,6 +118,19 @@ def select_delivered(problem: Problem, config: SearchConfig, state: SearchState,
         todo = {label: records[label] for label in wanted if label not in finalized}
         finalized.update(finetune_finalists(problem, config, todo, progress=progress)[0])
 
+    def judged_in_full(wanted: list[str]) -> tuple[str, dict]:
+        # the guarded rule on held-out correctness after each wanted finalist's full fine-tune
+        ensure_finalized(*wanted)
+        heldout = problem.splits.heldout  # empty: nothing can beat uniform, which is delivered
+        correct = {label: correct_predictions(finalized[label][1], heldout, device=config.search.device)
+                   if len(heldout) else torch.zeros(0, dtype=torch.bool) for label in wanted}
+        winner, p_values = guarded_choice(wanted, correct, reference="uniform" if "uniform" in wanted else None,
+                                          significance=sel.significance)
+        scores = {label: finalized[label][0]["heldout_accuracy_after_finetune"] for label in wanted}
+        return winner, {"epochs": config.finetune.epochs, "heldout_accuracy": scores, "p_value_vs_uniform": p_values,
+                        "significance": sel.significance, "continue": [winner],
+                        "eliminated": [lb for lb in wanted if lb != winner]}
+
     sel = config.selection
     t0 = time.perf_counter()
     if not sel.enabled or len(labels) <= 1:
@@ -134,18 +149,17 @@ def select_delivered(problem: Problem, config: SearchConfig, state: SearchState,
                                      batch_size=sel.batch_size, lr=sel.lr, seed=config.seed)
             out["scheduler"] = "driver"
             problem.model.to("cpu")
+        if sel.survivors and out["rungs"]:  # the last rung's best, and uniform, judged again after the full fine-tune
+            last = out["rungs"][-1]
+            survivors = halving_survivors(last, sel.survivors, reference=reference)
+            last.update({"continue": survivors,
+                         "eliminated": [lb for lb in last["heldout_accuracy"] if lb not in survivors]})
+            out["winner"], rung = judged_in_full(survivors)
+            steps = config.finetune.epochs * math.ceil(len(problem.splits.train) / config.finetune.batch_size)
+            out["rungs"].append({"steps": last["steps"] + steps, **rung})  # MLflow's step after the short rungs
         out = {"enabled": True, "method": "halving", **out}
     else:
-        ensure_finalized(*labels)
-        heldout = problem.splits.heldout  # empty: nothing can beat uniform, which is delivered
-        correct = {label: correct_predictions(finalized[label][1], heldout, device=config.search.device)
-                   if len(heldout) else torch.zeros(0, dtype=torch.bool) for label in labels}
-        winner, p_values = guarded_choice(labels, correct, reference="uniform" if "uniform" in labels else None,
-                                          significance=sel.significance)
-        scores = {label: finalized[label][0]["heldout_accuracy_after_finetune"] for label in labels}
-        rung = {"epochs": config.finetune.epochs, "heldout_accuracy": scores, "p_value_vs_uniform": p_values,
-                "significance": sel.significance, "continue": [winner],
-                "eliminated": [lb for lb in labels if lb != winner]}
+        winner, rung = judged_in_full(labels)
         out = {"enabled": True, "method": "full", "winner": winner, "rungs": [rung]}
     ensure_finalized(out["winner"])
     return {**out, "finalists": labels, "seconds": time.perf_counter() - t0}
@@ -240,7 +254,7 @@ def finish_search(
     t2 = time.perf_counter()
     selection = select_delivered(problem, config, state, baselines, finalized, progress=progress)
     winner = selection["winner"]
-    place_delivered(top_k, baselines, finalized, winner)
+    place_delivered(top_k, baselines, finalized)
     files = export_delivered(problem, config, *finalized[winner])
     phases = {"setup_seconds": setup_seconds, "baselines_seconds": t1 - t0, "finetune_seconds": t2 - t1,
               "finetunes_at_once": finetunes["slots"], "finetunes_kept": finetunes["kept"]}
@@ -327,15 +341,15 @@ def unfinalized(problem: Problem, record: dict, label: str) -> dict:
             **{k: record[k] for k in keys if k in record}, "finetuned": False}
 
 
-def place_delivered(top_k: list[dict], baselines: dict, finalized: dict, winner: str) -> None:
-    """The delivered network's fine-tuned record where the result lists it (its top-k rank, its baseline's
-    `final`), when the final stage fine-tuned it only after choosing it."""
-    final = finalized[winner][0]
-    for rank, record in enumerate(top_k):
-        if record.get("label") == winner and record.get("finetuned") is False:
-            top_k[rank] = {**final, "rank": rank + 1}
-    if winner in baselines and "final" not in baselines[winner]:
-        baselines[winner]["final"] = final
+def place_delivered(top_k: list[dict], baselines: dict, finalized: dict) -> None:
+    """Each network the final stage fine-tuned itself (halving's winner, or its survivors) where the result lists
+    it: its top-k rank, its baseline's `final`."""
+    for label, (final, _) in finalized.items():
+        for rank, record in enumerate(top_k):
+            if record.get("label") == label and record.get("finetuned") is False:
+                top_k[rank] = {**final, "rank": rank + 1}
+        if label in baselines and "final" not in baselines[label]:
+            baselines[label]["final"] = final
 
 
 def export_delivered(problem: Problem, config: SearchConfig, delivered: dict, model: torch.nn.Module) -> dict:

@@ -169,6 +169,31 @@ def test_a_halving_search_fine_tunes_in_full_only_the_network_it_delivers(ray_lo
     assert result["cost"]["finetunes_at_once"] == 1 and result["cost"]["finetune_seconds"] < 5
 
 
+def test_halving_with_survivors_judges_the_last_rungs_best_again_after_the_full_fine_tune(ray_local, checkpoint,
+                                                                                           tmp_path):
+    """`selection.survivors: 1` end to end (about 15 s): after the short rungs, the last rung's most accurate
+    finalist and uniform pruning are fine-tuned in full (parallel Ray tasks) and the guarded rule picks between
+    them on those fine-tunes, recorded as a last rung; both have test figures in the result, the others none."""
+    from entropy_search.search import run_search  # deferred: RLlib takes seconds to import
+
+    config = config_in(tmp_path / "survivors", checkpoint, **{"selection.method": "halving",
+                                                             "selection.rung_steps": 2, "selection.survivors": 1})
+    result = run_search(config, progress=False)
+    selection, delivered = result["selection"], result["delivered"]
+    *short, last, full = selection["rungs"]
+    assert "epochs" not in last and full["epochs"] == 2 and full["steps"] > last["steps"]
+    best = max((lb for lb in last["heldout_accuracy"] if lb != "uniform"), key=lambda lb: last["heldout_accuracy"][lb])
+    assert sorted(last["continue"]) == sorted(full["heldout_accuracy"]) == sorted({"uniform", best})
+    assert set(full["p_value_vs_uniform"]) == {best} and full["significance"] == config.selection.significance
+    assert selection["winner"] == delivered["label"] == full["continue"][0] and delivered["finetune_epochs"] == 2
+    kept = sorted(p.stem for p in (tmp_path / "survivors" / FINALISTS_DIR).glob("*.pt"))
+    assert kept == sorted(full["heldout_accuracy"])
+    tested = {r["label"] for r in result["top_k"] if "test_accuracy_after_finetune" in r} | {
+        name for name, res in result["baselines"].items() if res.get("final")}
+    assert tested == set(full["heldout_accuracy"]) & ({r["label"] for r in result["top_k"]} | set(result["baselines"]))
+    assert result["cost"]["finetunes_at_once"] == 1  # none before the final stage
+
+
 def test_halving_on_tune_asha_keeps_the_known_best_and_measures_what_the_driver_measures(ray_local, checkpoint,
                                                                                       tmp_path):
     """Four finalists, the unpruned network among them (the answer known in advance), as Tune trials under ASHA

@@ -320,6 +320,18 @@ def test_summary_says_why_the_delivered_network_was_delivered():
         "accurate at p < 0.2 (selection.significance); top1 delivered, the only network fine-tuned in full",
         "  30 steps: held-out uniform 50.00%, top1 75.00%, random 25.00%; eliminated random",
         "  90 steps: held-out uniform 50.00%, top1 80.00% (p 0.01); eliminated uniform"]
+    survivors = {**halving, "winner": "uniform", "rungs": [
+        {**halving["rungs"][0]},
+        {"steps": 90, "heldout_accuracy": {"uniform": 0.5, "top1": 0.8}, "continue": ["uniform", "top1"],
+         "eliminated": []},
+        {"steps": 400, "epochs": 3, "heldout_accuracy": {"uniform": 0.9, "top1": 0.89},
+         "p_value_vs_uniform": {"top1": 0.9}, "significance": 0.2, "continue": ["uniform"], "eliminated": ["top1"]}]}
+    assert selection_lines(survivors) == [
+        "final stage: successive halving on short fine-tunes; another finalist replaces uniform only when more "
+        "accurate at p < 0.2 (selection.significance); uniform delivered, 2 finalists fine-tuned in full",
+        "  30 steps: held-out uniform 50.00%, top1 75.00%, random 25.00%; eliminated random",
+        "  90 steps: held-out uniform 50.00%, top1 80.00%; eliminated -",
+        "  full fine-tune (3 epochs): held-out uniform 90.00%, top1 89.00% (p 0.90); eliminated top1"]
     assert selection_lines({**halving, "scheduler": "tune-asha"})[0].startswith(
         "final stage: successive halving on short fine-tunes (Tune trials under ASHA); another finalist")
     assert selection_lines({"enabled": False, "method": "full", "winner": "top1", "rungs": []}) == [

@@ -15,6 +15,7 @@ from entropy_search.problem import (
     build_model,
     guarded_choice,
     guarded_winner,
+    halving_survivors,
     load_checkpoint,
     paired_p_value,
     random_counts,
@@ -75,6 +76,19 @@ def test_halving_keeps_uniform_to_the_last_rung_where_the_guard_decides(digits):
     # a level no finalist's p-value is below: uniform pruning is delivered
     strict = halving(min(last["p_value_vs_uniform"].values()))
     assert strict["winner"] == "uniform" and strict["rungs"][-1]["continue"] == ["uniform"]
+
+
+def test_halving_hands_the_last_rungs_best_and_uniform_to_the_full_fine_tune():
+    """`selection.survivors`: the most accurate finalists of the last rung (ties to the earlier label) and uniform
+    pruning, in the rung's order; uniform is not counted among them, and asking for more than there are gives all."""
+    rung = {"steps": 90, "heldout_accuracy": {"uniform": 0.63, "top1": 0.55, "uniform_shallow": 0.76,
+                                              "tp_magnitude": 0.71, "tp_taylor": 0.81}}
+    assert halving_survivors(rung, 1, reference="uniform") == ["uniform", "tp_taylor"]
+    assert halving_survivors(rung, 2, reference="uniform") == ["uniform", "uniform_shallow", "tp_taylor"]
+    assert halving_survivors(rung, 9, reference="uniform") == list(rung["heldout_accuracy"])
+    assert halving_survivors(rung, 2, reference=None) == ["uniform_shallow", "tp_taylor"]
+    tie = {"heldout_accuracy": {"uniform": 0.5, "a": 0.7, "b": 0.7}}
+    assert halving_survivors(tie, 1, reference="uniform") == ["uniform", "a"]
 
 
 def test_relative_actions_of_zero_give_the_uniform_candidate(digits):

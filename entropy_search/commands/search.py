@@ -179,11 +179,14 @@ def selection_lines(selection: dict | None) -> list[str]:
         return [f"final stage: held-out accuracy after the full fine-tune {_rung_scores(rung)}{_guard(rung)}: "
                 f"{winner} delivered"]
     where = " (Tune trials under ASHA)" if selection.get("scheduler") == "tune-asha" else ""
+    in_full = [rung for rung in rungs if "epochs" in rung]  # `selection.survivors`: judged again in full
+    ends = (f"{len(in_full[0]['heldout_accuracy'])} finalists fine-tuned in full" if in_full
+            else "the only network fine-tuned in full")
     lines = [f"final stage: successive halving on short fine-tunes{where}{_guard(rungs[-1])}; {winner} delivered, "
-             "the only network fine-tuned in full"]
+             + ends]
     for rung in rungs:
-        lines.append(f"  {rung['steps']} steps: held-out {_rung_scores(rung)}; eliminated "
-                     f"{', '.join(rung['eliminated']) or '-'}")
+        what = f"full fine-tune ({rung['epochs']} epochs)" if "epochs" in rung else f"{rung['steps']} steps"
+        lines.append(f"  {what}: held-out {_rung_scores(rung)}; eliminated {', '.join(rung['eliminated']) or '-'}")
     return lines
 
 

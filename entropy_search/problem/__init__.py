@@ -34,7 +34,14 @@ from .rewards import (
     compute_reward,
     proxy_agreement,
 )
-from .selection import finalist_records, guarded_choice, guarded_winner, paired_p_value, successive_halving
+from .selection import (
+    finalist_records,
+    guarded_choice,
+    guarded_winner,
+    halving_survivors,
+    paired_p_value,
+    successive_halving,
+)
 from .setup import (
     Network,
     Problem,
@@ -100,6 +107,7 @@ __all__ = [
     "spatial_entropy",
     "guarded_choice",
     "guarded_winner",
+    "halving_survivors",
     "paired_p_value",
     "successive_halving",
     "train_baseline",

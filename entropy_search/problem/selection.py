@@ -118,6 +118,16 @@ def halving_result(histories: dict[str, Sequence[tuple[int, float, float]]], las
     return {"winner": winner, "rungs": rungs}
 
 
+def halving_survivors(rung: dict, count: int, *, reference: str | None) -> list[str]:
+    """The finalists that successive halving hands to the full fine-tune (`selection.survivors`): the `count` most
+    accurate at its last rung (`rung`, as `halving_result` records it; equal accuracies go to the earlier label)
+    and `reference`, in the rung's order. Short fine-tunes rank by how fast a network recovers, which is not always
+    how well it ends (docs/design.md, "The final stage"), so the guarded rule decides on full fine-tunes."""
+    accuracy = rung["heldout_accuracy"]
+    best = sorted((lb for lb in accuracy if lb != reference), key=lambda lb: -accuracy[lb])[:count]
+    return [lb for lb in accuracy if lb in best or lb == reference]
+
+
 def successive_halving(
     space: PruningSpace,
     splits: DataSplits,
