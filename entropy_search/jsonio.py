@@ -1,4 +1,5 @@
-"""Plain JSON: the one conversion of results to JSON values, atomic JSON files and JSON-lines records.
+"""Plain JSON: the one conversion of results to JSON values, atomic JSON files and JSON-lines records (appended
+whole: a full disk or a kill never leaves a torn row).
 
 Every result the project writes (result.json, candidates.jsonl, checkpoint metadata, MLflow tables)
 goes through `plain`, so numpy and torch scalars, arrays, paths and non-finite floats are converted
@@ -95,3 +96,26 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+class JsonlAppender:
+    """A JSON-lines file open for appending whole rows: each batch of rows is one write at the end of the file, and
+    a write that fails (a full disk) is cut back to where it began, so the file never ends in a torn row."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "ab", buffering=0)
+
+    def write(self, records: Iterable[Any]) -> None:
+        data = memoryview("".join(dumps(record) + "\n" for record in records).encode())
+        start = self._fh.seek(0, os.SEEK_END)
+        try:
+            while data:
+                data = data[self._fh.write(data):]
+        except OSError:
+            self._fh.truncate(start)
+            raise
+
+    def close(self) -> None:
+        self._fh.close()

@@ -1,5 +1,6 @@
-"""Faults injected for real (issue 9): a full disk (a real tmpfs, enlarged afterwards), Ctrl-C of the CLI (no Ray
-process of ours left), SIGKILL of the CLI between two checkpoints (the resume repeats the uninterrupted search), a
+"""Faults injected for real: a full disk (a real tmpfs, enlarged afterwards; before and after the first checkpoint,
+no row torn), Ctrl-C of the CLI (no Ray process of ours left), SIGKILL of the CLI between two checkpoints (the
+resume repeats the uninterrupted search) and before the first one (nothing evaluated missing from the record), a
 sweep trial whose process is killed (retried from its checkpoint in the same MLflow run), a real MLflow server
 down for 30 s mid-sweep (no metric lost).
 
@@ -27,7 +28,8 @@ from entropy_search import cli
 from entropy_search.commands import ui
 from entropy_search.config import load_config
 from entropy_search.errors import EntropySearchError
-from entropy_search.jsonio import read_jsonl
+from entropy_search.jsonio import JsonlAppender, read_jsonl
+from entropy_search.problem import record_key
 from entropy_search.rl.rundir import CANDIDATES_FILE, CHECKPOINT_DIR, STATE_FILE, is_no_space
 from entropy_search.summary import read_candidate_table
 
@@ -123,6 +125,65 @@ def test_a_full_disk_stops_the_search_in_one_line_and_resume_continues(ray_local
     assert result["cost"]["iterations"] == 6 and len(after) == result["cost"]["candidates"]
     assert len({c["id"] for c in after}) == len(after) and {c["iteration"] for c in after} == set(range(1, 7))
     assert [c for c in after if c["iteration"] <= 2] == [c for c in before if c["iteration"] <= 2]
+
+
+def whole_rows(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file, asserting that none is torn (every line parses, the file ends a line)."""
+    text = path.read_text()
+    assert not text or text.endswith("\n"), f"{path.name} ends in a torn row: {text[-80:]!r}"
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def evaluated_keys(rows: list[dict]) -> set[tuple]:
+    return {record_key(r) for r in rows if not r.get("cache_hit")}
+
+
+def test_rows_that_do_not_fit_are_cut_back_whole(tmpfs):
+    """A batch of rows written to a full tmpfs raises ENOSPC and leaves the file as it was before the batch (under
+    a second)."""
+    path = tmpfs / "rows.jsonl"
+    rows = JsonlAppender(path)
+    rows.write([{"id": 0, "pad": "x" * 100}])
+    (tmpfs / "filler").write_bytes(b"\0" * max(0, shutil.disk_usage(tmpfs).free - 4096))
+    with pytest.raises(OSError) as err:
+        rows.write([{"id": i, "pad": "x" * 1000} for i in range(1, 50)])
+    assert is_no_space(err.value)
+    assert whole_rows(path) == [{"id": 0, "pad": "x" * 100}]
+    (tmpfs / "filler").unlink()
+    rows.write([{"id": 1}])
+    rows.close()
+    assert [r["id"] for r in whole_rows(path)] == [0, 1]
+
+
+@pytest.mark.slow
+def test_a_full_disk_before_the_first_checkpoint_says_so_and_resume_keeps_what_was_evaluated(ray_local, checkpoint,
+                                                                                            tmpfs):
+    """The tmpfs fills after iteration 1 of 6, with the first checkpoint due at iteration 5: one line saying that
+    no checkpoint exists yet, candidates.jsonl without a torn row; after the tmpfs is enlarged, --resume (a fresh
+    agent) ends with every candidate evaluated before the fault in the record, each row once. About 40 s."""
+    out = tmpfs / "run"
+    config = load_config(search_dict(out, checkpoint, **{"output.checkpoint_every": 5}))
+
+    def fill_the_disk(metrics):
+        if metrics["iteration"] == 1:
+            (tmpfs / "filler").write_bytes(b"\0" * max(0, shutil.disk_usage(tmpfs).free - 2048))
+
+    with pytest.raises(EntropySearchError) as err:
+        run_search(config, progress=False, on_iteration=fill_the_disk)
+    message = str(err.value)
+    assert message.startswith(f"no space left on {out}: ") and "\n" not in message
+    assert "(no checkpoint yet: --resume starts the agent afresh and keeps the candidates evaluated)" in message
+    assert not (out / CHECKPOINT_DIR / STATE_FILE).exists()
+    before = whole_rows(out / CANDIDATES_FILE)
+    assert before and {r["iteration"] for r in before} == {1}
+
+    subprocess.run(["mount", "-o", "remount,size=64m", str(tmpfs)], check=True)
+    result = run_search(config, resume=True, progress=False)
+    after = whole_rows(out / CANDIDATES_FILE)
+    assert evaluated_keys(before) <= evaluated_keys(after)
+    assert len(after) == result["cost"]["candidates"] and len({r["id"] for r in after}) == len(after)
+    assert sum(not r.get("cache_hit") for r in after) == result["cost"]["evaluations"]
+    assert all(r["iteration"] == 1 for r in after if r.get("unreplayed"))
 
 
 def _ray_processes_of(pid: int) -> list[psutil.Process]:
@@ -226,6 +287,48 @@ def test_sigkill_of_the_driver_between_checkpoints_then_resume_repeats_the_unint
     assert candidate_sequence(out) == candidate_sequence(tmp_path / "whole")
     assert resumed["agent"]["kept_channels"] == whole["agent"]["kept_channels"]
     assert resumed["agent"]["reward"] == whole["agent"]["reward"]
+
+
+@pytest.mark.slow
+def test_sigkill_before_the_first_checkpoint_then_resume_keeps_every_candidate_evaluated(checkpoint, tmp_path):
+    """`entropy-search search` on 2 env runners gets SIGKILL once rows of two iterations are written and before any
+    checkpoint; `--resume` starts the agent afresh, and every candidate evaluated before the kill is in
+    candidates.jsonl at the end (rows the replay did not write again marked `unreplayed`), each row once and as
+    many as result.json counts. About 60 s."""
+    out = tmp_path / "killed"
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(search_dict(out, checkpoint, **{"stop.iterations": 6, "stop.patience": None,
+                                                                    "output.checkpoint_every": 6,
+                                                                    "resources.num_cpus": 2})))
+    command = [sys.executable, "-m", "entropy_search.cli", "search", str(path), "--no-progress"]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env=env)
+    try:
+        while proc.poll() is None:  # waits on the search's progress, however slow the machine (pytest-timeout)
+            if max((r["iteration"] for r in read_jsonl(out / CANDIDATES_FILE)), default=0) >= 2:
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.05)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the search ended before it could be killed"
+    assert not (out / CHECKPOINT_DIR / STATE_FILE).exists()
+    before = whole_rows(out / CANDIDATES_FILE)
+
+    done = subprocess.run([*command, "--resume"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "starting the agent afresh (evaluated candidates are kept)" in done.stderr
+    after = whole_rows(out / CANDIDATES_FILE)
+    result = json.loads((out / "result.json").read_text())
+    assert evaluated_keys(before) <= evaluated_keys(after)
+    assert len(after) == result["cost"]["candidates"] and len({r["id"] for r in after}) == len(after)
+    assert sum(not r.get("cache_hit") for r in after) == result["cost"]["evaluations"]
+    unreplayed = [r for r in after if r.get("unreplayed")]
+    assert {r["id"] for r in unreplayed} <= {r["id"] for r in before}
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from tiny_runs import candidate_sequence, tiny_search
 from entropy_search.config import load_config
 from entropy_search.errors import ConfigError, EntropySearchError
 from entropy_search.jsonio import read_jsonl
-from entropy_search.problem import PEER_RECIPES, load_checkpoint
+from entropy_search.problem import PEER_RECIPES, load_checkpoint, record_key
 from entropy_search.rl.rundir import (
     CACHE_FILE,
     CANDIDATES_FILE,
@@ -126,7 +126,8 @@ def test_search_on_a_user_model_with_a_concatenation_and_a_grouped_conv(ray_loca
 @pytest.mark.slow
 def test_a_search_survives_a_killed_env_runner(ray_local, checkpoint, tmp_path):
     """SIGKILL of one env runner's process mid-search: RLlib restarts it, the search finishes, every candidate is
-    recorded once, and the restart is counted."""
+    recorded once, the restart is counted, and no candidate recorded in an earlier iteration is evaluated again
+    (the restarted runner starts from the warm cache)."""
     from entropy_search.search import run_search
 
     out = tmp_path / "kill"
@@ -147,6 +148,12 @@ def test_a_search_survives_a_killed_env_runner(ray_local, checkpoint, tmp_path):
     assert len(candidates) == result["cost"]["candidates"] and len({c["id"] for c in candidates}) == len(candidates)
     assert {c["iteration"] for c in candidates} == set(range(1, 9))
     assert killed[0] not in {c["worker"] for c in candidates if c["iteration"] >= 4}
+    seen: set[tuple] = set()
+    for iteration in range(1, 9):
+        rows = [c for c in candidates if c["iteration"] == iteration]
+        again = [c["kept_channels"] for c in rows if not c.get("cache_hit") and record_key(c) in seen]
+        assert again == [], f"iteration {iteration} evaluated again what earlier iterations recorded: {again}"
+        seen |= {record_key(c) for c in rows}
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..config import SearchConfig
 from ..envs import env_config, share_cache
-from ..jsonio import dumps, plain, read_jsonl, write_json, write_jsonl
+from ..jsonio import JsonlAppender, plain, read_jsonl, write_json, write_jsonl
 from ..problem import cache_entry, record_key
 from ..ray_runtime import quiet_ray_notices
 from ..utils import seed_everything
@@ -35,6 +35,13 @@ log = logging.getLogger(__name__)
 #: Keys of a candidate record written first in candidates.jsonl (the rest follow in the order they come).
 RECORD_KEYS_FIRST = ("id", "iteration", "reward", "macs_ratio", "params_ratio", "blocks_kept", "entropy", "accuracy",
                      "kept_channels", "keep", "dropped_blocks")
+
+
+def ordered_row(record: dict) -> dict:
+    """A candidate record as a row of candidates.jsonl: `RECORD_KEYS_FIRST` first, the rest as they come."""
+    row = {k: record[k] for k in RECORD_KEYS_FIRST if k in record}
+    row.update({k: v for k, v in record.items() if k not in row})
+    return row
 
 
 @dataclass
@@ -60,7 +67,7 @@ class SearchState:
         self.episodes += 1
         key = record_key(record)
         new = key not in self.cache and not record.get("cache_hit", False)
-        if record.get("cache_hit"):
+        if record.get("cache_hit") and key not in self.pending:  # a pending one was evaluated before a resume
             self.cache_hits += 1
         else:
             self.evaluations += 1
@@ -142,6 +149,9 @@ class RLSearch:
         self._healthy = config.resources.num_env_runners  # healthy env runners after the last iteration
         self._agent: Path | None = None  # the agent folder of the last committed checkpoint
         self._learner_extra: dict = {}  # learner state RLlib's checkpoint leaves out (state.json's `learner`)
+        self._warm: JsonlAppender | None = None  # the env runners' warm cache, appended to as the search goes
+        self._unreplayed: dict[tuple, dict] = {}  # rows a resume cut, by candidate, until the replay writes them
+        self._replay_until = 0  # the last iteration of the run a resume continues: its replay ends there
 
     # -- resume
 
@@ -152,7 +162,10 @@ class RLSearch:
         replays the iterations after it, so candidates.jsonl is cut back to the checkpoint's iterations (an
         atomic rewrite, which also drops a row torn by a kill or a full disk) and the replay writes those rows
         again, once. What was evaluated after the checkpoint is not lost: it stays in the cache, so a replayed
-        candidate is not evaluated twice, and enters the top-k when the replay records it."""
+        candidate is not evaluated twice, and enters the top-k when the replay records it. A candidate the replay
+        does not propose again (a fresh agent, without an agent checkpoint; env runners whose episodes arrive in
+        another order) is written back once the replay has passed the killed run's last iteration
+        (`_record_unreplayed`): everything evaluated stays in candidates.jsonl, once."""
         state_path = self.ckpt_dir / STATE_FILE
         saved = json.loads(state_path.read_text()) if state_path.exists() else {}
         agent = self._agent_dir(saved)
@@ -165,6 +178,8 @@ class RLSearch:
         later = [r for r in written if int(r.get("iteration", 0)) > cut]
         if written or self.candidates_path.exists():
             write_jsonl(self.candidates_path, kept)
+        self._unreplayed = {record_key(r): r for r in later if not r.get("cache_hit")}
+        self._replay_until = max((int(r.get("iteration", 0)) for r in later), default=cut)
         self._next_id = max((int(r.get("id", -1)) for r in written), default=-1) + 1
         for rec in records[:committed]:
             key = record_key(rec)
@@ -194,9 +209,13 @@ class RLSearch:
         return agent if agent.is_dir() else None
 
     def _warm_cache_file(self) -> Path | None:
-        if not self.state.cache or not self.config.search.cache:
+        """The candidates an env runner starts from: the cache so far, appended to as the search goes (`_share`),
+        so that a runner RLlib restarts after its process died starts from everything evaluated before it."""
+        if not self.config.search.cache or self.config.resources.num_env_runners == 0:
             return None
-        return write_jsonl(self.ckpt_dir / WARM_CACHE_FILE, self.state.cache.values())
+        path = write_jsonl(self.ckpt_dir / WARM_CACHE_FILE, self.state.cache.values())
+        self._warm = JsonlAppender(path)
+        return path
 
     # -- main loop
 
@@ -220,7 +239,7 @@ class RLSearch:
         self.out.mkdir(parents=True, exist_ok=True)
         if not self.resume and self.candidates_path.exists():
             self.candidates_path.unlink()
-        self._fh = open(self.candidates_path, "a")
+        self._fh = JsonlAppender(self.candidates_path)
         state = self.state
         # the agent's networks are tiny: one thread avoids oversubscribing the cores the env runners use
         # (with 2+ threads on a busy machine a PPO update was measured 30x slower)
@@ -244,6 +263,8 @@ class RLSearch:
                     records = []
                 new = self._ingest(records)
                 self._share(new)
+                if state.pending and state.iteration >= self._replay_until:
+                    self._record_unreplayed()
                 state.wall_seconds = time.perf_counter() - start
                 # env runner processes that took over from one that died (RLlib restarts them): measured from
                 # the records, each of which names the process that evaluated it
@@ -267,6 +288,8 @@ class RLSearch:
                 if state.iteration - last_ckpt >= self.config.output.checkpoint_every:
                     self.save_checkpoint()
                     last_ckpt = state.iteration
+            if state.pending:  # stopped before the replay passed the killed run's last iteration
+                self._record_unreplayed()
             completed = True
         except KeyboardInterrupt:
             # an orderly interrupt checkpoints what it has; a crash or a kill resumes from the last checkpoint
@@ -283,9 +306,10 @@ class RLSearch:
                 state.wall_seconds = time.perf_counter() - start
                 if state.iteration != last_ckpt or self._agent is None:
                     self.save_checkpoint()
-            if self._fh is not None:
-                fh, self._fh = self._fh, None
-                fh.close()
+            for appender in (self._fh, self._warm):
+                if appender is not None:
+                    appender.close()
+            self._fh = self._warm = None
         return state
 
     def _seed_iteration(self, iteration: int) -> None:
@@ -304,6 +328,9 @@ class RLSearch:
         self.algo.env_runner_group.foreach_env_runner(reseed, local_env_runner=True)
 
     def stop(self) -> None:
+        if self._warm is not None:  # built, never run
+            self._warm.close()
+            self._warm = None
         if self.algo is not None:
             try:
                 self.algo.stop()
@@ -313,7 +340,7 @@ class RLSearch:
     # -- helpers
 
     def _ingest(self, records: list[dict]) -> list[dict]:
-        new = []
+        new, rows = [], []
         for rec in records:
             rec = plain(dict(rec))
             rec["id"] = self._next_id
@@ -322,19 +349,39 @@ class RLSearch:
             rec["time"] = round(time.time(), 3)
             if rec.get("worker") is not None:
                 self._workers.add(rec["worker"])
+            if rec.get("cache_hit") and record_key(rec) in self.state.pending:
+                rec["cache_hit"] = False  # evaluated before the resume: this row records that evaluation, once
             if self.state.add(rec):
                 new.append(self.state.cache[record_key(rec)])
-            ordered = {k: rec[k] for k in RECORD_KEYS_FIRST if k in rec}
-            ordered.update({k: v for k, v in rec.items() if k not in ordered})
-            self._fh.write(dumps(ordered) + "\n")
-        self._fh.flush()
+            rows.append(ordered_row(rec))
+        self._fh.write(rows)  # whole rows, one write: a kill or a full disk cannot tear one
         return new
 
+    def _record_unreplayed(self) -> None:
+        """Write the candidates a resumed search's replay did not propose again (still `pending`) as rows marked
+        `unreplayed`, with their first row's id and iteration, and count them: they were evaluated."""
+        state, rows = self.state, []
+        for key in sorted(state.pending, key=lambda k: int(self._unreplayed.get(k, {}).get("id", self._next_id))):
+            row = {**state.cache[key], **self._unreplayed.get(key, {}), "unreplayed": True}
+            if "id" not in row:  # known only from the cache (a resume of a resume)
+                row.update(id=self._next_id, iteration=state.iteration)
+                self._next_id += 1
+            state.episodes += 1
+            state.evaluations += 1
+            state.eval_seconds += float(row.get("eval_seconds") or 0.0)
+            state.update_top_k(state.cache[key])
+            rows.append(ordered_row(row))
+        state.pending.clear()
+        self._unreplayed.clear()
+        self._fh.write(rows)
+
     def _share(self, new: list[dict]) -> None:
-        """Give every env runner the candidates evaluated elsewhere (one cache for the whole search)."""
-        if not new or not self.config.search.cache or self.config.resources.num_env_runners == 0:
+        """Give every env runner the candidates evaluated elsewhere (one cache for the whole search), and the warm
+        cache a restarted runner starts from."""
+        if not new or self._warm is None:
             return
         payload = [cache_entry(r) for r in new]
+        self._warm.write(payload)
         self.algo.env_runner_group.foreach_env_runner(lambda _runner: share_cache(payload), local_env_runner=False)
 
     def _metrics(self, result: dict, records: list[dict], seconds: float) -> dict:

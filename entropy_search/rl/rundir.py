@@ -16,6 +16,7 @@ before Ray starts (`check_free_space`).
 from __future__ import annotations
 
 import errno
+import json
 import math
 import shutil
 from pathlib import Path
@@ -154,7 +155,7 @@ def checkpoint_bytes(config: SearchConfig) -> int:
 
 def space_needed(config: SearchConfig, n_groups: int) -> int:
     """Bytes the rest of a search needs in `output.dir`: a new checkpoint next to the previous one (both exist
-    while it is swapped in), the candidate rows still to come in candidates.jsonl and cache.jsonl (from the stop
+    while it is swapped in), the candidate rows still to come in candidates.jsonl, cache.jsonl and the env runners' warm cache (from the stop
     rule; none when only wall time bounds it), and the exported network (at most the baseline's size, twice
     with ONNX)."""
     out = Path(config.output.dir)
@@ -162,8 +163,9 @@ def space_needed(config: SearchConfig, n_groups: int) -> int:
     stop = config.stop
     expected = [n for n in (stop.candidates, stop.iterations and stop.iterations * config.agent.episodes_per_iteration)
                 if n]
-    rows = 2 * row * min(expected) if expected else 0
-    rows = max(0, rows - tree_bytes(out / CANDIDATES_FILE) - tree_bytes(out / CHECKPOINT_DIR / CACHE_FILE))
+    copies = (CANDIDATES_FILE, f"{CHECKPOINT_DIR}/{CACHE_FILE}", f"{CHECKPOINT_DIR}/{WARM_CACHE_FILE}")
+    rows = len(copies) * row * min(expected) if expected else 0
+    rows = max(0, rows - sum(tree_bytes(out / name) for name in copies))
     baseline = config.checkpoint_path()
     export = tree_bytes(baseline) * (2 if config.output.export_onnx else 1)
     return 2 * checkpoint_bytes(config) + rows + export
@@ -177,9 +179,20 @@ def no_space_error(config: SearchConfig, n_groups: int, *, free: int | None = No
     """The one-line error of a full disk under `output.dir`."""
     out = Path(config.output.dir)
     have = "" if free is None else f", {free / 2**20:.1f} MB free"
-    resume = "" if free is not None else " (the last checkpoint is kept: --resume continues)"
+    resume = "" if free is not None else f" ({resume_point(out)})"
     return EntropySearchError(f"no space left on {out}: {_mb(space_needed(config, n_groups))} MB needed{have}; "
                               f"free some space{resume} or choose another output.dir")
+
+
+def resume_point(out: Path) -> str:
+    """What `--resume` continues from in a search folder, in words: its committed checkpoint, or none yet (the
+    agent then starts afresh and the candidates evaluated so far are kept)."""
+    state = out / CHECKPOINT_DIR / STATE_FILE
+    try:
+        iteration = int(json.loads(state.read_text())["iteration"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "no checkpoint yet: --resume starts the agent afresh and keeps the candidates evaluated"
+    return f"the checkpoint of iteration {iteration} is kept: --resume continues from it"
 
 
 def check_free_space(config: SearchConfig, n_groups: int) -> None:
