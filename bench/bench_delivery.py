@@ -1,7 +1,8 @@
 """Time to the delivered network, side by side on one machine in one run: uniform pruning's prune + fine-tune
 (`entropy-search prune --flops-target`) and a search with the shipped defaults but for its final stage, in three
-ways: `search-halving` (`selection.method: halving`: the finalists judged on short fine-tunes as Tune trials under
-ASHA, only the delivered network fine-tuned in full), `search-full` (`selection.method: full`: every finalist
+ways: `search-halving` (`selection.method: halving` with `survivors: 0`: the finalists judged on short fine-tunes
+as Tune trials under ASHA, only the delivered network fine-tuned in full; `--set selection.survivors=2` gives the
+shipped default, the last rung's two best and uniform pruning fine-tuned in full and judged), `search-full` (`selection.method: full`: every finalist
 fine-tuned in full as parallel Ray tasks, then judged) and `search-full-serial` (the same, fine-tuned one after
 another in the driver, `finetune.parallel: false`). For each: wall time of the command and the delivered network's
 test accuracy; for the searches, the fine-tune phase's and the final stage's seconds and how many fine-tunes ran at
@@ -45,7 +46,7 @@ PRESETS: dict[str, dict] = {
 #: The methods and the overrides that make each (the searches: on top of the preset's and --set's).
 METHODS: dict[str, list[str]] = {
     "uniform": [],
-    "search-halving": ["selection.method=halving"],
+    "search-halving": ["selection.method=halving", "selection.survivors=0"],
     "search-full": ["selection.method=full"],
     "search-full-serial": ["selection.method=full", "finetune.parallel=false"],
 }
@@ -87,7 +88,7 @@ def run(args, method: str, seed: int) -> dict:
         cmd = [sys.executable, "-m", "entropy_search.cli", "search", str(ROOT / "examples" / "digits_search.yaml"),
                "--output", str(folder), "--no-progress", "--overwrite", "--set", f"search.flops_target={args.target}",
                "--set", f"seed={seed}", "--set", f"model.checkpoint={ckpt}"]
-        for item in overrides(args) + METHODS[method]:
+        for item in PRESETS[args.preset]["overrides"] + METHODS[method] + args.set:  # --set wins
             cmd += ["--set", item]
     folder.mkdir(parents=True, exist_ok=True)
     stdout, wall = timed(cmd, f"{method} seed {seed}")

@@ -143,8 +143,15 @@ def run_dir(runs: Path, budget: str, reward: str, seed: int) -> Path:
     return runs / f"{budget.replace(':', '')}-{reward}-s{seed}"
 
 
+#: Every search of the tables fine-tunes all its finalists in full (`selection.method: full`), so that each
+#: baseline and Torch-Pruning recipe has its test figures after the same fine-tune (the shipped default, halving
+#: with survivors, fine-tunes only uniform pruning and the last rung's best in full; it delivered what `full`
+#: delivered on the same seeds: bench/RESULTS.md, "Time to the delivered network").
+TABLE_OVERRIDES = ["selection.method=full"]
+
+
 def overrides(args, budget: str, reward: str, seed: int) -> list[str]:
-    return (PRESETS[args.preset]["overrides"] + budget_overrides(budget) + args.set
+    return (PRESETS[args.preset]["overrides"] + TABLE_OVERRIDES + budget_overrides(budget) + args.set
             + [f"search.reward={reward}", f"seed={seed}", f"model.checkpoint={checkpoint_of(args)}",
                f"search.latency_cache={args.runs / 'latency_tables'}"])
 

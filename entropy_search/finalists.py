@@ -250,10 +250,14 @@ HALVING_DIR = "halving"
 
 
 def halving_trial(params: dict, *, env_cfg: dict, finalists: dict[str, Finalist],
-                  rankings: dict[str, list[torch.Tensor]], threads: int) -> None:
+                  rankings: dict[str, list[torch.Tensor]], threads: int, workdir: str) -> None:
     """One finalist of successive halving as a Tune trial (`worker_problem`): its short fine-tune's rungs
     (`short_finetune_rungs`) reported one by one (steps, held-out accuracy and loss; at the last rung also which
-    held-out images it got right, for the guarded rule) until Tune's ASHA stops it or it reaches the last."""
+    held-out images it got right, for the guarded rule) until Tune's ASHA stops it or it reaches the last. Tune
+    starts a trial in its own folder; it works in the driver's `workdir` (where it exists: on the driver's machine),
+    since the config's relative paths (data, checkpoint) are the driver's."""
+    if os.path.isdir(workdir):
+        os.chdir(workdir)
     problem = worker_problem(env_cfg, threads, rankings)
     config, sel = problem.config, problem.config.selection
     finalist = finalists[params["label"]]
@@ -301,7 +305,7 @@ def halving_on_tune(problem: Problem, config: SearchConfig, finalists: list[Fina
     rankings = shipped_rankings(problem.space, [ranking for _, _, ranking, _ in finalists])
     trainable = tune.with_resources(
         tune.with_parameters(halving_trial, env_cfg=env_config(config), finalists={f[0]: f for f in finalists},
-                             rankings=rankings, threads=task_threads(config)),
+                             rankings=rankings, threads=task_threads(config), workdir=os.getcwd()),
         {"cpu": config.finetune.resources.num_cpus, "gpu": finetune_gpus(config)})
     last = sel.rung_steps * sel.eta ** (halving_rung_count(len(labels), sel.eta) - 1)
     scheduler = _GuardedASHA(reference=reference, time_attr="steps", metric="heldout_accuracy", mode="max",

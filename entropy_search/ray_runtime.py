@@ -8,9 +8,12 @@ them as one placement group: the trial's own process first, then one bundle per 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -18,6 +21,14 @@ import ray
 
 from .config import SearchConfig
 from .errors import ConfigError
+from .jsonio import write_json
+
+log = logging.getLogger(__name__)
+
+#: Where a driver that started a local Ray lists that Ray's processes (one file per driver, by its PID), so that a
+#: later start can stop what a driver killed outright (SIGKILL) left running: Ray's dashboard and runtime-env
+#: agents outlive their raylet for minutes.
+RAY_RECORDS = Path(tempfile.gettempdir()) / f"entropy-search-ray-{os.getuid()}"
 
 
 class _DropNoise(logging.Filter):
@@ -53,9 +64,83 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None, num_gp
     if joined:
         ray.init(address=joined, **kwargs)
     else:
+        stopped = stop_leftovers()
+        if stopped:
+            log.warning("stopped %d Ray processes left by a search that was killed (PIDs %s)", len(stopped),
+                        " ".join(map(str, stopped)))
         # "local" always starts a new instance, even where another Ray runs on this machine
         ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
+        _write_record()
     return True
+
+
+def _record_path(pid: int | None = None) -> Path:
+    return RAY_RECORDS / f"{pid or os.getpid()}.json"
+
+
+def _identity(proc: psutil.Process) -> list[float]:
+    """A process as (PID, start time): a PID that was reused later is another process."""
+    return [proc.pid, proc.create_time()]
+
+
+def _same_process(identity: Sequence[float]) -> psutil.Process | None:
+    """The running process with this identity, or None (gone, a zombie, or its PID reused)."""
+    try:
+        proc = psutil.Process(int(identity[0]))
+        if abs(proc.create_time() - float(identity[1])) < 0.01 and proc.status() != psutil.STATUS_ZOMBIE:
+            return proc
+    except (psutil.Error, IndexError, TypeError, ValueError):
+        pass
+    return None
+
+
+def remember_ray_processes() -> None:
+    """Update this driver's record of the local Ray it started with the Ray processes running now (called once the
+    agent's env runners run); nothing when it started none (it joined a cluster, or Ray was already running)."""
+    if ray.is_initialized() and _record_path().exists():
+        _write_record()
+
+
+def _write_record() -> None:
+    """This driver's record under `RAY_RECORDS`: itself and its local Ray's processes (raylet, GCS, agents,
+    workers), each by PID and start time."""
+    processes = []
+    for proc in _ray_processes():
+        try:
+            processes.append(_identity(proc))
+        except psutil.Error:
+            continue
+    RAY_RECORDS.mkdir(parents=True, exist_ok=True)
+    write_json(_record_path(), {"driver": _identity(psutil.Process()), "processes": processes})
+
+
+def stop_leftovers() -> list[int]:
+    """Stop the processes of every record under `RAY_RECORDS` whose driver no longer runs (killed before it could
+    stop its Ray), and delete those records; returns the PIDs stopped. Only the processes a record lists, with the
+    same start time, are touched: never one that merely reuses a PID."""
+    stopped: list[int] = []
+    for path in sorted(RAY_RECORDS.glob("*.json")) if RAY_RECORDS.is_dir() else []:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if _same_process(record.get("driver") or []) is not None:
+            continue  # its driver runs: its Ray is in use
+        left = [proc for proc in map(_same_process, record.get("processes") or []) if proc is not None]
+        for proc in left:
+            try:
+                proc.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(left, timeout=RAY_EXIT_GRACE_SECONDS)
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        stopped.extend(proc.pid for proc in left)
+        path.unlink(missing_ok=True)
+    return stopped
 
 
 #: Seconds `stop_ray` waits for Ray's processes to exit by themselves before it kills them.
@@ -88,6 +173,7 @@ def stop_ray() -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(alive, timeout=5)
+    _record_path().unlink(missing_ok=True)
 
 
 def env_runner_bundles(config: SearchConfig) -> list[dict[str, float]]:

@@ -62,7 +62,7 @@ from .problem import (
     uniform_baseline,
     user_weights,
 )
-from .ray_runtime import check_fits, env_runner_bundles, start_ray, stop_ray
+from .ray_runtime import check_fits, env_runner_bundles, remember_ray_processes, start_ray, stop_ray
 from .rl import RLSearch, SearchState, prepare_output_dir
 from .rl.driver import stop_reason
 from .rl.rundir import (
@@ -154,7 +154,8 @@ def select_delivered(problem: Problem, config: SearchConfig, state: SearchState,
             survivors = halving_survivors(last, sel.survivors, reference=reference)
             last.update({"continue": survivors,
                          "eliminated": [lb for lb in last["heldout_accuracy"] if lb not in survivors]})
-            out["winner"], rung = judged_in_full(survivors)
+            # the agent's pick too, wherever halving left it: the search stays measurable (its test figures)
+            out["winner"], rung = judged_in_full([lb for lb in labels if lb in survivors or lb == "top1"])
             steps = config.finetune.epochs * math.ceil(len(problem.splits.train) / config.finetune.batch_size)
             out["rungs"].append({"steps": last["steps"] + steps, **rung})  # MLflow's step after the short rungs
         out = {"enabled": True, "method": "halving", **out}
@@ -211,6 +212,7 @@ def _run_agent(config: SearchConfig, n_steps: int, *, resume: bool, progress: bo
         search = RLSearch(config, n_steps, resume=resume, progress=progress, on_iteration=on_iteration)
         try:
             search.build()
+            remember_ray_processes()  # with the env runners and Ray's agents, for a start after a SIGKILL
             setup_seconds = time.perf_counter() - t_setup
             return search.run(), setup_seconds
         except Exception as exc:

@@ -266,7 +266,8 @@ def test_shared_candidates_reach_every_problem_of_the_process(digits_config, dig
 
 
 def test_warm_cache_file_is_loaded_when_the_problem_is_built(digits_config, digits_setup, tmp_path):
-    """A resumed search hands its evaluated candidates to new env runners through a warm-cache file."""
+    """A resumed search hands its evaluated candidates to new env runners through a warm-cache file, which the driver
+    appends to after every iteration (an env runner RLlib restarted starts from it)."""
     groups = get_problem(digits_setup).space.groups
     counts = [max(1, g.channels // 2) for g in groups]
     warm = write_jsonl(tmp_path / "warm.jsonl", [{"kept_channels": counts, "reward": -3.0, "entropy": 3.0}])
@@ -275,6 +276,20 @@ def test_warm_cache_file_is_loaded_when_the_problem_is_built(digits_config, digi
     record, hit = env.problem.evaluate(counts)
     assert hit and record["reward"] == -3.0
     assert env.problem.cache.stats["evaluations"] == 0
+    # appended to during the search: each episode starts with what was appended, whole lines only
+    later, last = ([max(1, g.channels // k) for g in groups] for k in (4, 8))
+    row = json.dumps({"kept_channels": last, "reward": -5.0, "entropy": 5.0}) + "\n"
+    with open(warm, "a") as fh:
+        fh.write(json.dumps({"kept_channels": later, "reward": -4.0, "entropy": 4.0}) + "\n")
+        fh.write(row[:20])  # a batch still being written
+    env.reset(seed=0)
+    record, hit = env.problem.evaluate(later)
+    assert hit and record["reward"] == -4.0 and len(env.problem.cache) == 2
+    with open(warm, "a") as fh:
+        fh.write(row[20:])
+    env.reset(seed=0)
+    record, hit = env.problem.evaluate(last)  # read once whole
+    assert hit and record["reward"] == -5.0 and len(env.problem.cache) == 3
 
 
 @pytest.mark.parametrize("reward", ["accuracy", "accuracy_flops"])

@@ -1,6 +1,7 @@
 """Faults injected for real: a full disk (a real tmpfs, enlarged afterwards; before and after the first checkpoint,
 no row torn), Ctrl-C of the CLI (no Ray process of ours left), SIGKILL of the CLI between two checkpoints (the
-resume repeats the uninterrupted search) and before the first one (nothing evaluated missing from the record), a
+resume repeats the uninterrupted search) and before the first one (nothing evaluated missing from the record), SIGKILL
+of the CLI alone (the next search stops the Ray processes it left), a
 sweep trial whose process is killed (retried from its checkpoint in the same MLflow run), a real MLflow server
 down for 30 s mid-sweep (no metric lost).
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -240,6 +242,42 @@ def test_ctrl_c_leaves_no_ray_process_behind(checkpoint, tmp_path):
     assert proc.returncode == 130, output[-3000:]
     time.sleep(3)
     assert _alive(ours) == []
+
+
+@pytest.mark.slow
+def test_a_search_started_after_a_sigkill_stops_what_the_killed_one_left_running(checkpoint, tmp_path):
+    """SIGKILL of the CLI's process alone (not its group) mid-search: Ray's processes it started (the dashboard and
+    runtime-env agents for minutes) outlive it; `--resume` stops them before it starts its own Ray, says so in
+    one line, and finishes. About 60 s."""
+    out = tmp_path / "run"
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(search_dict(out, checkpoint, **{"stop.iterations": 4, "stop.patience": None,
+                                                                    "output.checkpoint_every": 1,
+                                                                    "resources.num_cpus": 2})))
+    command = [sys.executable, "-m", "entropy_search.cli", "search", str(path), "--no-progress"]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env=env)
+    try:
+        while proc.poll() is None and not (out / CHECKPOINT_DIR / STATE_FILE).exists():  # progress (pytest-timeout)
+            time.sleep(0.2)
+        ours = _ray_processes_of(proc.pid)
+        assert proc.poll() is None and any(p.name() == "raylet" for p in ours), "the search never reached a checkpoint"
+        proc.kill()
+        proc.wait()
+        time.sleep(3)
+        left = _alive(ours)
+        assert left, "nothing of the killed search's Ray outlived it"
+        done = subprocess.run([*command, "--resume"], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        notes = [line for line in done.stderr.splitlines() if "left by a search that was killed" in line]
+        assert len(notes) == 1 and re.search(r"stopped [1-9]\d* Ray processes", notes[0]), done.stderr[-3000:]
+        assert _alive(ours) == []
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever of the killed search's group is still there
+        except ProcessLookupError:
+            pass
 
 
 @pytest.mark.slow

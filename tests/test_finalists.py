@@ -144,12 +144,13 @@ def test_a_worker_killed_mid_finetune_is_retried_and_each_finalist_enters_once(r
 
 
 def test_a_halving_search_fine_tunes_in_full_only_the_network_it_delivers(ray_local, checkpoint, tmp_path):
-    """`selection.method: halving` end to end (about 10 s): the finalists as Tune trials under ASHA, uniform
+    """`selection.method: halving` with `survivors: 0` end to end (about 10 s): the finalists as Tune trials under ASHA, uniform
     pruning measured at every rung, and one full fine-tune, the delivered network's; the others keep the search's
     figures and no test accuracy."""
     from entropy_search.search import run_search  # deferred: RLlib takes seconds to import
 
-    config = config_in(tmp_path / "halving", checkpoint, **{"selection.method": "halving", "selection.rung_steps": 2})
+    config = config_in(tmp_path / "halving", checkpoint, **{"selection.method": "halving", "selection.rung_steps": 2,
+                                                          "selection.survivors": 0})
     result = run_search(config, progress=False)
     selection, delivered = result["selection"], result["delivered"]
     assert selection["method"] == "halving" and selection["scheduler"] == "tune-asha"
@@ -169,22 +170,30 @@ def test_a_halving_search_fine_tunes_in_full_only_the_network_it_delivers(ray_lo
     assert result["cost"]["finetunes_at_once"] == 1 and result["cost"]["finetune_seconds"] < 5
 
 
-def test_halving_with_survivors_judges_the_last_rungs_best_again_after_the_full_fine_tune(ray_local, checkpoint,
-                                                                                           tmp_path):
-    """`selection.survivors: 1` end to end (about 15 s): after the short rungs, the last rung's most accurate
-    finalist and uniform pruning are fine-tuned in full (parallel Ray tasks) and the guarded rule picks between
-    them on those fine-tunes, recorded as a last rung; both have test figures in the result, the others none."""
+def test_the_default_final_stage_judges_the_last_rungs_best_again_after_the_full_fine_tune(ray_local, checkpoint,
+                                                                                          tmp_path):
+    """The shipped final stage (`selection.method: halving`, `survivors: 2`) end to end (about 20 s): after the
+    short rungs, the last rung's two most accurate finalists, uniform pruning and the agent's pick are fine-tuned in
+    full (parallel Ray tasks) and the guarded rule picks among them on those fine-tunes, recorded as a last rung;
+    they have test figures in the result, the others none."""
+    from entropy_search.config import SelectionConfig
     from entropy_search.search import run_search  # deferred: RLlib takes seconds to import
 
-    config = config_in(tmp_path / "survivors", checkpoint, **{"selection.method": "halving",
-                                                             "selection.rung_steps": 2, "selection.survivors": 1})
+    shipped = SelectionConfig()
+    config = config_in(tmp_path / "survivors", checkpoint, **{"selection.method": shipped.method,
+                                                             "selection.rung_steps": 2})
+    assert config.selection.survivors == shipped.survivors == 2 and shipped.method == "halving"
     result = run_search(config, progress=False)
     selection, delivered = result["selection"], result["delivered"]
     *short, last, full = selection["rungs"]
-    assert "epochs" not in last and full["epochs"] == 2 and full["steps"] > last["steps"]
-    best = max((lb for lb in last["heldout_accuracy"] if lb != "uniform"), key=lambda lb: last["heldout_accuracy"][lb])
-    assert sorted(last["continue"]) == sorted(full["heldout_accuracy"]) == sorted({"uniform", best})
-    assert set(full["p_value_vs_uniform"]) == {best} and full["significance"] == config.selection.significance
+    assert short and "epochs" not in last and full["epochs"] == 2 and full["steps"] > last["steps"]
+    ranked = sorted((lb for lb in last["heldout_accuracy"] if lb != "uniform"),
+                    key=lambda lb: -last["heldout_accuracy"][lb])
+    assert sorted(last["continue"]) == sorted({"uniform", *ranked[:2]})
+    judged = {"uniform", *ranked[:2]} | ({"top1"} & set(selection["finalists"]))  # top1: unless it is uniform
+    assert sorted(full["heldout_accuracy"]) == sorted(judged) and set(full["p_value_vs_uniform"]) == judged - {"uniform"}
+    assert full["significance"] == config.selection.significance
+    assert "test_accuracy_after_finetune" in result["agent"]
     assert selection["winner"] == delivered["label"] == full["continue"][0] and delivered["finetune_epochs"] == 2
     kept = sorted(p.stem for p in (tmp_path / "survivors" / FINALISTS_DIR).glob("*.pt"))
     assert kept == sorted(full["heldout_accuracy"])

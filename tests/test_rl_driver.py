@@ -130,5 +130,7 @@ def test_resume_without_an_agent_checkpoint_keeps_the_candidates_only(tmp_path):
 
 def test_a_fresh_driver_has_nothing_to_hand_over(tmp_path):
     search = RLSearch(load_config({"output": {"dir": str(tmp_path)}}), 2, progress=False)
-    assert search.state.top_k_size == 3 and search._warm_cache_file() is None
+    warm = search._warm_cache_file()  # the env runners' warm cache: empty, appended to as the search goes
+    search.stop()
+    assert search.state.top_k_size == 3 and warm.read_text() == ""
     assert search.ckpt_dir == tmp_path / CHECKPOINT_DIR and search.candidates_path == tmp_path / CANDIDATES_FILE

@@ -12,7 +12,9 @@ from entropy_search.rl.rundir import CANDIDATES_FILE
 
 def tiny_search(out: Path, checkpoint: Path, **overrides) -> dict:
     """A search of the digits CNN at 2x fewer MACs: 3 PPO iterations x 8 candidates on 2 env runners, top-2,
-    one fine-tune epoch; the resolved config as a plain dict (what a YAML file holds)."""
+    one fine-tune epoch, every finalist fine-tuned in full (`selection.method: full`, so that the tests see the
+    whole comparison; the shipped default, halving with survivors, has its own tests); the resolved config as a
+    plain dict (what a YAML file holds)."""
     data = {
         "model": {"checkpoint": str(checkpoint), "train_if_missing": False},
         "data": {"eval_batch": 128},
@@ -21,6 +23,7 @@ def tiny_search(out: Path, checkpoint: Path, **overrides) -> dict:
         "resources": {"num_env_runners": 2, "num_cpus_per_env_runner": 1, "driver_threads": 1},
         "stop": {"iterations": 3},
         "finetune": {"epochs": 1},
+        "selection": {"method": "full"},
         "output": {"dir": str(out), "checkpoint_every": 2, "export_onnx": False},
     }
     return load_config(data, overrides).to_dict()

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 from ..config import SearchConfig, config_from_dict
-from ..jsonio import read_jsonl
 from ..problem import Budget, Problem, setup
 
 LAYER_TYPES = ("conv", "depthwise", "linear")
@@ -66,11 +65,33 @@ def get_problem(env_cfg: dict) -> Problem:
         if config.resources.torch_threads:
             torch.set_num_threads(config.resources.torch_threads)
         problem = setup(config)
-        warm = env_cfg.get("warm_cache")
-        if warm and os.path.exists(warm):
-            problem.cache.add(read_jsonl(warm))
+        read_warm_cache(problem, env_cfg.get("warm_cache"))
         _PROBLEMS[key] = problem
     return problem
+
+
+# how far this process has read each warm-cache file, by (path, inode): the driver replaces the file when a search
+# starts or resumes, and appends to it after every iteration
+_WARM_READ: dict[tuple[str, int], int] = {}
+
+
+def read_warm_cache(problem: Problem, path: str | None) -> int:
+    """Add to the problem's cache the candidates appended to the warm-cache file since this process last read it
+    (whole lines only: a batch being written is read once it is complete); returns how many were new. Every
+    episode starts with it, so an env runner RLlib restarted, which the driver's pushes (`share_cache`) may miss
+    while it is not yet counted healthy, still knows everything evaluated before the iteration."""
+    if not path:
+        return 0
+    try:
+        with open(path, "rb") as fh:
+            key = (path, os.fstat(fh.fileno()).st_ino)
+            fh.seek(_WARM_READ.get(key, 0))
+            data = fh.read()
+    except FileNotFoundError:  # on another node than the driver: `share_cache` alone
+        return 0
+    whole = data.rfind(b"\n") + 1
+    _WARM_READ[key] = _WARM_READ.get(key, 0) + whole
+    return problem.cache.add([json.loads(line) for line in data[:whole].splitlines() if line.strip()])
 
 
 def share_cache(records: Sequence[dict]) -> int:
@@ -144,6 +165,7 @@ class PruningEnv(gym.Env):
         if problem is None and not (config and "config" in config):
             raise ValueError("PruningEnv needs env_config(config) or a problem")
         self.problem = problem if problem is not None else get_problem(dict(config))
+        self._warm_cache = (config or {}).get("warm_cache")
         self.space = self.problem.space
         self.budget = self.problem.budget
         self.static_obs = static_features(self.budget)
@@ -168,6 +190,7 @@ class PruningEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
+        read_warm_cache(self.problem, self._warm_cache)
         self._t = 0
         self._dropped = set()
         self._episode_budget = self.budget
