@@ -132,12 +132,7 @@ def stop_leftovers() -> list[int]:
                 proc.terminate()
             except psutil.NoSuchProcess:
                 pass
-        _, alive = psutil.wait_procs(left, timeout=RAY_EXIT_GRACE_SECONDS)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
+        _kill_unless_gone(left)
         stopped.extend(proc.pid for proc in left)
         path.unlink(missing_ok=True)
     return stopped
@@ -166,6 +161,12 @@ def stop_ray() -> None:
     after the command returns (docs/design.md, "Ray")."""
     processes = _ray_processes()
     ray.shutdown()
+    _kill_unless_gone(processes)
+    _record_path().unlink(missing_ok=True)
+
+
+def _kill_unless_gone(processes: list[psutil.Process]) -> None:
+    """Wait up to `RAY_EXIT_GRACE_SECONDS` for `processes` to exit, then kill those still running."""
     _, alive = psutil.wait_procs(processes, timeout=RAY_EXIT_GRACE_SECONDS)
     for proc in alive:
         try:
@@ -173,7 +174,6 @@ def stop_ray() -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(alive, timeout=5)
-    _record_path().unlink(missing_ok=True)
 
 
 def env_runner_bundles(config: SearchConfig) -> list[dict[str, float]]:

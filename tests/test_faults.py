@@ -188,6 +188,12 @@ def test_a_full_disk_before_the_first_checkpoint_says_so_and_resume_keeps_what_w
     assert all(r["iteration"] == 1 for r in after if r.get("unreplayed"))
 
 
+def search_command(path: Path) -> tuple[list[str], dict[str, str]]:
+    """`entropy-search search <path>` as a command, and its environment: a local Ray of its own."""
+    return ([sys.executable, "-m", "entropy_search.cli", "search", str(path), "--no-progress"],
+            {**os.environ, "RAY_ADDRESS": ""})
+
+
 def _ray_processes_of(pid: int) -> list[psutil.Process]:
     found = []
     for proc in psutil.Process(pid).children(recursive=True):
@@ -254,8 +260,7 @@ def test_a_search_started_after_a_sigkill_stops_what_the_killed_one_left_running
     path.write_text(yaml.safe_dump(search_dict(out, checkpoint, **{"stop.iterations": 4, "stop.patience": None,
                                                                     "output.checkpoint_every": 1,
                                                                     "resources.num_cpus": 2})))
-    command = [sys.executable, "-m", "entropy_search.cli", "search", str(path), "--no-progress"]
-    env = {**os.environ, "RAY_ADDRESS": ""}
+    command, env = search_command(path)
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             env=env)
     try:
@@ -338,8 +343,7 @@ def test_sigkill_before_the_first_checkpoint_then_resume_keeps_every_candidate_e
     path.write_text(yaml.safe_dump(search_dict(out, checkpoint, **{"stop.iterations": 6, "stop.patience": None,
                                                                     "output.checkpoint_every": 6,
                                                                     "resources.num_cpus": 2})))
-    command = [sys.executable, "-m", "entropy_search.cli", "search", str(path), "--no-progress"]
-    env = {**os.environ, "RAY_ADDRESS": ""}
+    command, env = search_command(path)
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             env=env)
     try:
