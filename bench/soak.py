@@ -48,7 +48,7 @@ def sweep_config(where: Path, checkpoint: Path, uri: str, search_seconds: float)
             "search": {"flops_target": 0.5, "top_k": 1, "device": "cpu"},
             "agent": {"episodes_per_iteration": 8, "num_epochs": 2, "num_minibatches": 2},
             "resources": {"max_env_runner_restarts": 20, "driver_threads": 1},
-            "stop": {"iterations": None, "wall_seconds": search_seconds},
+            "stop": {"iterations": None, "patience": None, "wall_seconds": search_seconds},
             "baselines": {"enabled": False},
             "finetune": {"epochs": 0},
             "output": {"checkpoint_every": 2, "export_onnx": False},
@@ -242,6 +242,9 @@ def main() -> int:
     print(json.dumps({k: v for k, v in report.items() if k not in ("trials", "faults")}, indent=2))
     for name, row in report["trials"].items():
         print(f"  {name}: {row}")
+    if not report["faults_injected"]:  # the trials ended before the first fault: nothing was tested
+        print("soak: no fault was injected (the trials ended first); raise --minutes or lower --interval")
+        return 1
     return 0 if finished and not (report["candidates_lost"] or report["candidates_duplicated"]) else 1
 
 

@@ -104,8 +104,9 @@ def select_delivered(problem: Problem, config: SearchConfig, state: SearchState,
     search's best and Torch-Pruning's recipes). `selection.method: full` judges each by its held-out
     correctness after its full fine-tune: uniform pruning is delivered unless another finalist beats it
     significantly on the same images (`guarded_choice`); `halving` by successive halving on short fine-tunes (on Tune's
-    ASHA when two or more fit on the search's Ray outside a sweep's trial, else in the driver).
-    Off: the agent's pick. Every finalist it needs, and the winner, end up in `finalized`
+    ASHA when two or more fit on the search's Ray outside a sweep's trial, else in the driver), then, with
+    `selection.survivors`, the same guarded rule on the full fine-tunes of the last rung's best, uniform pruning and
+    the agent's pick. Off: the agent's pick. Every finalist it needs, and the winner, end up in `finalized`
     ({label: (record, model)})."""
     uniform = (baselines.get("uniform") or {}).get("best") if config.selection.enabled else None
     others = [(name, baselines[name]["best"]) for name in ("uniform_shallow", *config.baselines.peers)
