@@ -71,6 +71,7 @@ def test_a_sweep_trial_fine_tunes_its_finalists_in_its_placement_group(three_cpu
     data = tiny_sweep("in-group", tmp_path / "sweeps", checkpoint, store,
                       resources={"cpus_per_trial": 0.5, "num_env_runners": 2, "cpus_per_env_runner": 1},
                       axes={"seed": [0]}, max_concurrent_trials=1, mlflow={"tracking_uri": store, "log_model": False})
+    data["base"]["selection"] = {"method": "full"}  # every finalist fine-tuned, after the env runners stopped
     sweep = load_sweep_config(data)
     result = run_sweep(sweep, verbose=0)
     assert result["status"] == "FINISHED" and result["failed"] == 0
