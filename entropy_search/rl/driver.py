@@ -350,7 +350,8 @@ class RLSearch:
             if rec.get("worker") is not None:
                 self._workers.add(rec["worker"])
             if rec.get("cache_hit") and record_key(rec) in self.state.pending:
-                rec["cache_hit"] = False  # evaluated before the resume: this row records that evaluation, once
+                # evaluated before the resume, not here: this row records that evaluation, once
+                rec.update(cache_hit=False, evaluated_before_resume=True)
             if self.state.add(rec):
                 new.append(self.state.cache[record_key(rec)])
             rows.append(ordered_row(rec))
@@ -359,10 +360,12 @@ class RLSearch:
 
     def _record_unreplayed(self) -> None:
         """Write the candidates a resumed search's replay did not propose again (still `pending`) as rows marked
-        `unreplayed`, with their first row's id and iteration, and count them: they were evaluated."""
+        `unreplayed` and `evaluated_before_resume`, with their first row's id and iteration, and count them: they
+        were evaluated."""
         state, rows = self.state, []
         for key in sorted(state.pending, key=lambda k: int(self._unreplayed.get(k, {}).get("id", self._next_id))):
-            row = {**state.cache[key], **self._unreplayed.get(key, {}), "unreplayed": True}
+            row = {**state.cache[key], **self._unreplayed.get(key, {}), "unreplayed": True,
+                   "evaluated_before_resume": True}
             if "id" not in row:  # known only from the cache (a resume of a resume)
                 row.update(id=self._next_id, iteration=state.iteration)
                 self._next_id += 1
