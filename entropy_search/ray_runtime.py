@@ -74,8 +74,9 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None, num_gp
     return True
 
 
-def _record_path(pid: int | None = None) -> Path:
-    return RAY_RECORDS / f"{pid or os.getpid()}.json"
+def _record_path() -> Path:
+    """This driver's record of the local Ray it started."""
+    return RAY_RECORDS / f"{os.getpid()}.json"
 
 
 def _identity(proc: psutil.Process) -> list[float]:

@@ -188,10 +188,19 @@ def test_a_full_disk_before_the_first_checkpoint_says_so_and_resume_keeps_what_w
     assert all(r["iteration"] == 1 for r in after if r.get("unreplayed"))
 
 
-def search_command(path: Path) -> tuple[list[str], dict[str, str]]:
-    """`entropy-search search <path>` as a command, and its environment: a local Ray of its own."""
-    return ([sys.executable, "-m", "entropy_search.cli", "search", str(path), "--no-progress"],
-            {**os.environ, "RAY_ADDRESS": ""})
+def start_search(tmp_path: Path, out: Path, checkpoint: Path,
+                 **overrides) -> tuple[subprocess.Popen, list[str], dict[str, str]]:
+    """`entropy-search search` of the tests' tiny search into `out` (no patience, a local Ray of 2 CPUs of its own),
+    started in a session of its own with its output discarded; the process, and its command and environment for
+    a `--resume` after it."""
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(search_dict(out, checkpoint, **{"stop.patience": None, "resources.num_cpus": 2,
+                                                                    **overrides})))
+    command = [sys.executable, "-m", "entropy_search.cli", "search", str(path), "--no-progress"]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env=env)
+    return proc, command, env
 
 
 def _ray_processes_of(pid: int) -> list[psutil.Process]:
@@ -256,13 +265,8 @@ def test_a_search_started_after_a_sigkill_stops_what_the_killed_one_left_running
     runtime-env agents for minutes) outlive it; `--resume` stops them before it starts its own Ray, says so in
     one line, and finishes. About 60 s."""
     out = tmp_path / "run"
-    path = tmp_path / "search.yaml"
-    path.write_text(yaml.safe_dump(search_dict(out, checkpoint, **{"stop.iterations": 4, "stop.patience": None,
-                                                                    "output.checkpoint_every": 1,
-                                                                    "resources.num_cpus": 2})))
-    command, env = search_command(path)
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env=env)
+    proc, command, env = start_search(tmp_path, out, checkpoint, **{"stop.iterations": 4,
+                                                                    "output.checkpoint_every": 1})
     try:
         while proc.poll() is None and not (out / CHECKPOINT_DIR / STATE_FILE).exists():  # progress (pytest-timeout)
             time.sleep(0.2)
@@ -339,13 +343,8 @@ def test_sigkill_before_the_first_checkpoint_then_resume_keeps_every_candidate_e
     candidates.jsonl at the end (rows the replay did not write again marked `unreplayed`), each row once and as
     many as result.json counts. About 60 s."""
     out = tmp_path / "killed"
-    path = tmp_path / "search.yaml"
-    path.write_text(yaml.safe_dump(search_dict(out, checkpoint, **{"stop.iterations": 6, "stop.patience": None,
-                                                                    "output.checkpoint_every": 6,
-                                                                    "resources.num_cpus": 2})))
-    command, env = search_command(path)
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env=env)
+    proc, command, env = start_search(tmp_path, out, checkpoint, **{"stop.iterations": 6,
+                                                                    "output.checkpoint_every": 6})
     try:
         while proc.poll() is None:  # waits on the search's progress, however slow the machine (pytest-timeout)
             if max((r["iteration"] for r in read_jsonl(out / CANDIDATES_FILE)), default=0) >= 2:
