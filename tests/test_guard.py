@@ -1,7 +1,9 @@
 """The exactness guard (`problem.guard`): on every model of the registry a random candidate computed sliced and
-masked equals its pruned network; on a network where masking is not pruning (tests/user_models.py's
-channel_mean_net) the masked evaluation is caught with its channel group named, and a search stops before Ray
-starts (CLI: exit 2, one line). About 15 s (ResNet-20 at batch 8, a digits baseline of one epoch)."""
+masked equals its pruned network. On a network where masking is not pruning (tests/user_models.py's
+channel_mean_net) the space's construction check keeps the group whole, named; with that check bypassed (what it
+cannot see: a mismatch at other counts or only on other images), the guard catches the masked evaluation with its
+channel group named, and a search stops before Ray starts (CLI: exit 2, one line). About 15 s (ResNet-20 at batch
+8, a digits baseline of one epoch)."""
 
 from __future__ import annotations
 
@@ -40,7 +42,23 @@ def broken_space() -> tuple[PruningSpace, torch.Tensor]:
     return PruningSpace(model, x[:1]), x
 
 
-def test_a_masked_evaluation_that_is_not_the_pruned_network_is_refused_with_its_group_named():
+@pytest.fixture
+def unchecked_groups(monkeypatch):
+    """Spaces built without the construction check of their groups, so that the guard meets what it missed."""
+    monkeypatch.setattr(PruningSpace, "_inexact_groups", lambda self: {})
+
+
+def test_the_space_keeps_a_group_whole_when_masking_it_is_not_cutting_it():
+    space, x = broken_space()
+    assert [g.name for g in space.groups] == ["stem.0", "head.0"]
+    assert len(space.fixed_groups) == 1 and space.fixed_groups[0].startswith("middle.0: masking its pruned channels "
+                                                                             "is not cutting them (relative difference")
+    assert "stays whole: middle.0: masking" in space.describe()
+    for mode in ("masked", "sliced"):  # what is left is exact both ways
+        assert check_exact(space, Budget(space, 0.7, 0.1), x, mode=mode, seed=0)["relative_difference"] <= 1e-6
+
+
+def test_a_masked_evaluation_that_is_not_the_pruned_network_is_refused_with_its_group_named(unchecked_groups):
     space, x = broken_space()
     with pytest.raises(EntropySearchError, match=r"masked evaluation .* \(relative difference 0\.0\d+ .*: group 1 "
                                                  r"\(middle\.0, keeping \d+ of 16\).*search\.eval_mode: pruned"):
@@ -56,7 +74,7 @@ def broken_search(tmp_path, **extra) -> dict:
             "output": {"dir": str(tmp_path / "run")}}
 
 
-def test_a_search_stops_before_ray_starts_and_the_cli_says_why_in_one_line(tmp_path, capsys):
+def test_a_search_stops_before_ray_starts_and_the_cli_says_why_in_one_line(tmp_path, capsys, unchecked_groups):
     from entropy_search.search import prepare
 
     cfg = tmp_path / "cfg.yaml"
