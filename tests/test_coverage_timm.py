@@ -7,10 +7,9 @@ each family (one or two per family), random weights, built the way a user names 
 
 Outcome: 76 of the 84 exact (90%), 8 refused (REFUSED); where a group's cut makes the forward fail or masking it is
 not cutting it, the group stays whole (`PruningSpace._inexact_groups`: 11 of the 76). Cost: the whole file took 2 min
-17 s of wall time on 2 CPU cores shared with a benchmark (load average about 2), 20 s of it RexNet's analysis until
-its 20 s bound; not marked slow. Peak RSS 2.7 GB (2,667,964 kB, measured before the construction check, which adds
-two forwards of one image), one model at a time and freed before the next: VGG-11's 7x7 conv head (25088 x 4096
-weights) copied to be pruned."""
+8 s of wall time on 2 CPU cores shared with a benchmark (load average about 2), 20 s of it RexNet's analysis until
+its 20 s bound; not marked slow. Peak RSS 2.6 GB (2,647,104 kB), one model at a time and freed before the next:
+VGG-11's 7x7 conv head (25088 x 4096 weights) copied to be pruned."""
 
 from __future__ import annotations
 
