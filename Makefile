@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: quickstart prune-demo test test-fast lint bench
+.PHONY: quickstart prune-demo test test-fast docs lint bench
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: $(BIN)/.installed
 ## the fast default suite, for development
 test-fast: $(BIN)/.installed
 	$(BIN)/python -m pytest -m "not slow and not cluster"
+
+## the configuration reference, generated from the schemas (tests/test_config.py fails when it is stale)
+docs: $(BIN)/.installed
+	$(BIN)/python -m entropy_search.reference > docs/configuration.md
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

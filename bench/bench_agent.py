@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 #: agent settings compared; `default` is the schema's
 VARIANTS: dict[str, list[str]] = {
     "default": [],
-    # the defaults until session 8 (the tables of sessions 6 and 7 call lr 1e-3 x 8 epochs x 2 minibatches
-    # "lr1e-3", today's default, and these settings "default")
+    # the agent's earlier defaults (older tables call lr 1e-3 x 8 epochs x 2 minibatches "lr1e-3", today's
+    # default, and these settings "default")
     "lr1e-4": ["agent.lr=0.0001", "agent.num_epochs=4", "agent.num_minibatches=1"],
     "lr3e-3": ["agent.lr=0.003", "agent.num_epochs=8", "agent.num_minibatches=2"],
     "std0.5": ["agent.initial_std=0.5"],

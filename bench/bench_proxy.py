@@ -5,7 +5,7 @@
 2. per case, >= 100 candidates drawn as the search draws them (random actions through the budget's
    clipping, `flops_floor` as configured), each measured once (BN statistics re-estimated on 256
    training images, as the search does): every label-free reward (`entropy`, the paper's, exact;
-   `kl`; `feature`; `agreement`, a reward since session 7, from the top-1 agreement every case recorded)
+   `kl`; `feature`; `agreement`, from the top-1 agreement every case recorded)
    and held-out accuracy;
 3. Spearman rank correlation of each reward with held-out accuracy over all candidates, and with
    held-out accuracy after a short fine-tune over >= 12 of them spread over the accuracy range (the

@@ -17,7 +17,8 @@ COMMANDS = ["train", "prune", "search", "measure", "sweep", "report", "ui"]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="entropy-search",
-        description="Prune CNN channels with an RL agent rewarded by spatial entropy (or accuracy).",
+        description="Prune CNN channels and blocks with an RL agent under a MAC or latency budget, rewarded by "
+                    "agreement with the unpruned network (or spatial entropy, or accuracy).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
