@@ -179,7 +179,7 @@ def exact_or_refused(model: nn.Module, name: str, size: int, refused: dict[str, 
         assert name in refused, f"{name} was refused: {message}"
         assert refused[name] in message, message
         return None
-    assert name not in refused, f"{name} is handled now: update REFUSED and the README's coverage figure"
+    assert name not in refused, f"{name} is handled now: update REFUSED and docs/coverage.md's figure"
     assert space.groups, "an accepted model has something to prune"
     rng = random.Random(1)
     keep = [rng.uniform(0.1, 1.0) for _ in space.groups]

@@ -293,11 +293,11 @@ def test_cluster_smoke_sweep_is_small_and_valid(tmp_path, monkeypatch):
 
 
 def test_readme_runs_the_e2e_tests_commands():
-    """README.md's "On a cluster"/"Tested" commands are those of tests/test_cluster_e2e.py."""
+    """docs/cluster.md's commands ("Tested") are those of tests/test_cluster_e2e.py."""
     spec = importlib.util.spec_from_file_location("_e2e", REPO / "tests" / "test_cluster_e2e.py")
     e2e = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(e2e)
-    readme = (CLUSTER.parent / "README.md").read_text()
+    readme = (CLUSTER.parent / "docs" / "cluster.md").read_text()
     args = " ".join(e2e.SWEEP_ARGS)
     assert e2e.SWEEP_CONFIG == "tune_configs/cluster_smoke.yaml" and (REPO / e2e.SWEEP_CONFIG).is_file()
     for command in (

@@ -69,7 +69,7 @@ REPO = Path(__file__).resolve().parents[1]
 LOCAL_YAML = REPO / "cluster" / "local.yaml"
 SUBMIT_SCRIPT = "cluster/submit_sweep.py"
 # Arguments after `--` of `ray submit` and of the Ray job's `python cluster/submit_sweep.py`, as in
-# README "On a cluster" ("Tested"): the smallest real sweep (`entropy-search sweep <these>`).
+# docs/cluster.md ("Tested"): the smallest real sweep (`entropy-search sweep <these>`).
 SWEEP_CONFIG = "tune_configs/cluster_smoke.yaml"
 SWEEP_ARGS = [SWEEP_CONFIG]
 BIN = Path(sys.executable).parent
@@ -371,7 +371,7 @@ class Cluster:
         )
 
     def ray(self, *args: str, log: str, timeout: float = 600, attempts: int = 1) -> None:
-        """Run the `ray` CLI from the repository root, as the README does; fail with its output's end.
+        """Run the `ray` CLI from the repository root, as docs/cluster.md does; fail with its output's end.
 
         With attempts > 1, a run that Ray answers with "please try again later" (the Jobs API while the
         head's job agent is not yet known to it) is run again after a pause, as its message asks.
@@ -435,7 +435,7 @@ class Cluster:
         return "\n" + "\n".join(found) if found else ""
 
     def down(self) -> None:
-        """`ray down`, then `ray stop` on the worker over SSH, as README "On a cluster" says for owned machines:
+        """`ray down`, then `ray stop` on the worker over SSH, as docs/cluster.md says for owned machines:
         with Ray's local provider `ray down` stops Ray on the head only, and a worker's log monitor outlives
         its raylet."""
         self.is_down = True

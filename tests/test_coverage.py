@@ -1,6 +1,6 @@
 """Coverage of torchvision's classification models (docs/design.md, "The pruning space"): every model is either
 exact (masked == sliced == pruned outputs, analytic == counted MACs and parameters, the original untouched) or
-refused with one line naming where, with random residual blocks dropped where it has them; the README states the figure this test measures."""
+refused with one line naming where, with random residual blocks dropped where it has them; docs/coverage.md states the figure this test measures."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from conftest import exact_or_refused, randomise_weights
 from entropy_search import create_model
 
 MODELS = torchvision.models.list_models(module=torchvision.models)
-# Refused, and why (the test fails when one of them starts to work, so the README's figure stays true):
+# Refused, and why (the test fails when one of them starts to work, so docs/coverage.md's figure stays true):
 REFUSED = {
     **{name: "Torch-Pruning" for name in MODELS if name.startswith("swin")},  # shape inference of shifted windows
 }

@@ -1,0 +1,35 @@
+"""The documentation a user reads: the README stays short (at most about 200 lines) and opens with its two set-up
+commands, every relative link of the README and docs/ resolves, and no page narrates the project's development
+history (what changed goes to CHANGELOG.md). Under a second."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PAGES = [REPO / "README.md", REPO / "CHANGELOG.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def test_the_readme_is_short_and_opens_with_the_two_commands():
+    lines = (REPO / "README.md").read_text().splitlines()
+    assert len(lines) <= 200, f"README.md has {len(lines)} lines: move details to docs/"
+    assert lines[3].startswith("make quickstart") and lines[4].startswith("make test"), lines[:6]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_relative_link_resolves(page):
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+        if not re.match(r"[a-z]+:", target):
+            assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"
+
+
+def test_no_page_narrates_the_development_history():
+    sources = [*PAGES, REPO / "bench" / "RESULTS.md", *(REPO / "entropy_search").rglob("*.py"),
+               *(REPO / "tests").glob("*.py"), *(REPO / "bench").glob("*.py")]
+    pattern = re.compile(r"\bsessions? [0-9]+", re.IGNORECASE)
+    found = [f"{path.relative_to(REPO)}: {match.group(0)}" for path in sources
+             for match in pattern.finditer(path.read_text())]
+    assert not found, found[:10]
