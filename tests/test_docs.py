@@ -33,3 +33,23 @@ def test_no_page_narrates_the_development_history():
     found = [f"{path.relative_to(REPO)}: {match.group(0)}" for path in sources
              for match in pattern.finditer(path.read_text())]
     assert not found, found[:10]
+
+
+def test_every_command_of_the_readme_parses_and_names_files_that_exist():
+    """Each `entropy-search` line of the README's "Command line" block is accepted by the CLI's own parser (so no
+    option it shows has been renamed or removed) and every shipped file it names exists; each subcommand is run for
+    real by its own tests (test_cli_train, test_cli_prune, test_search, test_sweep, test_ui, test_latency)."""
+    from entropy_search.cli import build_parser
+
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Command line\n"):]
+    block = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
+    commands = [line.split("#", 1)[0].split() for line in block.splitlines() if line.startswith("entropy-search ")]
+    assert len(commands) >= 8
+    parser = build_parser()
+    for words in commands:
+        argv = [w for w in words[1:] if not (w.startswith("[") or w.endswith("]"))]  # optional flags shown in []
+        parser.parse_args(argv)
+        for word in argv:
+            if word.startswith(("examples/", "tune_configs/")):
+                assert (REPO / word).is_file(), word
