@@ -197,6 +197,12 @@ def list_datasets() -> list[str]:
     return [f"{e.name}:<path>" if e.takes_argument else e.name for e in entries]
 
 
+def _download_hint(name: str, root: Path) -> str:
+    """How to download a data set: only `entropy-search train` does (a search or a sweep never downloads)."""
+    return (f"download it on a machine with network access with `entropy-search train --data {name} --data-root "
+            f"{root} --download` (only train downloads)")
+
+
 def load_data(
     name: str,
     root: str | os.PathLike | None = None,
@@ -320,8 +326,8 @@ def _fashion_mnist(root: Path, *, heldout_fraction: float, seed: int, download: 
         else:
             raise DataUnavailableError(
                 f"Fashion-MNIST not found under {raw}; install Debian's package dataset-fashion-mnist "
-                f"(apt-get install dataset-fashion-mnist, files in {DEBIAN_FASHION_MNIST}), run with --download "
-                f"on a machine with network access, or copy {', '.join(FASHION_MNIST_FILES)} there"
+                f"(apt-get install dataset-fashion-mnist, files in {DEBIAN_FASHION_MNIST}), {_download_hint('fashion_mnist', root)}, "
+                f"or copy {', '.join(FASHION_MNIST_FILES)} there"
             )
     try:
         train = FashionMNIST(str(root), train=True)
@@ -391,7 +397,7 @@ def _cifar(name: str, root: Path, heldout_fraction: float, seed: int, download: 
     if not all((folder / f).is_file() for f in files):
         if not download:
             raise DataUnavailableError(
-                f"{label} not found under {root}; run with --download on a machine with network access, "
+                f"{label} not found under {root}; {_download_hint(name, root)}, "
                 f"or copy {cls.base_folder} (from {cls.filename}) there"
             )
         _download(lambda: cls(str(root), train=True, download=True), label, root)
@@ -400,8 +406,8 @@ def _cifar(name: str, root: Path, heldout_fraction: float, seed: int, download: 
         test = cls(str(root), train=False)
     except Exception as exc:  # checksum mismatch, truncated pickle
         raise DataUnavailableError(
-            f"{label} under {folder} is incomplete or corrupted ({exc}); delete {folder} and run with "
-            f"--download, or copy a good {cls.base_folder} there"
+            f"{label} under {folder} is incomplete or corrupted ({exc}); delete {folder} and "
+            f"{_download_hint(name, root)}, or copy a good {cls.base_folder} there"
         ) from None
 
     def nchw(data: np.ndarray) -> torch.Tensor:
@@ -617,7 +623,10 @@ def eval_batch(
         raise ConfigError(f"evaluation batch size must be positive, got {n}")
     dataset = choices[split]
     if len(dataset) == 0:
-        raise ConfigError(f"the {split} split of {splits.name} is empty (is heldout_fraction 0?)")
+        why = ("the baseline was trained on the whole training set (held-out fraction 0, recorded in its checkpoint); "
+               "give images it never trained on with data.heldout, or train a baseline with data.heldout_fraction "
+               "above 0" if split == "heldout" else "the data set has none")
+        raise ConfigError(f"the {split} split of {splits.name} is empty: {why}")
     if n >= len(dataset):
         indices = list(range(len(dataset)))
     else:

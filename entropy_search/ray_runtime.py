@@ -196,12 +196,13 @@ def search_bundles(config: SearchConfig, *, cpus: float = 1.0, gpus: float = 0.0
     return [head] + env_runner_bundles(config)
 
 
-def check_fits(bundles: Sequence[dict[str, float]], what: str, hint: str) -> None:
+def check_fits(bundles: Sequence[dict[str, float]], what: str, hints: dict[str, str]) -> None:
     """ConfigError when `bundles` together need more CPUs or GPUs than the running Ray has: they would
-    wait forever instead."""
+    wait forever instead. `hints`: what to lower, per resource ("CPU", "GPU")."""
     total = ray.cluster_resources()
     for res in ("CPU", "GPU"):
         need = sum(b.get(res, 0.0) for b in bundles)
         have = total.get(res, 0.0)
         if need > have + 1e-9:
-            raise ConfigError(f"resources: {what} need {need:g} {res}s, the Ray cluster has {have:g}; {hint}")
+            raise ConfigError(f"resources: {need:g} {res}s wanted by {what}, the Ray cluster has {have:g}; "
+                              f"{hints[res]}")

@@ -74,7 +74,7 @@ from .rl.rundir import (
     is_no_space,
     no_space_error,
 )
-from .train import correct_predictions
+from .train import correct_predictions, select_device
 from .train import evaluate as test_accuracy
 from .utils import environment_info, seed_everything
 
@@ -178,6 +178,7 @@ def run_search(
     """Run one search end to end and return the result dict (also written to `<output.dir>/result.json`)."""
     config = config if isinstance(config, SearchConfig) else load_config(config)
     t_start = time.perf_counter()
+    select_device(config.search.device, key="search.device")  # a device that is not here: one line, before anything
     imported = user_weights(config)  # a network the user brings is checked before anything is written
     out = prepare_output_dir(config, resume=resume, overwrite=overwrite)
     seed_everything(config.seed)
@@ -209,7 +210,8 @@ def _run_agent(config: SearchConfig, n_steps: int, *, resume: bool, progress: bo
     search = None
     try:
         check_fits(env_runner_bundles(config), f"{res.num_env_runners} env runners",
-                   "lower resources.num_env_runners, num_cpus_per_env_runner or num_gpus_per_env_runner")
+                   {"CPU": "lower resources.num_env_runners or num_cpus_per_env_runner",
+                    "GPU": "lower resources.num_env_runners or num_gpus_per_env_runner"})
         search = RLSearch(config, n_steps, resume=resume, progress=progress, on_iteration=on_iteration)
         try:
             search.build()

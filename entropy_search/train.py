@@ -268,14 +268,15 @@ def configure_threads(threads: int | None, *, device: str | torch.device = "auto
     return threads
 
 
-def select_device(device: str | torch.device = "auto") -> torch.device:
-    """`auto`, `cpu`, `cuda[:n]` or a torch.device; ConfigError for a bad name or CUDA that is not there."""
+def select_device(device: str | torch.device = "auto", key: str = "--device") -> torch.device:
+    """`auto`, `cpu`, `cuda[:n]` or a torch.device; ConfigError for a bad name or CUDA that is not there, naming
+    `key`, where the user set it (a CLI flag or a config key)."""
     try:
         dev = resolve_device(device) if isinstance(device, str) else device
     except RuntimeError as exc:
-        raise ConfigError(f"unknown device {device!r}: {exc}") from None
+        raise ConfigError(f"{key}: unknown device {device!r}: {exc}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
+        raise ConfigError(f"{key}: {device!r} asked for, but CUDA is not available here; use cpu or auto")
     return dev
 
 

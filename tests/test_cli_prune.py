@@ -49,7 +49,7 @@ def test_prune_with_policy_file(baseline, tmp_path):
     "extra, message",
     [(["--keep", "1.5"], "must be in (0, 1]"),
      (["--keep", "0"], "must be in (0, 1]"),
-     (["--flops-target", "0.001"], "cannot be met"),
+     (["--flops-target", "0.001"], "--flops-target: 0.001 cannot be met"),
      (["--policy", "missing.json"], "not found"),
      (["--bn-calibration", "-1"], "--bn-calibration must be >= 0")],
 )

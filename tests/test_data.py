@@ -235,7 +235,7 @@ def test_cifar_loader_on_tiny_files(tmp_path, monkeypatch, name, cls, num_classe
 
 
 def test_cifar_missing_says_how_to_get_it(tmp_path):
-    with pytest.raises(DataUnavailableError, match=r"CIFAR-10 not found under .*--download.*cifar-10-batches-py"):
+    with pytest.raises(DataUnavailableError, match=r"CIFAR-10 not found under .*`entropy-search train --data cifar10 .*--download`.*cifar-10-batches-py"):
         load_data("cifar10", tmp_path / "nothing")
     with pytest.raises(DataUnavailableError, match="CIFAR-100 not found"):
         load_data("cifar100", tmp_path / "nothing")
@@ -456,3 +456,12 @@ def test_heldout_set_for_a_data_set_that_cannot_take_one(tmp_path):
     (tmp_path / "h" / "0").mkdir(parents=True)
     with pytest.raises(ConfigError, match="cannot read image files"):
         with_heldout(splits, tmp_path / "h")
+
+
+def test_an_empty_held_out_split_says_where_held_out_images_come_from():
+    """A baseline trained on the whole training set (held-out fraction 0) has no held-out images: the message says
+    to give them (`data.heldout`) rather than to change a fraction the checkpoint has fixed. Under a second."""
+    splits = load_data("digits", heldout_fraction=0.0)
+    with pytest.raises(ConfigError, match=r"heldout split of digits is empty: the baseline was trained on the whole "
+                                          r"training set .* data\.heldout"):
+        eval_batch(splits, 8, split="heldout")

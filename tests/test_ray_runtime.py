@@ -66,12 +66,14 @@ def test_quiet_ray_notices_is_idempotent_and_drops_only_the_noise():
 
 def test_check_fits_on_a_two_cpu_ray(ray_local):
     assert start_ray() is False  # Ray already runs in this process: joined, not started again
-    check_fits([{"CPU": 1.0}, {"CPU": 1.0}], "a trial", "lower it")  # exactly what the cluster has
-    with pytest.raises(ConfigError, match=r"^resources: 3 env runners need 3 CPUs, the Ray cluster has 2; lower it$"):
-        check_fits([{"CPU": 1.0}] * 3, "3 env runners", "lower it")
-    with pytest.raises(ConfigError, match=r"need 0.5 GPUs, the Ray cluster has 0"):
-        check_fits([{"CPU": 1.0}, {"CPU": 0.5, "GPU": 0.5}], "a trial", "use CPUs")
+    hints = {"CPU": "lower its CPUs", "GPU": "use CPUs"}
+    check_fits([{"CPU": 1.0}, {"CPU": 1.0}], "a trial", hints)  # exactly what the cluster has
+    with pytest.raises(ConfigError, match=r"^resources: 3 CPUs wanted by 3 env runners, the Ray cluster has 2; "
+                                          r"lower its CPUs$"):
+        check_fits([{"CPU": 1.0}] * 3, "3 env runners", hints)
+    with pytest.raises(ConfigError, match=r"0.5 GPUs wanted by a trial, the Ray cluster has 0; use CPUs$"):
+        check_fits([{"CPU": 1.0}, {"CPU": 0.5, "GPU": 0.5}], "a trial", hints)
     config = resources(num_env_runners=2, num_cpus_per_env_runner=1)
-    check_fits(env_runner_bundles(config), "2 env runners", "")
-    with pytest.raises(ConfigError, match="need 3 CPUs"):
-        check_fits(search_bundles(config), "a trial", "")
+    check_fits(env_runner_bundles(config), "2 env runners", hints)
+    with pytest.raises(ConfigError, match="3 CPUs wanted by a trial"):
+        check_fits(search_bundles(config), "a trial", hints)

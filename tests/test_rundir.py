@@ -147,3 +147,7 @@ def test_resume_needs_the_same_problem(tmp_path):
     with pytest.raises(ConfigError, match=r"--resume: search.flops_target \(0.5 -> 0.3\) changed"):
         prepare_output_dir(config_in(tmp_path, **{"search.flops_target": 0.3}), resume=True, overwrite=False)
     assert (tmp_path / CANDIDATES_FILE).exists()
+    (tmp_path / CONFIG_FILE).write_text("search: [unclosed\n")  # the saved settings are unreadable: said so
+    with pytest.raises(ConfigError, match=r"--resume: .*config.yaml is not readable, so the interrupted run's "
+                                          r"settings cannot be checked; restore it, or start over with --overwrite"):
+        prepare_output_dir(config_in(tmp_path), resume=True, overwrite=False)

@@ -528,3 +528,18 @@ def test_a_search_chooses_depth_on_resnet20(ray_local, tmp_path):
     from entropy_search.problem import count_macs
 
     assert count_macs(model, ckpt.example_input()) == delivered["macs"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_cuda_device_that_is_not_here_is_one_line_naming_the_key(tmp_path, capsys):
+    """`search.device: cuda` on a machine without CUDA: one line naming the key, exit 2, before anything is written
+    (it was a PyTorch traceback from inside the set-up). Under a second."""
+    from entropy_search.cli import main
+
+    config = tmp_path / "cuda.yaml"
+    config.write_text(f"search:\n  device: cuda\noutput:\n  dir: {tmp_path / 'run'}\n")
+    assert main(["search", str(config), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("entropy-search search: error: search.device: 'cuda' asked for, but CUDA is not available here; "
+                   "use cpu or auto")
+    assert not (tmp_path / "run").exists()

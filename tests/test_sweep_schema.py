@@ -103,6 +103,14 @@ def test_overrides_and_dry_run(tmp_path, capsys):
     assert f"sweep qs2: {trials} trial(s) in {tmp_path}/qs2" in out and "axis seed: grid [0, 1]" in out
     sweep = load_sweep_config(REPO / "tune_configs" / "quickstart.yaml", {"base.stop.iterations": 3})
     assert sweep.base["stop"]["iterations"] == 3
+    # a base given as a file: `base.<key>` overrides apply to what the file holds (they were refused before it was read)
+    (tmp_path / "search.yaml").write_text("stop:\n  iterations: 7\nseed: 4\n")
+    (tmp_path / "sweep.yaml").write_text("name: f\nbase: search.yaml\n")
+    sweep = load_sweep_config(tmp_path / "sweep.yaml", {"base.stop.iterations": 3})
+    assert sweep.base["stop"]["iterations"] == 3 and sweep.base["seed"] == 4
+    (tmp_path / "other.yaml").write_text("seed: 5\n")
+    sweep = load_sweep_config(tmp_path / "sweep.yaml", {"base": str(tmp_path / "other.yaml"), "base.seed": 6})
+    assert sweep.base == {"seed": 6}
 
 
 # ---------------------------------------------------------------- trials

@@ -174,7 +174,8 @@ def run(args: argparse.Namespace) -> int:
         target = _SEARCH["flops_target"].default if args.flops_target is None else args.flops_target
         if not 0 < target <= 1:
             raise ConfigError(f"--flops-target must be in (0, 1], got {target}")
-        budget = Budget(space, target, args.min_keep).given(blocks)
+        budget = Budget(space, target, args.min_keep, target_key="--flops-target",
+                        min_keep_key="--min-keep").given(blocks)
         budget.check()
         ratio, counts = uniform_counts(budget)
         keep, how = space.counts_to_keep(counts), f"uniform keep {ratio:.3f} for MACs <= {target:g} x baseline"

@@ -144,7 +144,8 @@ class Budget:
 
     def __init__(self, space: PruningSpace, flops_target: float, min_keep: float, flops_floor: float = 0.0,
                  *, action_space: str = "absolute", action_spread: float = 1.0, cost=None,
-                 target_key: str = "search.flops_target", dropped: frozenset[int] = frozenset(),
+                 target_key: str = "search.flops_target", min_keep_key: str = "search.min_keep",
+                 dropped: frozenset[int] = frozenset(),
                  macs: MacsForm | None = None, options: list[np.ndarray] | None = None) -> None:
         """`dropped`, `macs` and `options` are `given`'s: a budget of the same space and target for candidates
         without some residual blocks, with their MAC form and the (shared) count options."""
@@ -172,6 +173,7 @@ class Budget:
         self._root = self  # the budget that keeps every block, which `given` asks
         self.kind = self.cost.kind
         self.target_key = target_key
+        self.min_keep_key = min_keep_key  # how the user set min_keep, for messages (a config key or a CLI flag)
         self.base_cost = float(self.cost.base)
         self.target = self.flops_target * self.base_cost
         self.floor = self.flops_floor * self.target
@@ -203,7 +205,8 @@ class Budget:
             cost = self.cost.without(outer, frozenset(self.space.idle_groups(dropped)), macs)
         shallower = Budget(self.space, self.flops_target, self.min_keep, self.flops_floor,
                            action_space=self.action_space, action_spread=self.action_spread, cost=cost,
-                           target_key=self.target_key, dropped=dropped, macs=macs, options=self.options)
+                           target_key=self.target_key, min_keep_key=self.min_keep_key, dropped=dropped, macs=macs,
+                           options=self.options)
         shallower._root = self
         self._given[dropped] = shallower
         if len(self._given) > GIVEN_KEPT:
@@ -248,14 +251,14 @@ class Budget:
                 f"{self.target_key}: {self.flops_target:g} cannot be met: with every channel group at "
                 f"min_keep={self.min_keep:g} the network still has {floor:.3f} of its MACs (layers that are never "
                 f"pruned, rounding to {self.space.round_to}); raise {self.target_key} above {floor:.3f} "
-                "or lower search.min_keep"
+                f"or lower {self.min_keep_key}"
             )
         shown = (f"{self.target:.4g} {self.cost.unit}" if self.target_key.endswith("_ms") else f"{self.flops_target:g}")
         raise ConfigError(
             f"{self.target_key}: {shown} cannot be met: with every channel group at min_keep={self.min_keep:g} the "
             f"predicted latency is still {self.min_cost:.4g} {self.cost.unit}, {floor:.3f} of the unpruned network's "
             f"{self.base_cost:.4g} {self.cost.unit} ({self.cost.describe()}); raise {self.target_key} above "
-            f"{self.min_cost if self.target_key.endswith('_ms') else floor:.4g} or lower search.min_keep"
+            f"{self.min_cost if self.target_key.endswith('_ms') else floor:.4g} or lower {self.min_keep_key}"
         )
 
     def keep_of_action(self, action: float) -> float:

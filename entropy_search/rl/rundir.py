@@ -88,6 +88,9 @@ def prepare_output_dir(config: SearchConfig, *, resume: bool, overwrite: bool) -
     if resume:
         if (out / CONFIG_FILE).exists():
             diff = saved_config_difference(out, config)
+            if diff == "no saved config":  # the file is there but not readable YAML
+                raise ConfigError(f"--resume: {out / CONFIG_FILE} is not readable, so the interrupted run's settings "
+                                  "cannot be checked; restore it, or start over with --overwrite or another output.dir")
             if diff is not None:
                 raise ConfigError(f"--resume: {diff} changed since the interrupted run; use another output.dir")
     elif (out / CHECKPOINT_DIR).exists() or (out / CANDIDATES_FILE).exists():

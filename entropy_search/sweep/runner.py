@@ -72,8 +72,9 @@ def _scheduler(sweep: SweepConfig, base: SearchConfig):
 def _check_fits(sweep: SweepConfig, points: list[dict]) -> None:
     """On a local Ray, a trial needing more than the machine has would wait forever: say so."""
     for params in points[:MAX_VALIDATED] or [{}]:
-        check_fits(trial_bundles(sweep, params), "a trial (cpus_per_trial/gpus_per_trial + env runners x their share)",
-                   "lower resources.cpus_per_trial, num_env_runners or cpus_per_env_runner")
+        check_fits(trial_bundles(sweep, params), "one trial (its own share + env runners x theirs)",
+                   {"CPU": "lower resources.cpus_per_trial, num_env_runners or cpus_per_env_runner",
+                    "GPU": "lower resources.gpus_per_trial, num_env_runners or gpus_per_env_runner"})
 
 
 def _train_baselines(sweep: SweepConfig, configs: list[SearchConfig]) -> dict[str, bytes]:

@@ -337,8 +337,9 @@ def load_sweep_config(
         origin = Path(path_or_dict)
         data = read_yaml_mapping(origin, "sweep config")
         data.setdefault("name", origin.stem)
-    for key, value in (overrides or {}).items():
-        _set_dotted(data, str(key), value)
+    overrides = {str(key): value for key, value in (overrides or {}).items()}
+    if "base" in overrides:  # a whole base (a file or a mapping) first, so that `base.<key>` overrides apply to it
+        data["base"] = overrides.pop("base")
     base = data.get("base")
     if isinstance(base, (str, os.PathLike)):
         base_path = Path(base)
@@ -348,6 +349,8 @@ def load_sweep_config(
             data["base"] = read_yaml_mapping(base_path, "search config")
         except ConfigError as exc:
             raise ConfigError(f"base: {exc}") from None
+    for key, value in overrides.items():
+        _set_dotted(data, key, value)
     try:
         sweep = SweepConfig.model_validate(data)
     except ValidationError as exc:
