@@ -129,3 +129,15 @@ def test_budgets_are_macs_or_latency_ratios(bench):
     assert bench.budget_overrides("latency:0.4") == ["search.budget=latency", "search.latency_target=0.4"]
     with pytest.raises(SystemExit, match="macs:RATIO or latency:RATIO"):
         bench.parse_budget("flops:0.1")
+
+
+def test_the_best_of_the_others_counts_only_networks_at_the_same_budget(bench):
+    """A peer outside the budget's 3% (FastNAS, steered by FLOPs, over a latency budget) is in the table but is not
+    the "best of the others" the delivered network is held to. Instant."""
+    def row(method, seed, after, within=True):
+        return {"method": method, "seed": seed, "test_after": after, "within_tolerance": within}
+
+    runs = [row("delivered", 0, 92.0), row("uniform", 0, 91.9), row("tp_taylor", 0, 91.5),
+            row("fastnas", 0, 93.0, within=False)]
+    assert bench.best_of_others(runs) == [("uniform", pytest.approx(0.1))]
+    assert bench.best_of_others([*runs[:3], row("fastnas", 0, 93.0)]) == [("fastnas", pytest.approx(-1.0))]
