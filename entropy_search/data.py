@@ -326,8 +326,8 @@ def _fashion_mnist(root: Path, *, heldout_fraction: float, seed: int, download: 
         else:
             raise DataUnavailableError(
                 f"Fashion-MNIST not found under {raw}; install Debian's package dataset-fashion-mnist "
-                f"(apt-get install dataset-fashion-mnist, files in {DEBIAN_FASHION_MNIST}), {_download_hint('fashion_mnist', root)}, "
-                f"or copy {', '.join(FASHION_MNIST_FILES)} there"
+                f"(apt-get install dataset-fashion-mnist, files in {DEBIAN_FASHION_MNIST}), "
+                f"{_download_hint('fashion_mnist', root)}, or copy {', '.join(FASHION_MNIST_FILES)} there"
             )
     try:
         train = FashionMNIST(str(root), train=True)

@@ -311,9 +311,14 @@ class PruningSpace:
             with self.sliced(keep) if keep is not None else nullcontext():
                 return count_macs(self.model, self.example_input)
         except Exception as exc:  # noqa: BLE001 - the model's own error, made one line with the layer named
-            lines = str(exc).strip().splitlines()
-            message = f"{failure}{self._raised_in(exc)}: {type(exc).__name__}: {lines[0][:300] if lines else ''}"
+            message = f"{failure}{self._error_line(exc, 300)}"
         raise EntropySearchError(message)
+
+    def _error_line(self, exc: BaseException, limit: int) -> str:
+        """' in layer X: TypeName: first line of the message' (cut to `limit` characters): the model's own error,
+        made one line with the layer that raised it named."""
+        lines = str(exc).strip().splitlines()
+        return f"{self._raised_in(exc)}: {type(exc).__name__}: {lines[0][:limit] if lines else ''}"
 
     def _raised_in(self, exc: BaseException) -> str:
         """' in layer X' for the innermost module of the model whose code raised `exc` (from the traceback), else ''."""
@@ -455,10 +460,10 @@ class PruningSpace:
 
     def _inexact_groups(self) -> dict[int, str]:
         """The groups that cannot be cut exactly, by the Torch-Pruning group index, each with why: cut to an odd
-        count near 60% (with others), the model does not run (its forward keeps a channel count in an attribute: a split at fixed
-        sizes, heads reshaped to a fixed width, a scale viewed to a fixed shape), or masking the cut channels does
-        not compute what slicing them out does (an operation after the mask mixes channels or turns the zeros
-        into something else). Found by halving: one masked and one sliced forward of the example input when every
+        count near 60% (with others), the model does not run (its forward keeps a channel count in an attribute:
+        a split at fixed sizes, heads reshaped to a fixed width, a scale viewed to a fixed shape), or masking the cut
+        channels does not compute what slicing them out does (an operation after the mask mixes channels or turns
+        the zeros into something else). Found by halving: one masked and one sliced forward of the example input when every
         group is exact, about 2 log2(groups) more per group that is not; a failure that only a combination of
         groups shows is left to the refusal of `_check_macs_are_tracked` or to the exactness guard."""
         # an odd count near 60%: not one unit, where a layer norm over a single channel makes everything after it
@@ -476,9 +481,7 @@ class PruningSpace:
                     with self.masked(keep) as model:
                         masked = model(self.example_input)
             except Exception as exc:  # noqa: BLE001 - the model's own error, made one line with the layer named
-                lines = str(exc).strip().splitlines()
-                return (f"the model does not run with it pruned{self._raised_in(exc)}: {type(exc).__name__}: "
-                        f"{lines[0][:200] if lines else ''}")
+                return f"the model does not run with it pruned{self._error_line(exc, 200)}"
             if not (isinstance(sliced, torch.Tensor) and isinstance(masked, torch.Tensor)):
                 return None  # not a tensor output: left to the coverage of what returns one
             difference = output_difference(masked, sliced)

@@ -52,15 +52,19 @@ def config_difference(before: dict, now: dict) -> str | None:
     return None
 
 
+#: `saved_config_difference` when `out` holds no readable saved config
+NO_SAVED_CONFIG = "no saved config"
+
+
 def saved_config_difference(out: Path, config: SearchConfig) -> str | None:
-    """`config_difference` against the config saved in `out`; 'no saved config' when there is none or it is unreadable."""
+    """`config_difference` against the config saved in `out`; NO_SAVED_CONFIG when there is none or it is unreadable."""
     saved = Path(out) / CONFIG_FILE
     if not saved.exists():
-        return "no saved config"
+        return NO_SAVED_CONFIG
     try:
         before = yaml.safe_load(saved.read_text()) or {}
     except yaml.YAMLError:
-        return "no saved config"
+        return NO_SAVED_CONFIG
     return config_difference(_with_defaults(before, SearchConfig().to_dict()), config.to_dict())
 
 
@@ -88,7 +92,7 @@ def prepare_output_dir(config: SearchConfig, *, resume: bool, overwrite: bool) -
     if resume:
         if (out / CONFIG_FILE).exists():
             diff = saved_config_difference(out, config)
-            if diff == "no saved config":  # the file is there but not readable YAML
+            if diff == NO_SAVED_CONFIG:  # the file is there (checked above), so it is not readable YAML
                 raise ConfigError(f"--resume: {out / CONFIG_FILE} is not readable, so the interrupted run's settings "
                                   "cannot be checked; restore it, or start over with --overwrite or another output.dir")
             if diff is not None:
