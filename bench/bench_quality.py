@@ -343,9 +343,14 @@ def report(rows: list[dict], preset: str) -> str:
                 gaps = ", ".join(f"{100 * (r['test_after'] - uniform[r['seed']]):+.2f}" for r in mine
                                  if r["seed"] in uniform and r["test_after"] is not None)
                 blocks = sorted({f"{r['blocks_kept']}/{r['blocks']}" if r.get("blocks_kept") is not None
-                                 else "all" for r in mine})
+                                 else "-" if r.get("unreachable") else "all" for r in mine})
                 labels = "" if method != "delivered" else f" ({', '.join(r['label'] for r in mine)})"
                 outside = "" if all(r["within_tolerance"] for r in mine) else " (outside the budget's 3%)"
+                unreachable = [r for r in mine if r.get("unreachable")]
+                if unreachable:  # FastNAS's smallest network over a latency budget: no network, the reason
+                    seeds_out = ", ".join(str(r["seed"]) for r in unreachable)
+                    outside = f" (cannot reach the budget at seed {seeds_out}: {unreachable[0]['unreachable']})"
+                    mine = [r for r in mine if not r.get("unreachable")] or unreachable
                 lines.append(
                     f"| {DESCRIPTIONS[method]}{labels}{outside} | {len(mine)} | {_mean([r['macs_ratio'] for r in mine], '.3f')} "
                     f"| {_mean([r['latency_ratio'] for r in mine], '.3f')} | {', '.join(blocks)} "

@@ -78,17 +78,30 @@ def fastnas_at(problem: Problem, flops_percent: float, checkpoint: Path) -> tupl
     return network.eval(), time.perf_counter() - t0
 
 
+#: How Model Optimizer says a FLOPs percentage is below the smallest network of its search space.
+UNSATISFIABLE = "NOT all constraints can be satisfied"
+
+
 def fastnas_peer(problem: Problem, checkpoint: Path, *, tolerance: float = 0.03, steps: int = 12) -> dict:
     """FastNAS brought to the problem's budget: its FLOPs percentage bisected until the network's cost (as the
-    search counts it) is within `tolerance` below the target. Returns {network, counts, cost_ratio, percent,
-    within_tolerance, steps, seconds}."""
+    search counts it) is within `tolerance` below the target. A percentage below FastNAS's smallest network bounds
+    the bisection from below. Returns {network, counts, cost_ratio, percent, within_tolerance, steps, seconds};
+    network is None when no percentage it accepts met the budget (its smallest network costs more: under a latency
+    budget, the residual-stream channels it keeps), with `unreachable` saying so."""
     budget, space = problem.budget, problem.space
-    lo, hi = 0.0, 100.0  # lo: within the budget; hi: over it
-    found, spent, done = None, 0.0, 0
+    lo, hi = 0.0, 100.0  # lo: within the budget, or below what FastNAS accepts; hi: over the budget
+    found, spent, done, smallest = None, 0.0, 0, None
     percent = 100.0 * budget.target / budget.base_cost
     while done < steps:
         done += 1
-        network, seconds = fastnas_at(problem, percent, checkpoint)
+        try:
+            network, seconds = fastnas_at(problem, percent, checkpoint)
+        except ValueError as exc:
+            if UNSATISFIABLE not in str(exc):
+                raise
+            lo = percent
+            percent = (lo + hi) / 2
+            continue
         spent += seconds
         counts = space.counts_of(network)
         cost = budget.cost(counts)
@@ -100,9 +113,15 @@ def fastnas_peer(problem: Problem, checkpoint: Path, *, tolerance: float = 0.03,
                 break
         else:
             hi = percent
+            smallest = cost if smallest is None else min(smallest, cost)
         percent = (lo + hi) / 2
     if found is None:
-        raise RuntimeError(f"FastNAS: no FLOPs percentage in {steps} steps met the budget")
+        if smallest is None:
+            raise RuntimeError(f"FastNAS: no FLOPs percentage in {steps} steps made a network")
+        return {"network": None, "counts": None, "cost_ratio": smallest / budget.base_cost, "percent": hi,
+                "within_tolerance": False, "steps": done, "seconds": spent,
+                "unreachable": f"its smallest network in {done} steps costs {smallest / budget.base_cost:.3f} of the "
+                               f"unpruned network by the budget's measure, over its {budget.target / budget.base_cost:.3f}"}
     network, counts, cost, percent = found
     return {"network": network, "counts": counts, "cost_ratio": cost / budget.base_cost, "percent": percent,
             "within_tolerance": cost >= budget.target * (1 - tolerance), "steps": done, "seconds": spent}
@@ -115,6 +134,12 @@ def fastnas_row(problem: Problem, checkpoint: Path, *, seed: int) -> dict:
     config, space, splits = problem.config, problem.space, problem.splits
     found = fastnas_peer(problem, checkpoint)
     network = found["network"]
+    if network is None:  # a row that says why, so the table shows it and the runner does not try again
+        return {"method": "fastnas", "label": "fastnas", "unreachable": found["unreachable"],
+                "cost_ratio": found["cost_ratio"], "within_tolerance": False, "macs_ratio": None,
+                "latency_ratio": None, "blocks_kept": None, "blocks": len(space.blocks) or None, "test_before": None,
+                "test_after": None, "found_seconds": found["seconds"], "finetune_seconds": None,
+                "finetune_epochs": config.finetune.epochs, "fastnas_steps": found["steps"]}
     example = space.example_input.cpu()
     macs, params = count_macs(network, example), count_params(network)
     if problem.evaluator.calibration is not None:

@@ -141,3 +141,39 @@ def test_the_best_of_the_others_counts_only_networks_at_the_same_budget(bench):
             row("fastnas", 0, 93.0, within=False)]
     assert bench.best_of_others(runs) == [("uniform", pytest.approx(0.1))]
     assert bench.best_of_others([*runs[:3], row("fastnas", 0, 93.0)]) == [("fastnas", pytest.approx(-1.0))]
+
+
+def test_a_budget_fastnas_cannot_reach_is_a_row_that_says_so(bench, monkeypatch):
+    """FastNAS's FLOPs percentage below its smallest network (Model Optimizer's ValueError) bounds the bisection from
+    below; when no percentage it accepts meets the budget, the row says why, has no accuracy and is not "the best of
+    the others". A fake FastNAS whose networks cost 0.40 + percent/1000 of the unpruned one; instant."""
+    from types import SimpleNamespace
+
+    fastnas = load_bench("fastnas_peer")
+    tried = []
+
+    def fake_at(problem, percent, checkpoint):
+        tried.append(percent)
+        if percent < 2.0:
+            raise ValueError("Profiling ...\nNOT all constraints can be satisfied within the search space, see above!")
+        return SimpleNamespace(percent=percent), 1.0
+
+    monkeypatch.setattr(fastnas, "fastnas_at", fake_at)
+    space = SimpleNamespace(counts_of=lambda network: [network.percent])
+    problem = SimpleNamespace(budget=SimpleNamespace(target=0.33, base_cost=1.0,
+                                                     cost=lambda counts: 0.40 + counts[0] / 1000), space=space)
+    found = fastnas.fastnas_peer(problem, None, steps=8)
+    assert found["network"] is None and "over its 0.330" in found["unreachable"]
+    assert found["cost_ratio"] == pytest.approx(0.40 + min(p for p in tried if p >= 2.0) / 1000)
+    assert any(p < 2.0 for p in tried) and len(tried) == 8
+    problem.budget.target = 0.45  # reachable: the bisection finds a percentage within 1% below the target
+    found = fastnas.fastnas_peer(problem, None)
+    assert found["network"] is not None and 0.45 * 0.99 <= found["cost_ratio"] <= 0.45
+
+    unreachable = row("fastnas", 0, None, within_tolerance=False, unreachable="its smallest network costs 0.4",
+                      macs_ratio=None, latency_ratio=None, blocks_kept=None)
+    runs = [row("delivered", 0, 0.92), row("uniform", 0, 0.91), unreachable]
+    table = [line for line in bench.report(runs, "fashion30").splitlines() if bench.DESCRIPTIONS["fastnas"] in line]
+    assert "(cannot reach the budget at seed 0: its smallest network costs 0.4)" in table[0]
+    assert "| - | - | - |" in table[0] and "**- **" not in table[0]
+    assert bench.best_of_others(runs) == [("uniform", pytest.approx(0.01))]
