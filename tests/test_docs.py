@@ -37,8 +37,8 @@ def test_no_page_narrates_the_development_history():
 
 def test_every_command_of_the_readme_parses_and_names_files_that_exist():
     """Each `entropy-search` line of the README's "Command line" block is accepted by the CLI's own parser (so no
-    option it shows has been renamed or removed) and every shipped file it names exists; each subcommand is run for
-    real by its own tests (test_cli_train, test_cli_prune, test_search, test_sweep, test_ui, test_latency)."""
+    option it shows has been renamed or removed) and every shipped file it names exists, in under a second; the
+    block is run top to bottom by tests/test_readme_commands.py (slow)."""
     from entropy_search.cli import build_parser
 
     text = (REPO / "README.md").read_text()
