@@ -4,7 +4,9 @@ history (what changed goes to CHANGELOG.md). Under a second."""
 
 from __future__ import annotations
 
+import json
 import re
+import statistics
 from pathlib import Path
 
 import pytest
@@ -53,3 +55,43 @@ def test_every_command_of_the_readme_parses_and_names_files_that_exist():
         for word in argv:
             if word.startswith(("examples/", "tune_configs/")):
                 assert (REPO / word).is_file(), word
+
+
+#: The headline table's rows (README.md and docs/results.md) by the start of their first cell, and the budget of
+#: bench/quality/fashion30/rows.jsonl each one reports; its columns after the seeds, and the method of each.
+HEADLINE_BUDGETS = {"10x fewer MACs": "macs:0.1", "latency of uniform pruning at 10x": "latency:0.4",
+                    "5x fewer MACs": "macs:0.2", "latency 0.5 of": "latency:0.5", "latency 0.33 of": "latency:0.33"}
+HEADLINE_METHODS = ("delivered", "uniform", "tp_taylor", "fastnas", "agent")
+
+
+def _mean_and_spread(values: list[float]) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.fmean(values):.2f} ± {100 * spread:.2f}%"
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/results.md"])
+def test_the_headline_table_is_the_committed_rows(page):
+    """Every figure of the headline table (mean ± std of the test accuracy after the fine-tune, and the seeds) is
+    what the committed rows of the quality benchmark give, so the table cannot drift from its data. Instant."""
+    rows = [json.loads(line) for line in (REPO / "bench/quality/fashion30/rows.jsonl").read_text().splitlines()]
+    text = (REPO / page).read_text()
+    lines = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    checked = 0
+    for line in lines:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        budget = next((b for start, b in HEADLINE_BUDGETS.items() if cells[0].startswith(start)), None)
+        if budget is None or len(cells) != 2 + len(HEADLINE_METHODS):
+            continue
+        at = [r for r in rows if r["budget"] == budget]
+        delivered = [r for r in at if r["method"] == "delivered"]
+        assert cells[1] == str(len(delivered)), f"{page}, {cells[0]}: seeds {cells[1]}, rows {len(delivered)}"
+        for method, cell in zip(HEADLINE_METHODS, cells[2:]):
+            values = [r["test_after"] for r in at if r["method"] == method and r.get("test_after") is not None]
+            if not values:
+                assert "not" in cell or "cannot" in cell, f"{page}, {cells[0]}, {method}: {cell} without rows"
+                continue
+            expected = _mean_and_spread(values)
+            assert cell.strip("*").startswith(expected) or cell.startswith(f"**{expected}**"), \
+                f"{page}, {cells[0]}, {method}: {cell}, the rows give {expected}"
+        checked += 1
+    assert checked >= 4, f"{page}: {checked} headline rows found"
