@@ -10,6 +10,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+from readme import readme_commands
 
 REPO = Path(__file__).resolve().parent.parent
 PAGES = [REPO / "README.md", REPO / "CHANGELOG.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -43,14 +44,11 @@ def test_every_command_of_the_readme_parses_and_names_files_that_exist():
     block is run top to bottom by tests/test_readme_commands.py (slow)."""
     from entropy_search.cli import build_parser
 
-    text = (REPO / "README.md").read_text()
-    section = text[text.index("## Command line\n"):]
-    block = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
-    commands = [line.split("#", 1)[0].split() for line in block.splitlines() if line.startswith("entropy-search ")]
+    commands = readme_commands()
     assert len(commands) >= 8
     parser = build_parser()
     for words in commands:
-        argv = [w for w in words[1:] if not (w.startswith("[") or w.endswith("]"))]  # optional flags shown in []
+        argv = words[1:]
         parser.parse_args(argv)
         for word in argv:
             if word.startswith(("examples/", "tune_configs/")):

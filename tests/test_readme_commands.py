@@ -20,18 +20,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from readme import readme_commands
 
 REPO = Path(__file__).resolve().parent.parent
 EXECUTABLE = Path(sys.executable).parent / "entropy-search"
-
-
-def readme_commands() -> list[list[str]]:
-    """The words of each `entropy-search` line of the README's "Command line" block, [optional] words left out."""
-    text = (REPO / "README.md").read_text()
-    section = text[text.index("## Command line\n"):]
-    block = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
-    lines = [line.split("#", 1)[0].split() for line in block.splitlines() if line.startswith("entropy-search ")]
-    return [[w for w in words if not (w.startswith("[") or w.endswith("]"))] for words in lines]
 
 
 def _port_free(port: int) -> bool:

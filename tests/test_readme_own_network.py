@@ -4,27 +4,15 @@ QUICK's changes to run in seconds. About 1 min on 2 cores (two one-iteration sea
 
 from __future__ import annotations
 
-import re
 import shlex
 from pathlib import Path
 
 import yaml
+from readme import readme_blocks
 from test_user_weights import saved_weights, write_folder
 
 from entropy_search.cli import main
 from entropy_search.problem import load_checkpoint
-
-
-def readme_blocks(section: str) -> dict[str, str]:
-    """The first code block of each language (yaml, bash, python) in a section of the README."""
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    start = text.index(f"## {section}\n")
-    body = text[start:text.index("\n## ", start + 3)]
-    blocks: dict[str, str] = {}
-    for lang, code in re.findall(r"```(\w+)\n(.*?)```", body, flags=re.S):
-        blocks.setdefault(lang, code)
-    return blocks
-
 
 #: What the test changes in the README's settings to run in seconds: 32x32 images and a one-iteration search.
 QUICK = {"data": {"image_size": 32, "eval_batch": 6}, "stop": {"iterations": 1},
