@@ -20,30 +20,14 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from bench_paired import correct, saved_finalist  # this folder
 
 from entropy_search.config import load_config
 from entropy_search.finalists import finalize_record
-from entropy_search.problem import Problem
 from entropy_search.problem.selection import guarded_choice
 from entropy_search.problem.setup import setup
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def correct(network: torch.nn.Module, images) -> torch.Tensor:
-    """Per-image correctness (bool) of the network's top-1 prediction, in the split's order."""
-    with torch.no_grad():
-        return torch.cat([network(x).argmax(1) == y for x, y in DataLoader(images, batch_size=500)])
-
-
-def saved_network(problem: Problem, path: Path) -> tuple[torch.nn.Module, dict]:
-    """A fine-tuned finalist saved as `{final, state_dict}`: the search's space pruned as its record says."""
-    saved = torch.load(path, weights_only=True, map_location="cpu")
-    final = saved["final"]
-    network = problem.space.prune(final["keep"], dropped=final["dropped_blocks"])
-    network.load_state_dict(saved["state_dict"])
-    return network.eval(), final
 
 
 def same_network(a: dict, b: dict) -> bool:
@@ -62,16 +46,16 @@ def depth_candidates(run: Path, finalists: list[dict]) -> dict[int, dict]:
     return {d: r for d, r in sorted(best.items()) if not any(same_network(r, f) for f in finalists)}
 
 
-def replay(run: Path, rows_path: Path, done: list[dict]) -> dict:
+def replay(run: Path, rows_path: Path) -> dict:
     """Fine-tune the run's missing depths (rows appended as they finish), then the guarded rule over every finalist;
     returns {run, delivered (as recorded), replayed winner, its test accuracy, and the depths' figures}."""
     config = load_config(str(run / "config.yaml"))
     problem = setup(config)
     result = json.loads((run / "result.json").read_text())
-    heldout, test = problem.splits.heldout, problem.splits.test
+    heldout = problem.splits.heldout
     networks, records = {}, {}
     for path in sorted((run / "finalists").glob("*.pt")):
-        networks[path.stem], records[path.stem] = saved_network(problem, path)
+        networks[path.stem], records[path.stem] = saved_finalist(problem, path)
     folder = run / "depth_finalists"
     folder.mkdir(exist_ok=True)
     for depth, record in depth_candidates(run, list(records.values())).items():
@@ -86,9 +70,8 @@ def replay(run: Path, rows_path: Path, done: list[dict]) -> dict:
                    "test_after": final["test_accuracy_after_finetune"], "seconds": time.perf_counter() - t0}
             with open(rows_path, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
-            done.append(row)
             print(f"  {run.name} {label}: held-out {row['heldout_after']:.4f}, test {row['test_after']:.4f}", flush=True)
-        networks[label], records[label] = saved_network(problem, path)
+        networks[label], records[label] = saved_finalist(problem, path)
     significance = config.selection.significance
     recorded = list(result["selection"]["rungs"][-1]["heldout_accuracy"])  # the search's order: it breaks ties
     labels = [label for label in recorded if label in networks] + [lb for lb in networks if lb not in recorded]
@@ -99,9 +82,8 @@ def replay(run: Path, rows_path: Path, done: list[dict]) -> dict:
     again, _ = guarded_choice(searched, held, reference="uniform", significance=significance)
     if again != delivered:  # the replay must reproduce the search's own choice before it can say anything
         raise SystemExit(f"{run.name}: the replayed final stage picks {again}, the search delivered {delivered}")
-    return {"run": run.name, "delivered": delivered, "delivered_test": records[delivered]["test_accuracy_after_finetune"]
-            if delivered in records else result["delivered"]["test_accuracy_after_finetune"],
-            "winner": winner, "winner_test": float(correct(networks[winner], test).float().mean()),
+    return {"run": run.name, "delivered": delivered, "delivered_test": records[delivered]["test_accuracy_after_finetune"],
+            "winner": winner, "winner_test": records[winner]["test_accuracy_after_finetune"],
             "uniform_test": records["uniform"]["test_accuracy_after_finetune"],
             "depths": {label: (records[label]["heldout_accuracy_after_finetune"],
                                records[label]["test_accuracy_after_finetune"])
@@ -114,8 +96,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", type=Path, default=ROOT / "bench" / "depth_finalists" / "rows.jsonl")
     args = parser.parse_args(argv)
     args.rows.parent.mkdir(parents=True, exist_ok=True)
-    done = [json.loads(line) for line in args.rows.read_text().splitlines()] if args.rows.is_file() else []
-    outcomes = [replay(run, args.rows, done) for run in args.runs]
+    outcomes = [replay(run, args.rows) for run in args.runs]
     print("\n| search | delivered (test %) | with a finalist per depth: delivered (test %) | uniform (test %) "
           "| depths added: held-out / test after fine-tune (%) |")
     print("|---|---|---|---|---|")

@@ -25,19 +25,20 @@ from entropy_search.problem.setup import setup
 SPLITS = ("heldout", "test")
 
 
-def finalist(problem: Problem, path: Path) -> torch.nn.Module:
-    """A saved finalist: the search's space pruned as its record says, with its fine-tuned weights."""
+def saved_finalist(problem: Problem, path: Path) -> tuple[torch.nn.Module, dict]:
+    """A fine-tuned finalist a search saved (`{final, state_dict}`) and its record: the search's space pruned to the
+    record's channel counts and blocks, then its weights (which channels a ranking kept does not change the shapes)."""
     saved = torch.load(path, weights_only=True, map_location="cpu")
     final = saved["final"]
     network = problem.space.prune(final["keep"], dropped=final["dropped_blocks"])
     network.load_state_dict(saved["state_dict"])
-    return network.eval()
+    return network.eval(), final
 
 
 def correct(network: torch.nn.Module, images) -> torch.Tensor:
-    """1.0 where the network's top-1 prediction is the label, per image, in the split's order."""
+    """Per-image correctness (bool) of the network's top-1 prediction, in the split's order."""
     with torch.no_grad():
-        return torch.cat([(network(x).argmax(1) == y).float() for x, y in DataLoader(images, batch_size=500)])
+        return torch.cat([network(x).argmax(1) == y for x, y in DataLoader(images, batch_size=500)])
 
 
 def gaps(run: Path, labels: list[str]) -> dict[tuple[str, str], torch.Tensor]:
@@ -46,11 +47,11 @@ def gaps(run: Path, labels: list[str]) -> dict[tuple[str, str], torch.Tensor]:
     out = {}
     for split in SPLITS:
         images = getattr(problem.splits, split)
-        reference = correct(finalist(problem, run / "finalists" / "uniform.pt"), images)
+        reference = correct(saved_finalist(problem, run / "finalists" / "uniform.pt")[0], images).float()
         for label in labels:
             path = run / "finalists" / f"{label}.pt"
             if path.is_file():
-                out[split, label] = correct(finalist(problem, path), images) - reference
+                out[split, label] = correct(saved_finalist(problem, path)[0], images).float() - reference
     return out
 
 
