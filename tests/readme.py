@@ -9,13 +9,14 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def readme_blocks(section: str) -> dict[str, str]:
-    """The first code block of each language (yaml, bash, python) in a section of the README."""
+    """The first code block of each language (yaml, bash, python; "" for a block that names none, such as printed
+    output) in a section of the README."""
     text = README.read_text()
     start = text.index(f"## {section}\n")
     end = text.find("\n## ", start + 3)
     body = text[start:end if end != -1 else len(text)]
     blocks: dict[str, str] = {}
-    for lang, code in re.findall(r"```(\w+)\n(.*?)```", body, flags=re.S):
+    for lang, code in re.findall(r"```(\w*)\n(.*?)```", body, flags=re.S):
         blocks.setdefault(lang, code)
     return blocks
 

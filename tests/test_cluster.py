@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from readme import readme_blocks
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -292,19 +293,27 @@ def test_cluster_smoke_sweep_is_small_and_valid(tmp_path, monkeypatch):
     assert not any(b.get("GPU") for p in sweep.grid_points() for b in trial_bundles(sweep, p))
 
 
-def test_readme_runs_the_e2e_tests_commands():
-    """docs/cluster.md's commands ("Tested") are those of tests/test_cluster_e2e.py."""
+def _e2e_commands() -> tuple[str, ...]:
+    """The `ray` commands tests/test_cluster_e2e.py runs against cluster/local.yaml, as a user types them."""
     spec = importlib.util.spec_from_file_location("_e2e", REPO / "tests" / "test_cluster_e2e.py")
     e2e = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(e2e)
-    readme = (CLUSTER.parent / "docs" / "cluster.md").read_text()
-    args = " ".join(e2e.SWEEP_ARGS)
     assert e2e.SWEEP_CONFIG == "tune_configs/cluster_smoke.yaml" and (REPO / e2e.SWEEP_CONFIG).is_file()
-    for command in (
-        "ray up -y cluster/local.yaml",
-        f"ray submit cluster/local.yaml {e2e.SUBMIT_SCRIPT} -- {args}",
-        f"python {e2e.SUBMIT_SCRIPT} {args}",
-        "ray down -y cluster/local.yaml",
-        f"ray submit cluster/config.yaml {e2e.SUBMIT_SCRIPT} -- {args}",
-    ):
-        assert command in readme, command
+    args = " ".join(e2e.SWEEP_ARGS)
+    return ("ray up -y cluster/local.yaml", f"ray submit cluster/local.yaml {e2e.SUBMIT_SCRIPT} -- {args}",
+            f"python {e2e.SUBMIT_SCRIPT} {args}", "ray down -y cluster/local.yaml")
+
+
+def test_readme_runs_the_e2e_tests_commands():
+    """docs/cluster.md's commands ("Tested") are those of tests/test_cluster_e2e.py."""
+    guide = (CLUSTER.parent / "docs" / "cluster.md").read_text()
+    e2e = _e2e_commands()
+    for command in (*e2e, e2e[1].replace("cluster/local.yaml", "cluster/config.yaml")):
+        assert command in guide, command
+
+
+def test_the_readmes_cluster_commands_are_the_e2e_tests():
+    """Every line of the README's "On a cluster" block is a command tests/test_cluster_e2e.py runs. Instant."""
+    lines = [line.split("#", 1)[0].strip() for line in readme_blocks("On a cluster")["bash"].splitlines()]
+    lines = [line for line in lines if line]
+    assert len(lines) >= 3 and set(lines) <= set(_e2e_commands()), lines

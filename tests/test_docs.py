@@ -1,15 +1,21 @@
 """The documentation a user reads: the README stays short (at most about 200 lines) and opens with its two set-up
 commands, every relative link of the README and docs/ resolves, and no page narrates the project's development
-history (what changed goes to CHANGELOG.md). Under a second."""
+history (what changed goes to CHANGELOG.md); the commands it shows are the ones the tests run, and its headline
+table is what the committed rows and the quality benchmark's own command give. Under a second each, but for that
+command (about 10 s)."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from bench_scripts import load_bench
 from readme import readme_commands
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,6 +61,17 @@ def test_every_command_of_the_readme_parses_and_names_files_that_exist():
                 assert (REPO / word).is_file(), word
 
 
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make, as the README's first line does")
+def test_make_quickstart_runs_the_readmes_first_command_and_its_timing_script_runs_it_too():
+    """`make quickstart`'s recipe is the first line of the README's "Command line" block, which
+    tests/test_readme_commands.py runs through `bench/bench_quickstart.py` (the README's timing command)."""
+    dry_run = subprocess.run(["make", "-n", "VENV=.venv", "-o", ".venv/bin/.installed", "quickstart"], cwd=REPO,
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert dry_run[0] == ".venv/bin/entropy-search", dry_run
+    assert dry_run[1:] == readme_commands()[0][1:] == list(load_bench("bench_quickstart").COMMAND), dry_run
+    assert "`python bench/bench_quickstart.py`" in " ".join((REPO / "README.md").read_text().split())
+
+
 #: The headline table's rows (README.md and docs/results.md) by the start of their first cell, and the budget of
 #: bench/quality/fashion30/rows.jsonl each one reports; its columns after the seeds, and the method of each.
 HEADLINE_BUDGETS = {"10x fewer MACs": "macs:0.1", "latency of uniform pruning at 10x": "latency:0.4",
@@ -93,3 +110,21 @@ def test_the_headline_table_is_the_committed_rows(page):
                 f"{page}, {cells[0]}, {method}: {cell}, the rows give {expected}"
         checked += 1
     assert checked >= 4, f"{page}: {checked} headline rows found"
+
+
+def test_the_quality_benchmarks_command_reproduces_the_headline_table():
+    """`python bench/bench_quality.py --preset fashion30`, the README's command for its headline table, run as
+    written: it continues from the committed rows, finds every row done, computes nothing and prints each budget's
+    table, in which the delivered network's mean ± std is the README's. About 10 s (it imports torch)."""
+    assert "`python bench/bench_quality.py --preset fashion30`" in " ".join((REPO / "README.md").read_text().split())
+    quality = load_bench("bench_quality")
+    rows = [json.loads(line) for line in (REPO / "bench/quality/fashion30/rows.jsonl").read_text().splitlines()]
+    missing = [(budget, seed, method) for budget in quality.PRESETS["fashion30"]["budgets"] for seed in (0, 1, 2)
+               for method in ("delivered", quality.UNIFORM_CLI, quality.FASTNAS)
+               if not any(r["budget"] == budget and r["seed"] == seed and r["method"] == method for r in rows)]
+    assert not missing, f"rows not committed, the command would compute them (hours): {missing}"
+    printed = subprocess.run([sys.executable, "bench/bench_quality.py", "--preset", "fashion30"], cwd=REPO,
+                             capture_output=True, text=True, timeout=300, check=True).stdout
+    for budget in HEADLINE_BUDGETS.values():
+        delivered = [r["test_after"] for r in rows if r["budget"] == budget and r["method"] == "delivered"]
+        assert _mean_and_spread(delivered).rstrip("%") in printed, (budget, printed[-2000:])

@@ -1,10 +1,11 @@
 """The README's commands run as a new user runs them: its "Command line" block, line by line and top to bottom, with
 the installed `entropy-search`, in a fresh folder holding the clone's examples/ and tune_configs/, offline, on the
-CPU, with MLflow's default local store (./mlflow.db). Its first line is `make quickstart`'s sweep. Options shown in
-[brackets] are left out; `ui` is started, asked for /health and the sweep's experiment, and stopped by its process
-id. Cost: about 4 min on 2 cores with nothing else running (the quickstart sweep 90 s, one digits search, a
-20-epoch digits training and two fine-tunes; pytest's own RSS 1.3 GB, the commands are its children); marked
-slow."""
+CPU, with MLflow's default local store (./mlflow.db). Its first line is `make quickstart`'s sweep, run through
+`python bench/bench_quickstart.py --keep FOLDER` (the README's timing command), so that both run; the quickstart's
+printed table has the columns of the README's copy of it. Options shown in [brackets] are left out; `ui` is
+started, asked for /health and the sweep's experiment, and stopped by its process id. Cost: about 4 min on 2 cores
+with nothing else running (the quickstart sweep 90 s, one digits search, a 20-epoch digits training and two
+fine-tunes; pytest's own RSS 1.3 GB, the commands are its children); marked slow."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from readme import readme_commands
+from bench_scripts import load_bench
+from readme import readme_blocks, readme_commands
 
 REPO = Path(__file__).resolve().parent.parent
 EXECUTABLE = Path(sys.executable).parent / "entropy-search"
@@ -65,6 +67,11 @@ def _ui_answers(argv: list[str], cwd: Path, env: dict) -> str:
     return "".join(printed)
 
 
+def _header(printed: str) -> list[str]:
+    """The column names of the quickstart's table in what a sweep printed (the line that starts with "trial")."""
+    return next(line.split() for line in printed.splitlines() if line.startswith("trial "))
+
+
 @pytest.mark.slow
 def test_the_readme_command_line_block_runs_top_to_bottom_in_a_fresh_folder(tmp_path):
     for folder in ("examples", "tune_configs"):
@@ -73,10 +80,18 @@ def test_the_readme_command_line_block_runs_top_to_bottom_in_a_fresh_folder(tmp_
     commands = readme_commands()
     assert [words[1] for words in commands] == ["sweep", "report", "ui", "train", "prune", "search", "prune",
                                                 "measure"]
+    quickstart = load_bench("bench_quickstart")
+    assert tuple(commands[0][1:]) == quickstart.COMMAND, (commands[0], quickstart.COMMAND)
     printed = {}
     started = time.monotonic()
     for words in commands:
         what = " ".join(words)
+        if words == commands[0]:  # the README's timing command runs it, in this folder
+            done = subprocess.run([sys.executable, str(REPO / "bench" / "bench_quickstart.py"), "--keep",
+                                   str(tmp_path)], env=env, capture_output=True, text=True, timeout=1200)
+            assert done.returncode == 0, f"bench_quickstart.py: exit status {done.returncode}\n{done.stdout[-3000:]}"
+            printed[what] = done.stdout
+            continue
         if words[1] == "ui":
             printed[what] = _ui_answers(words, tmp_path, env)
             continue
@@ -90,6 +105,7 @@ def test_the_readme_command_line_block_runs_top_to_bottom_in_a_fresh_folder(tmp_
     rows = [line for line in out[0].splitlines() if line.startswith("t0000")]
     assert len(rows) == 6 and all("FINISHED" in row for row in rows), rows
     assert (tmp_path / "mlflow.db").is_file() and (tmp_path / "runs" / "sweeps" / "quickstart").is_dir()
+    assert _header(out[0]) == _header(readme_blocks("The quickstart")[""]), "the README's quickstart table is stale"
     assert sum(line.startswith("t0000") for line in out[1].splitlines()) == 6, out[1]
     assert (tmp_path / "runs" / "digits_cnn" / "baseline.pt").is_file()
     assert "test top-1 fine-tuned" in out[4], out[4]
