@@ -224,7 +224,7 @@ class AgentConfig(Section):
     """Discount factor; 1.0 because the only reward comes at the end of the episode."""
 
     lr: PositiveFloat = 1e-3
-    """PPO learning rate (SAC uses actor_lr / critic_lr / alpha_lr). With 8 epochs x 2 minibatches (16 updates an iteration) the policy learns within a search: on ResNet-20 / Fashion-MNIST at 3x its candidates' mean reward rose from 0.30 to 0.43 (first to last quarter of 640 episodes, mean of 3 seeds) and its best beat random search's in every seed, where 1e-4 x 4 epochs barely moved (bench/RESULTS.md, "640 evaluations, and the new agent defaults"). On a 4-group network it narrows to fewer distinct candidates (digits: 3e-4 x 8 epochs gave ~90 in 400 episodes); repeats cost no evaluation."""
+    """PPO learning rate (SAC uses actor_lr / critic_lr / alpha_lr). With 8 epochs x 2 minibatches (16 updates an iteration) the policy learns within a search: on ResNet-20 / Fashion-MNIST at 3x its candidates' mean reward rose from 0.30 to 0.43 (first to last quarter of 640 episodes, mean of 3 seeds) and its best beat random search's in every seed, where 1e-4 x 4 epochs barely moved (bench/RESULTS.md, "640 evaluations, lr 1e-3 and 8 epochs x 2 minibatches (the shipped agent)"). On a 4-group network it narrows to fewer distinct candidates (digits: 3e-4 x 8 epochs gave ~90 in 400 episodes); repeats cost no evaluation."""
 
     episodes_per_iteration: PositiveInt = 16
     """Candidates (episodes) sampled per training iteration; the train batch is this times the number of groups (env steps)."""

@@ -128,3 +128,19 @@ def test_the_quality_benchmarks_command_reproduces_the_headline_table():
     for budget in HEADLINE_BUDGETS.values():
         delivered = [r["test_after"] for r in rows if r["budget"] == budget and r["method"] == "delivered"]
         assert _mean_and_spread(delivered).rstrip("%") in printed, (budget, printed[-2000:])
+
+
+def test_every_cited_section_of_the_results_is_a_heading():
+    """Code and docs cite measurements as `bench/RESULTS.md, "HEADING"`; each cited heading exists (a renamed
+    section would leave the citation pointing at nothing). Instant."""
+    results = (REPO / "bench" / "RESULTS.md").read_text()
+    headings = [line.lstrip("#").strip() for line in results.splitlines() if line.startswith("#")]
+    sources = [*PAGES, *(REPO / "entropy_search").rglob("*.py"), *(REPO / "bench").glob("*.py")]
+    cited = 0
+    for path in sources:
+        text = " ".join(path.read_text().replace("#", " ").split())  # citations in comments span lines
+        for match in re.finditer(r'RESULTS\.md, "([^"]+)"((?: and "[^"]+")*)', text):
+            for title in [match.group(1), *re.findall(r'"([^"]+)"', match.group(2))]:
+                assert any(title in heading for heading in headings), f"{path.name} cites {title!r}"
+                cited += 1
+    assert cited >= 20, cited

@@ -233,8 +233,8 @@ def latency_lines(latency: dict | None) -> list[str]:
 
 
 # Below this rank correlation a label-free reward says little about accuracy on the user's network
-# (bench/RESULTS.md, "`agreement` becomes a reward": agreement +0.99 to +1.00 and kl +0.81 to +0.99 on the development
-# cases; the paper's entropy about 0 on Fashion-MNIST).
+# (bench/RESULTS.md, "the protocol applied with `agreement` among the rewards": agreement +0.99 to +1.00 and kl
+# +0.81 to +0.99 on the development cases; the paper's entropy about 0 on Fashion-MNIST).
 WEAK_PROXY = 0.3
 
 
