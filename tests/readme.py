@@ -8,10 +8,10 @@ from pathlib import Path
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def readme_blocks(section: str) -> dict[str, str]:
+def readme_blocks(section: str, page: Path = README) -> dict[str, str]:
     """The first code block of each language (yaml, bash, python; "" for a block that names none, such as printed
-    output) in a section of the README."""
-    text = README.read_text()
+    output) in a section of the README (or of another page written the same way)."""
+    text = page.read_text()
     start = text.index(f"## {section}\n")
     end = text.find("\n## ", start + 3)
     body = text[start:end if end != -1 else len(text)]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from bench_scripts import load_bench
-from readme import readme_commands
+from readme import readme_blocks, readme_commands
 
 REPO = Path(__file__).resolve().parent.parent
 PAGES = [REPO / "README.md", REPO / "CHANGELOG.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -59,6 +59,13 @@ def test_every_command_of_the_readme_parses_and_names_files_that_exist():
         for word in argv:
             if word.startswith(("examples/", "tune_configs/")):
                 assert (REPO / word).is_file(), word
+
+
+def test_how_it_works_shows_the_readmes_command_line():
+    """docs/how-it-works.md repeats the README's "Command line" block, which tests/test_readme_commands.py runs; the
+    two stay the same block. Instant."""
+    guide = readme_blocks("Command line", page=REPO / "docs" / "how-it-works.md")["bash"]
+    assert guide == readme_blocks("Command line")["bash"]
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make, as the README's first line does")

@@ -2,10 +2,11 @@
 the installed `entropy-search`, in a fresh folder holding the clone's examples/ and tune_configs/, offline, on the
 CPU, with MLflow's default local store (./mlflow.db). Its first line is `make quickstart`'s sweep, run through
 `python bench/bench_quickstart.py --keep FOLDER` (the README's timing command), so that both run; the quickstart's
-printed table has the columns of the README's copy of it. Options shown in [brackets] are left out; `ui` is
-started, asked for /health and the sweep's experiment, and stopped by its process id. Cost: about 4 min on 2 cores
-with nothing else running (the quickstart sweep 90 s, one digits search, a 20-epoch digits training and two
-fine-tunes; pytest's own RSS 1.3 GB, the commands are its children); marked slow."""
+printed table has the columns of the README's copy of it; docs/how-it-works.md's lines that load the delivered
+network run last. Options shown in [brackets] are left out; `ui` is started, asked for /health and the sweep's
+experiment, and stopped by its process id. Cost: about 4 min on 2 cores with nothing else running (the quickstart
+sweep 90 s, one digits search, a 20-epoch digits training and two fine-tunes; pytest's own RSS 1.3 GB, the commands
+are its children); marked slow."""
 
 from __future__ import annotations
 
@@ -113,4 +114,8 @@ def test_the_readme_command_line_block_runs_top_to_bottom_in_a_fresh_folder(tmp_
     assert "no checkpoint at" not in out[5]  # the search read the baseline `train` wrote
     assert "test top-1 fine-tuned" in out[6], out[6]
     assert "speed-up" in out[7], out[7]
+    # docs/how-it-works.md's lines that rebuild and run the delivered network, in the same folder
+    rebuild = readme_blocks("Configuration", page=REPO / "docs" / "how-it-works.md")["python"]
+    assert "runs/digits_search/best_pruned.pt" in rebuild, rebuild
+    subprocess.run([sys.executable, "-c", rebuild], cwd=tmp_path, env=env, check=True, timeout=300)
     print(f"README command line block: {time.monotonic() - started:.0f} s")
