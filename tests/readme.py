@@ -12,8 +12,10 @@ def readme_blocks(section: str, page: Path = README) -> dict[str, str]:
     """The first code block of each language (yaml, bash, python; "" for a block that names none, such as printed
     output) in a section of the README (or of another page written the same way)."""
     text = page.read_text()
-    start = text.index(f"## {section}\n")
-    end = text.find("\n## ", start + 3)
+    heading = re.search(rf"^#+ {re.escape(section)}\n", text, flags=re.M)
+    assert heading, f"{page.name} has no section {section!r}"
+    start = heading.end()
+    end = text.find("\n## ", start)
     body = text[start:end if end != -1 else len(text)]
     blocks: dict[str, str] = {}
     for lang, code in re.findall(r"```(\w*)\n(.*?)```", body, flags=re.S):

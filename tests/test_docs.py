@@ -151,3 +151,12 @@ def test_every_cited_section_of_the_results_is_a_heading():
                 assert any(title in heading for heading in headings), f"{path.name} cites {title!r}"
                 cited += 1
     assert cited >= 20, cited
+
+
+def test_the_python_api_pages_example_runs():
+    """docs/python-api.md's example runs as written, and ResNet-56 has the 30 channel groups its comment says. About
+    5 s (ResNet-56's dependency graph, two forwards)."""
+    namespace: dict = {}
+    exec(readme_blocks("Python API", page=REPO / "docs" / "python-api.md")["python"], namespace)
+    assert len(namespace["space"].groups) == 30
+    assert namespace["y"].shape == (8, 10)
