@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from entropy_search.config import load_config
+from entropy_search.finalists import FinalistStore
 from entropy_search.problem import Problem
 from entropy_search.problem.setup import setup
 
@@ -26,13 +27,10 @@ SPLITS = ("heldout", "test")
 
 
 def saved_finalist(problem: Problem, path: Path) -> tuple[torch.nn.Module, dict]:
-    """A fine-tuned finalist a search saved (`{final, state_dict}`) and its record: the search's space pruned to the
-    record's channel counts and blocks, then its weights (which channels a ranking kept does not change the shapes)."""
-    saved = torch.load(path, weights_only=True, map_location="cpu")
-    final = saved["final"]
-    network = problem.space.prune(final["keep"], dropped=final["dropped_blocks"])
-    network.load_state_dict(saved["state_dict"])
-    return network.eval(), final
+    """A fine-tuned finalist a search saved (`<output.dir>/finalists/<label>.pt`) and its record, read back as the
+    search reads it when it resumes."""
+    final, network = FinalistStore(path.parent).load(path.stem, problem.space)
+    return network, final
 
 
 def correct(network: torch.nn.Module, images) -> torch.Tensor:

@@ -92,18 +92,19 @@ class FinalistStore:
     def path(self, label: str) -> Path:
         return self.folder / f"{label}.pt"
 
-    def load(self, label: str, key: str, space: PruningSpace, record: dict) -> Finalized | None:
-        """The kept fine-tune of `label` when it is the same fine-tune (`key`); the network is rebuilt from the
-        record and takes the kept weights."""
+    def load(self, label: str, space: PruningSpace, key: str | None = None) -> Finalized | None:
+        """The kept fine-tune of `label` (when `key` is given, only if it is the same fine-tune): its record and
+        its network, `space` pruned as the record says and given the kept weights."""
         path = self.path(label)
         if not path.exists():
             return None
         kept = torch.load(path, map_location="cpu", weights_only=True)
-        if kept.get("key") != key:
+        if key is not None and kept.get("key") != key:
             return None
-        model = space.prune(record["keep"], record.get("ranking"), record.get("dropped_blocks") or ())
+        final = kept["final"]
+        model = space.prune(final["keep"], final.get("ranking"), final.get("dropped_blocks") or ())
         model.load_state_dict(kept["state_dict"])
-        return kept["final"], model.cpu().eval()
+        return final, model.cpu().eval()
 
     def save(self, label: str, key: str, final: dict, model: nn.Module) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -186,8 +187,8 @@ def finetune_finalists(problem: Problem, config: SearchConfig, jobs: dict[str, d
     store = FinalistStore(Path(config.output.dir) / FINALISTS_DIR)
     keys = {label: finetune_key(config, record) for label, record in jobs.items()}
     done: dict[str, Finalized] = {}
-    for label, record in jobs.items():
-        if (kept := store.load(label, keys[label], problem.space, record)) is not None:
+    for label in jobs:
+        if (kept := store.load(label, problem.space, keys[label])) is not None:
             done[label] = kept
     todo = [label for label in jobs if label not in done]
     slots, strategy = parallel_slots(config) if config.finetune.parallel and config.finetune.epochs > 0 else (0, None)

@@ -99,7 +99,7 @@ def test_parallel_finetunes_equal_the_driver_s_and_are_kept(ray_local, checkpoin
     # another fine-tune (a resumed search with another learning rate) is not the kept one
     other = config_in(tmp_path / "parallel", checkpoint, **{"finetune.lr": 0.05})
     assert finetune_key(other, jobs["uniform"]) != finetune_key(parallel_config, jobs["uniform"])
-    assert store.load("uniform", finetune_key(other, jobs["uniform"]), problem.space, jobs["uniform"]) is None
+    assert store.load("uniform", problem.space, finetune_key(other, jobs["uniform"])) is None
 
 
 def _kill_first_finetune(found: dict, stop: threading.Event) -> None:

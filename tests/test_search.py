@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from bench_scripts import load_bench
 from tiny_runs import candidate_sequence, tiny_search
 
 from entropy_search.config import load_config
@@ -101,6 +102,12 @@ def test_ppo_search_with_two_env_runners(ray_local, checkpoint, tmp_path):
     # the env runners sample the first iteration with the configured start (RLlib's own: ~40% at a bound)
     first = np.array([c["actions"] for c in read_candidates(tmp_path / "ppo") if c["iteration"] == 1])
     assert len(first) >= 8 and np.mean(np.abs(first) >= 0.999) < 0.05 and first.std(axis=0).max() < 0.4
+    # the fine-tuned finalists it kept read back as the networks it measured: bench/bench_paired.py's per-image
+    # gaps to uniform pruning average to the recorded difference of test accuracies (about 2 s)
+    gaps = load_bench("bench_paired").gaps(tmp_path / "ppo", ["random"])
+    recorded = {label: result["baselines"][label]["final"]["test_accuracy_after_finetune"]
+                for label in ("uniform", "random")}
+    assert float(gaps["test", "random"].mean()) == pytest.approx(recorded["random"] - recorded["uniform"], abs=1e-9)
 
 
 @pytest.mark.slow
