@@ -60,6 +60,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ports import listening
 
 from entropy_search.config import load_config
 
@@ -565,10 +566,8 @@ def test_ray_down_leaves_no_process(cluster):
     # ssh's ControlPersist keeps the connection masters `ray` started for 10 s after their last use.
     left = cluster.wait_for_no_processes(timeout=60)
     assert not left, "processes left after `ray down`:\n" + "\n".join(f"{p} {c}" for p, c in left.items())
-    with socket.socket() as s:
-        assert s.connect_ex(("127.0.0.1", cluster.mlflow_port)) != 0, "MLflow still listens"
-    with socket.socket() as s:
-        assert s.connect_ex(("127.0.0.1", cluster.gcs)) != 0, "Ray's GCS still listens"
+    assert not listening(cluster.mlflow_port), "MLflow still listens"
+    assert not listening(cluster.gcs), "Ray's GCS still listens"
 
 
 def _sha(text: str) -> str:

@@ -17,6 +17,7 @@ import time
 import urllib.request
 
 import pytest
+from ports import listening
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -26,12 +27,6 @@ def _get(url: str, data: dict | None = None, timeout: float = 10):
     req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"} if body else {})
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return resp.status, resp.read().decode()
-
-
-def _port_open(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex((host, port)) == 0
 
 
 def test_ui_serves_the_store_on_localhost_and_stops_by_pid(tmp_path):
@@ -78,9 +73,9 @@ def test_ui_serves_the_store_on_localhost_and_stops_by_pid(tmp_path):
             proc.wait()
     assert proc.returncode == 0
     deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and _port_open("127.0.0.1", port):
+    while time.monotonic() < deadline and listening(port):
         time.sleep(0.2)
-    assert not _port_open("127.0.0.1", port), "the server outlived the command"
+    assert not listening(port), "the server outlived the command"
 
 
 def _listening_sockets(port: int) -> list[str]:
@@ -180,4 +175,4 @@ def test_ui_moves_to_another_port_when_the_chosen_one_is_taken(tmp_path, monkeyp
         finally:
             ui._stop(proc)
     assert proc.poll() is not None
-    assert not _port_open("127.0.0.1", int(url.rsplit(":", 1)[1]))
+    assert not listening(int(url.rsplit(":", 1)[1]))
