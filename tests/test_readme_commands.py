@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,22 +22,17 @@ from pathlib import Path
 
 import pytest
 from bench_scripts import load_bench
+from ports import listening
 from readme import readme_blocks, readme_commands
 
 REPO = Path(__file__).resolve().parent.parent
 EXECUTABLE = Path(sys.executable).parent / "entropy-search"
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) != 0
-
-
 def _ui_answers(argv: list[str], cwd: Path, env: dict) -> str:
     """Start `entropy-search ui`, wait for the address it prints, check /health and the quickstart's experiment
     over MLflow's REST API, stop it by its process id; returns what it printed."""
-    if not _port_free(5000):  # its default port, taken on this machine by something else
+    if listening(5000):  # its default port, taken on this machine by something else
         argv = [*argv, "--port", "0"]
     proc = subprocess.Popen([str(EXECUTABLE), *argv[1:]], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
