@@ -7,6 +7,7 @@ command (about 10 s)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import statistics
@@ -72,8 +73,9 @@ def test_how_it_works_shows_the_readmes_command_line():
 def test_make_quickstart_runs_the_readmes_first_command_and_its_timing_script_runs_it_too():
     """`make quickstart`'s recipe is the first line of the README's "Command line" block, which
     tests/test_readme_commands.py runs through `bench/bench_quickstart.py` (the README's timing command)."""
-    dry_run = subprocess.run(["make", "-n", "VENV=.venv", "-o", ".venv/bin/.installed", "quickstart"], cwd=REPO,
-                             capture_output=True, text=True, check=True).stdout.split()
+    env = {key: value for key, value in os.environ.items() if key not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    dry_run = subprocess.run(["make", "-n", "--no-print-directory", "VENV=.venv", "-o", ".venv/bin/.installed",
+                              "quickstart"], cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout.split()
     assert dry_run[0] == ".venv/bin/entropy-search", dry_run
     assert dry_run[1:] == readme_commands()[0][1:] == list(load_bench("bench_quickstart").COMMAND), dry_run
     assert "`python bench/bench_quickstart.py`" in " ".join((REPO / "README.md").read_text().split())
