@@ -19,13 +19,13 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
-from bench_paired import correct, saved_finalist  # this folder
+from bench_paired import correct  # this folder
 
 from entropy_search.config import load_config
-from entropy_search.finalists import finalize_record
+from entropy_search.finalists import FinalistStore, finalize_record, finetune_key
 from entropy_search.problem.selection import guarded_choice
 from entropy_search.problem.setup import setup
+from entropy_search.rl.rundir import FINALISTS_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,24 +54,23 @@ def replay(run: Path, rows_path: Path) -> dict:
     result = json.loads((run / "result.json").read_text())
     heldout = problem.splits.heldout
     networks, records = {}, {}
-    for path in sorted((run / "finalists").glob("*.pt")):
-        networks[path.stem], records[path.stem] = saved_finalist(problem, path)
-    folder = run / "depth_finalists"
-    folder.mkdir(exist_ok=True)
+    searched = FinalistStore(run / FINALISTS_DIR)
+    for path in sorted(searched.folder.glob("*.pt")):
+        records[path.stem], networks[path.stem] = searched.load(path.stem, problem.space)
+    added = FinalistStore(run / "depth_finalists")
     for depth, record in depth_candidates(run, list(records.values())).items():
         label = f"depth{depth}"
-        path = folder / f"{label}.pt"
-        if not path.is_file():
+        if not added.path(label).is_file():
             t0 = time.perf_counter()
             final, network = finalize_record(problem, config, record, label=label, progress=False)
-            torch.save({"final": final, "state_dict": network.state_dict()}, path)
+            added.save(label, finetune_key(config, record), final, network)
             row = {"run": run.name, "label": label, "blocks_kept": depth, "reward": record["reward"],
                    "macs_ratio": final["macs_ratio"], "heldout_after": final["heldout_accuracy_after_finetune"],
                    "test_after": final["test_accuracy_after_finetune"], "seconds": time.perf_counter() - t0}
             with open(rows_path, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
             print(f"  {run.name} {label}: held-out {row['heldout_after']:.4f}, test {row['test_after']:.4f}", flush=True)
-        networks[label], records[label] = saved_finalist(problem, path)
+        records[label], networks[label] = added.load(label, problem.space)
     significance = config.selection.significance
     recorded = list(result["selection"]["rungs"][-1]["heldout_accuracy"])  # the search's order: it breaks ties
     labels = [label for label in recorded if label in networks] + [lb for lb in networks if lb not in recorded]

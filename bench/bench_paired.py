@@ -20,17 +20,10 @@ from torch.utils.data import DataLoader
 
 from entropy_search.config import load_config
 from entropy_search.finalists import FinalistStore
-from entropy_search.problem import Problem
 from entropy_search.problem.setup import setup
+from entropy_search.rl.rundir import FINALISTS_DIR
 
 SPLITS = ("heldout", "test")
-
-
-def saved_finalist(problem: Problem, path: Path) -> tuple[torch.nn.Module, dict]:
-    """A fine-tuned finalist a search saved (`<output.dir>/finalists/<label>.pt`) and its record, read back as the
-    search reads it when it resumes."""
-    final, network = FinalistStore(path.parent).load(path.stem, problem.space)
-    return network, final
 
 
 def correct(network: torch.nn.Module, images) -> torch.Tensor:
@@ -42,14 +35,14 @@ def correct(network: torch.nn.Module, images) -> torch.Tensor:
 def gaps(run: Path, labels: list[str]) -> dict[tuple[str, str], torch.Tensor]:
     """{(split, label): per-image correctness minus uniform pruning's} of one search's saved finalists."""
     problem = setup(load_config(str(run / "config.yaml")))
+    store = FinalistStore(run / FINALISTS_DIR)  # the fine-tuned finalists, read back as a resumed search reads them
     out = {}
     for split in SPLITS:
         images = getattr(problem.splits, split)
-        reference = correct(saved_finalist(problem, run / "finalists" / "uniform.pt")[0], images).float()
+        reference = correct(store.load("uniform", problem.space)[1], images).float()
         for label in labels:
-            path = run / "finalists" / f"{label}.pt"
-            if path.is_file():
-                out[split, label] = correct(saved_finalist(problem, path)[0], images).float() - reference
+            if (kept := store.load(label, problem.space)) is not None:
+                out[split, label] = correct(kept[1], images).float() - reference
     return out
 
 

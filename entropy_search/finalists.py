@@ -94,7 +94,9 @@ class FinalistStore:
 
     def load(self, label: str, space: PruningSpace, key: str | None = None) -> Finalized | None:
         """The kept fine-tune of `label` (when `key` is given, only if it is the same fine-tune): its record and
-        its network, `space` pruned as the record says and given the kept weights."""
+        its network, `space` pruned to the record's shapes and given the kept weights (which channels a ranking
+        chose does not change the shapes, so none is needed: a process that has not computed the peers' rankings
+        reads their finalists too)."""
         path = self.path(label)
         if not path.exists():
             return None
@@ -102,7 +104,7 @@ class FinalistStore:
         if key is not None and kept.get("key") != key:
             return None
         final = kept["final"]
-        model = space.prune(final["keep"], final.get("ranking"), final.get("dropped_blocks") or ())
+        model = space.prune(final["keep"], dropped=final.get("dropped_blocks") or ())
         model.load_state_dict(kept["state_dict"])
         return final, model.cpu().eval()
 

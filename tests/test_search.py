@@ -104,10 +104,12 @@ def test_ppo_search_with_two_env_runners(ray_local, checkpoint, tmp_path):
     assert len(first) >= 8 and np.mean(np.abs(first) >= 0.999) < 0.05 and first.std(axis=0).max() < 0.4
     # the fine-tuned finalists it kept read back as the networks it measured: bench/bench_paired.py's per-image
     # gaps to uniform pruning average to the recorded difference of test accuracies (about 2 s)
-    gaps = load_bench("bench_paired").gaps(tmp_path / "ppo", ["random"])
+    # (a peer recipe's too, read by a process that has not computed the peers' rankings)
+    gaps = load_bench("bench_paired").gaps(tmp_path / "ppo", ["random", "tp_taylor"])
     recorded = {label: result["baselines"][label]["final"]["test_accuracy_after_finetune"]
-                for label in ("uniform", "random")}
-    assert float(gaps["test", "random"].mean()) == pytest.approx(recorded["random"] - recorded["uniform"], abs=1e-9)
+                for label in ("uniform", "random", "tp_taylor")}
+    for label in ("random", "tp_taylor"):
+        assert float(gaps["test", label].mean()) == pytest.approx(recorded[label] - recorded["uniform"], abs=1e-9)
 
 
 @pytest.mark.slow
